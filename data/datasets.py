@@ -1,0 +1,177 @@
+"""The ``train/`` + ``val/`` ImageFolder datasets and their transforms (DeiT/LSNet ``build_dataset`` style)."""
+
+import os
+from argparse import Namespace
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from timm.data import create_transform
+from torchvision import datasets
+
+from utils import UserError
+
+from .class_mapping import CLASS_MAPPING_FILE, read_class_mapping
+from .images import IMAGE_EXTENSIONS, load_first_readable, load_image
+from .scan import ScanCache, verify_images
+from .threeaugment import three_augment_transform
+
+__all__ = ["RobustImageFolder", "build_dataset", "build_transform", "dataset_classes"]
+
+EVAL_CROP_PCT = 0.875  # resize the short side to input_size / 0.875 (256 for 224), then center-crop
+
+
+class RobustImageFolder(datasets.ImageFolder):
+    """``ImageFolder`` that drops unreadable images at start and survives images that break later.
+
+    At construction every image is decoded once (in ``workers`` processes; results cached in ``cache``) and each
+    rejected file is reported with its reason. During an epoch an image that cannot be loaded is reported once and
+    replaced by the next readable sample, so a batch still forms.
+
+    Args:
+        root: folder with one sub-folder per class.
+        classes: class names in id order (default: the sorted sub-folders, as ``ImageFolder``). Folders of other
+            names are ignored.
+        allow_empty: allow classes without images (e.g. a validation split of a tiny class).
+        workers, cache: verification processes and result cache (see :func:`data.scan.verify_images`).
+        verbose: print the per-file warnings and the scan summary.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        classes: Sequence[str] | None = None,
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+        allow_empty: bool = False,
+        workers: int = 0,
+        cache: ScanCache | None = None,
+        verbose: bool = True,
+    ):
+        self._given_classes = list(classes) if classes is not None else None
+        self._workers, self._cache, self._verbose = workers, cache, verbose
+        self.rejected: list[tuple[str, str]] = []
+        self._warned: set[str] = set()
+        super().__init__(root, transform=transform, target_transform=target_transform, loader=load_image,
+                         allow_empty=allow_empty)
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        if self._given_classes is None:
+            return super().find_classes(directory)
+        return self._given_classes, {name: i for i, name in enumerate(self._given_classes)}
+
+    def make_dataset(
+        self,
+        directory: str | os.PathLike,
+        class_to_idx: dict[str, int],
+        extensions: tuple[str, ...] | None = None,
+        is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        candidates = datasets.folder.make_dataset(directory, class_to_idx, extensions=IMAGE_EXTENSIONS,
+                                                  allow_empty=True)
+        reasons = verify_images([path for path, _ in candidates], workers=self._workers, cache=self._cache,
+                                verbose=self._verbose, desc=f"verifying {directory}")
+        samples = []
+        for (path, target), reason in zip(candidates, reasons, strict=True):
+            if reason is None:
+                samples.append((path, target))
+            else:
+                self.rejected.append((path, reason))
+                if self._verbose:
+                    print(f"warning: skipping {path}: {reason}")
+        if self._verbose:
+            print(f"{directory}: {len(samples)} images in {len(class_to_idx)} classes"
+                  + (f", {len(self.rejected)} unreadable images skipped" if self.rejected else ""))
+        present = {target for _, target in samples}
+        empty = sorted(name for name, i in class_to_idx.items() if i not in present)
+        if empty and not allow_empty:
+            raise UserError(
+                f"{len(empty)} classes have no readable image in {directory}: {', '.join(empty[:10])}"
+                f"{' ...' if len(empty) > 10 else ''}; add images or remove those folders (or re-run "
+                "prepare_dataset.py)"
+            )
+        return samples
+
+    def __getitem__(self, index: int):
+        image, used = load_first_readable(index, len(self.samples), lambda i: self.samples[i][0], self._warned)
+        target = self.samples[used][1]
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+
+def dataset_classes(data_path: str | os.PathLike) -> list[str]:
+    """Class names of a prepared dataset: its ``class_mapping.csv``, checked against the ``train/`` folders, or
+    (without a mapping) the sorted ``train/`` folders as ``ImageFolder`` orders them."""
+    root = Path(data_path)
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise UserError(f"{train_dir} not found: --data-path must hold train/ and val/; run prepare_dataset.py first")
+    folders = sorted(entry.name for entry in os.scandir(train_dir) if entry.is_dir())  # as ImageFolder does
+    if not folders:
+        raise UserError(f"{train_dir} has no class folders; run prepare_dataset.py first")
+    mapping_file = root / CLASS_MAPPING_FILE
+    if not mapping_file.is_file():
+        return folders
+    classes = read_class_mapping(mapping_file)
+    folder_set = set(folders)
+    missing = [name for name in classes if name not in folder_set]
+    extra = sorted(folder_set - set(classes))
+    if missing or extra:
+        raise UserError(
+            f"{mapping_file} does not match the folders in {train_dir}"
+            + (f"; no folder for: {', '.join(missing[:10])}" if missing else "")
+            + (f"; folders not in the mapping: {', '.join(extra[:10])}" if extra else "")
+            + "; re-run prepare_dataset.py or fix the mapping"
+        )
+    return classes
+
+
+def build_dataset(is_train: bool, args: Namespace, verbose: bool = True) -> tuple[RobustImageFolder, int]:
+    """``(dataset, num_classes)`` for ``args.data_path/train`` or ``/val``, with :func:`build_transform`.
+
+    Reads ``args.data_path``, ``args.num_workers`` (verification processes) and ``args.output_dir`` (where the scan
+    cache goes when the dataset folder is read-only), plus the fields :func:`build_transform` reads. Both splits use
+    the classes of :func:`dataset_classes`, so ids agree; ``val/`` may lack some classes. In distributed training,
+    build on rank 0 first (``verbose=True``), then on the other ranks after a barrier: they reuse its scan cache.
+    """
+    root = Path(args.data_path)
+    split_dir = root / ("train" if is_train else "val")
+    classes = dataset_classes(root)
+    if not split_dir.is_dir():
+        raise UserError(f"{split_dir} not found: --data-path must hold train/ and val/; run prepare_dataset.py first")
+    cache = ScanCache.for_dataset(root, args.output_dir)
+    if cache is None and verbose:
+        print(f"note: {root} is read-only and no --output-dir is set: the image scan is not cached")
+    dataset = RobustImageFolder(split_dir, classes, transform=build_transform(is_train, args),
+                                allow_empty=not is_train, workers=args.num_workers, cache=cache, verbose=verbose)
+    if not dataset.samples:
+        raise UserError(f"{split_dir} has no readable images; run prepare_dataset.py (with --val-ratio > 0 for val/)")
+    return dataset, len(classes)
+
+
+def build_transform(is_train: bool, args: Namespace) -> Callable:
+    """Training (timm RandAugment pipeline or DeiT-III ThreeAugment) or evaluation transform.
+
+    Training reads ``input_size``, ``color_jitter``, ``aa``, ``train_interpolation``, ``reprob``, ``remode``,
+    ``recount`` and ``ThreeAugment``. Evaluation resizes the short side to ``input_size / 0.875`` and center-crops
+    (bicubic), or with ``args.finetune`` resizes straight to ``input_size`` x ``input_size``.
+    """
+    if is_train:
+        if args.ThreeAugment:
+            return three_augment_transform(args.input_size, args.color_jitter)
+        return create_transform(
+            input_size=args.input_size,
+            is_training=True,
+            color_jitter=args.color_jitter,
+            auto_augment=args.aa,
+            interpolation=args.train_interpolation,
+            re_prob=args.reprob,
+            re_mode=args.remode,
+            re_count=args.recount,
+        )
+    if args.finetune:
+        return create_transform(args.input_size, interpolation="bicubic", crop_pct=1.0, crop_mode="squash")
+    return create_transform(args.input_size, interpolation="bicubic", crop_pct=EVAL_CROP_PCT)

@@ -1,0 +1,71 @@
+"""Samplers: repeated augmentation (DeiT ``RASampler``) and the distributed / single-process choice."""
+
+import math
+from collections.abc import Iterator, Sized
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler, RandomSampler, Sampler, SequentialSampler
+
+__all__ = ["RASampler", "build_sampler"]
+
+
+class RASampler(Sampler[int]):
+    """Repeated augmentation: each image appears ``num_repeats`` times per epoch, the copies on different ranks.
+
+    Every rank yields ``ceil(len(dataset) / num_replicas)`` indices per epoch, so an epoch has the usual length
+    while each image gets several differently augmented views. Works single-process too (then the repeats are
+    consecutive in the shuffled order). Call :meth:`set_epoch` every epoch for a new order.
+    """
+
+    def __init__(self, dataset: Sized, num_replicas: int | None = None, rank: int | None = None,
+                 shuffle: bool = True, num_repeats: int = 3, seed: int = 0):
+        distributed = dist.is_available() and dist.is_initialized()
+        self.num_replicas = num_replicas if num_replicas is not None else dist.get_world_size() if distributed else 1
+        self.rank = rank if rank is not None else dist.get_rank() if distributed else 0
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} is not in [0, {self.num_replicas})")
+        if num_repeats < 1:
+            raise ValueError(f"num_repeats must be at least 1, got {num_repeats}")
+        self.dataset, self.shuffle, self.num_repeats, self.seed = dataset, shuffle, num_repeats, seed
+        self.epoch = 0
+        # Repeated indices are padded to a multiple of the replicas, then dealt out round-robin.
+        self.num_samples = math.ceil(len(dataset) * num_repeats / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+        self.num_selected_samples = math.ceil(len(dataset) / self.num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        n = len(self.dataset)
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=generator).tolist()
+        else:
+            order = list(range(n))
+        indices = [i for i in order for _ in range(self.num_repeats)]
+        if indices and len(indices) < self.total_size:
+            indices = (indices * math.ceil(self.total_size / len(indices)))[: self.total_size]
+        return iter(indices[self.rank:self.total_size:self.num_replicas][: self.num_selected_samples])
+
+    def __len__(self) -> int:
+        return self.num_selected_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+def build_sampler(dataset: Sized, is_train: bool, repeated_aug: bool = False, dist_eval: bool = False,
+                  seed: int = 0) -> Sampler[int]:
+    """The sampler for a loader: distributed when ``torch.distributed`` is initialised, else single-process.
+
+    Training shuffles (with :class:`RASampler` when ``repeated_aug``). Evaluation is sequential, split over the
+    ranks only with ``dist_eval`` (each rank otherwise evaluates everything).
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    if is_train:
+        if repeated_aug:
+            return RASampler(dataset, shuffle=True, seed=seed)
+        return DistributedSampler(dataset, shuffle=True, seed=seed) if distributed else RandomSampler(dataset)
+    if distributed and dist_eval:
+        return DistributedSampler(dataset, shuffle=False)
+    return SequentialSampler(dataset)

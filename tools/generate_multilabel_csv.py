@@ -1,0 +1,47 @@
+"""Build a multi-label annotation CSV from images with same-named ``.txt`` label files (``a.jpg`` + ``a.txt``).
+
+Example:
+    python tools/generate_multilabel_csv.py --input-dir images/ --output-csv labels.csv --recursive --relative-paths
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.multilabel import collect_labeled_images, report_unusable_images, write_multilabel_csv  # noqa: E402
+from data.prepare import confirm_overwrite  # noqa: E402
+from utils import UserError, run_cli  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "generate_multilabel_csv.py", description="Write image_path,labels rows for images that have a .txt label file."
+    )
+    parser.add_argument("--input-dir", required=True, help="folder of images, each with a same-named .txt of labels")
+    parser.add_argument("--output-csv", required=True, help="annotation CSV to write")
+    parser.add_argument("--recursive", action="store_true", help="include images in sub-folders")
+    parser.add_argument("--relative-paths", action="store_true",
+                        help="write paths relative to --input-dir (then train with --data-path <input-dir>)")
+    parser.add_argument("--yes", action="store_true", help="replace an existing --output-csv without asking")
+    return parser
+
+
+def main(args: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(args)
+    output = Path(args.output_csv)
+    if output.exists():
+        confirm_overwrite(f"{output} already exists.", args.yes)
+    rows, unlabeled, invalid = collect_labeled_images(args.input_dir, args.recursive, args.relative_paths)
+    report_unusable_images(unlabeled, invalid)
+    if not rows:
+        raise UserError(f"no image in {args.input_dir} has a usable .txt label file"
+                        + ("" if args.recursive else " (add --recursive to include sub-folders)"))
+    write_multilabel_csv(output, rows)
+    labels = {name for _, row_labels in rows for name in row_labels}
+    print(f"Wrote {output}: {len(rows)} images, {len(labels)} labels")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,77 @@
+"""Split images with ``.txt`` label files into train / val annotation CSVs, dropping rare labels.
+
+Example:
+    python tools/split_multilabel_dataset.py --input-dir images/ --train-csv train.csv --val-csv val.csv \
+        --val-ratio 0.2 --min-label-count 5 --recursive --relative-paths
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.multilabel import (  # noqa: E402
+    collect_labeled_images,
+    report_unusable_images,
+    split_multilabel_rows,
+    write_multilabel_csv,
+)
+from data.prepare import confirm_overwrite  # noqa: E402
+from utils import UserError, run_cli  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "split_multilabel_dataset.py", description="Random train/val split of images with .txt label files."
+    )
+    parser.add_argument("--input-dir", required=True, help="folder of images, each with a same-named .txt of labels")
+    parser.add_argument("--train-csv", required=True, help="training annotation CSV to write")
+    parser.add_argument("--val-csv", required=True, help="validation annotation CSV to write")
+    parser.add_argument("--val-ratio", type=float, default=0.2, help="share of the images for validation")
+    parser.add_argument("--min-label-count", type=int, default=1,
+                        help="drop labels seen fewer times over the whole set (rows left without labels are dropped)")
+    parser.add_argument("--relative-paths", action="store_true",
+                        help="write paths relative to --input-dir (then train with --data-path <input-dir>)")
+    parser.add_argument("--recursive", action="store_true", help="include images in sub-folders")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split")
+    parser.add_argument("--yes", action="store_true", help="replace existing CSVs without asking")
+    return parser
+
+
+def main(args: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(args)
+    if not 0 <= args.val_ratio < 1:
+        raise UserError(f"--val-ratio must be in [0, 1), got {args.val_ratio}")
+    if args.min_label_count < 1:
+        raise UserError(f"--min-label-count must be at least 1, got {args.min_label_count}")
+    train_csv, val_csv = Path(args.train_csv), Path(args.val_csv)
+    if train_csv.resolve() == val_csv.resolve():
+        raise UserError("--train-csv and --val-csv are the same file; give two different paths")
+    existing = [str(p) for p in (train_csv, val_csv) if p.exists()]
+    if existing:
+        confirm_overwrite(f"{' and '.join(existing)} already exist.", args.yes)
+    rows, unlabeled, invalid = collect_labeled_images(args.input_dir, args.recursive, args.relative_paths)
+    report_unusable_images(unlabeled, invalid)
+    train, val, report = split_multilabel_rows(rows, args.val_ratio, args.min_label_count, args.seed)
+    if not train:
+        raise UserError(f"no image in {args.input_dir} is left with a label (found {len(rows)} labelled images); "
+                        "lower --min-label-count or add --recursive")
+    write_multilabel_csv(train_csv, train)
+    write_multilabel_csv(val_csv, val)
+
+    dropped = report["dropped_labels"]
+    if dropped:
+        print(f"Dropped {len(dropped)} labels seen fewer than {args.min_label_count} times: {', '.join(dropped[:10])}"
+              + (" ..." if len(dropped) > 10 else ""))
+    if report["dropped_rows"]:
+        print(f"Dropped {report['dropped_rows']} images left without any label")
+    if report["val_only_labels"]:
+        print(f"note: {len(report['val_only_labels'])} labels occur only in {val_csv} and will be ignored at "
+              "validation: " + ", ".join(report["val_only_labels"][:10]))
+    labels = {name for _, row_labels in train for name in row_labels}
+    print(f"Wrote {train_csv} ({len(train)} images, {len(labels)} labels) and {val_csv} ({len(val)} images)")
+
+
+if __name__ == "__main__":
+    run_cli(main)
