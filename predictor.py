@@ -1,0 +1,554 @@
+"""Artist-model inference as importable functions: load a model once, then classify images and extract style features.
+
+A web service or a node in an image-generation UI loads the model once and calls it per request::
+
+    from predictor import load_model_bundle
+
+    artist_model = load_model_bundle("runs/artists")          # a model folder or a checkpoint file
+    artist_model.classify(pil_image, top_k=5)                  # [{"class_id", "class_name", "probability"}, ...]
+    artist_model.extract_features(pil_image)                   # np.ndarray (feature_dim,), float32
+
+:func:`run_batched` is the generic part (DataLoader decoding with workers, batched inference, skipped-file
+tracking, progress bar) that other prediction scripts reuse with their own per-batch computation.
+"""
+
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from data import (
+    CLASS_MAPPING_FILE,
+    ImageLoadError,
+    compare_class_mappings,
+    is_image_file,
+    load_image,
+    read_class_mapping,
+    to_rgb,
+)
+from data.scan import walk_files
+from model.lsnet_artist import ARTIST_MODELS
+from utils import Checkpoint, UserError, guess_architecture, load_checkpoint, read_checkpoint, replace_batchnorm
+
+__all__ = [
+    "CHECKPOINT_FILES",
+    "CONFIG_FILE",
+    "MODES",
+    "ArtistModel",
+    "BatchResult",
+    "ModelSource",
+    "SkippedImage",
+    "build_eval_transform",
+    "list_images",
+    "load_model_bundle",
+    "resolve_model_source",
+    "run_batched",
+]
+
+MODES = ("classify", "cluster", "both")
+# Checkpoint files looked for in a model folder, in this order (training output, published community models).
+CHECKPOINT_FILES = ("model_best.pth", "best_checkpoint.pth", "checkpoint.pth")
+CONFIG_FILE = "config.json"
+
+ImageInput = Image.Image | str | os.PathLike | BinaryIO
+
+
+# --------------------------------------------------------------------------------------------- batching
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An image that could not be read: its name (relative path) and the loader's reason."""
+
+    path: str
+    reason: str
+
+
+class _ImageDataset(Dataset):
+    """Decodes (shared loader) and preprocesses one image; an unreadable one becomes ``(name, None, reason)``."""
+
+    def __init__(self, images: Sequence[ImageInput], names: Sequence[str], transform: Callable):
+        self.images = images
+        self.names = names
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, str | None]:
+        image = self.images[index]
+        try:
+            # In-memory images get the loader's conversions too (EXIF orientation, transparency on white, ...).
+            image = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
+        except ImageLoadError as err:
+            return self.names[index], None, err.reason
+        return self.names[index], self.transform(image), None
+
+
+def _collate_readable(
+    batch: list[tuple[str, torch.Tensor | None, str | None]],
+) -> tuple[list[str], torch.Tensor | None, list[SkippedImage]]:
+    """Stack the readable images of a batch; report the unreadable ones separately (so no output row shifts)."""
+    names = [name for name, tensor, _ in batch if tensor is not None]
+    tensors = [tensor for _, tensor, _ in batch if tensor is not None]
+    skipped = [SkippedImage(name, reason) for name, tensor, reason in batch if tensor is None]
+    return names, torch.stack(tensors) if tensors else None, skipped
+
+
+def run_batched(
+    compute: Callable[[torch.Tensor], Any],
+    images: Sequence[ImageInput],
+    transform: Callable[[Image.Image], torch.Tensor],
+    *,
+    names: Sequence[str] | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    skipped: list[SkippedImage] | None = None,
+    progress: bool = False,
+    desc: str = "inference",
+) -> Iterator[tuple[list[str], Any]]:
+    """Yield ``(names, compute(batch))`` for batches of images decoded and preprocessed in DataLoader workers.
+
+    ``images`` are paths, file objects or PIL images; ``names`` (default: ``str`` of each path, or its index)
+    label them. ``compute`` gets a batch tensor on ``device`` and runs under ``torch.inference_mode``.
+    Unreadable images are dropped from their batch, so outputs always line up with the yielded names: with a
+    ``skipped`` list they are appended to it and warned about once on stderr, without one the first raises
+    :class:`data.images.ImageLoadError`.
+    """
+    if names is None:
+        names = [os.fspath(im) if isinstance(im, (str, os.PathLike)) else str(i) for i, im in enumerate(images)]
+    device = torch.device(device)
+    num_workers = min(num_workers, math.ceil(len(images) / batch_size))
+    loader = DataLoader(
+        _ImageDataset(images, names, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        collate_fn=_collate_readable, pin_memory=device.type == "cuda",
+    )
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
+        for batch_names, batch, batch_skipped in loader:
+            for item in batch_skipped:
+                if skipped is None:
+                    raise ImageLoadError(item.path, item.reason)
+                skipped.append(item)
+                tqdm.write(f"warning: skipping {item.path} ({item.reason})", file=sys.stderr)
+            if batch is not None:
+                with torch.inference_mode():
+                    output = compute(batch.to(device, non_blocking=True))
+                yield batch_names, output
+            bar.update(len(batch_names) + len(batch_skipped))
+
+
+def list_images(input_dir: str | os.PathLike, recursive: bool = True) -> list[str]:
+    """Image files (by extension) under ``input_dir`` as sorted relative paths with forward slashes.
+
+    Hidden folders are left out; other files are ignored. Relative paths keep equal file names in different
+    sub-folders apart.
+    """
+    root = Path(input_dir)
+    return sorted(path.relative_to(root).as_posix() for path in walk_files(root, recursive) if is_image_file(path))
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class ModelSource:
+    """Where a model's pieces are: the checkpoint file, its class mapping and its ``config.json`` (if any)."""
+
+    checkpoint: Path
+    class_csv: Path | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); fix or delete it") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} must hold a JSON object with keys such as 'model'; fix or delete it")
+    return config
+
+
+def resolve_model_source(checkpoint: str | os.PathLike, class_csv: str | os.PathLike | None = None) -> ModelSource:
+    """Resolve a checkpoint file or a model folder (checkpoint + ``class_mapping.csv`` + optional ``config.json``).
+
+    A folder supplies its ``config.json`` and, unless ``class_csv`` is given, its class mapping; a file uses
+    only ``class_csv``.
+    """
+    path = Path(checkpoint)
+    if path.is_file():
+        return ModelSource(path, Path(class_csv) if class_csv else None)
+    if not path.is_dir():
+        raise UserError(f"checkpoint not found: {path}; pass a .pth file or a model folder holding one")
+    config = _read_config(path / CONFIG_FILE)
+    candidates = ([config["checkpoint"]] if isinstance(config.get("checkpoint"), str) else []) + list(CHECKPOINT_FILES)
+    found = next((path / name for name in candidates if (path / name).is_file()), None)
+    if found is None:
+        raise UserError(f"{path} is a folder without a checkpoint; expected one of {', '.join(candidates)}")
+    if class_csv is None and (path / CLASS_MAPPING_FILE).is_file():
+        class_csv = path / CLASS_MAPPING_FILE
+    return ModelSource(found, Path(class_csv) if class_csv else None, config, path)
+
+
+def _square_size(value: Any, source: str) -> int:
+    """An input size given as ``224``, ``[224, 224]`` or ``[3, 224, 224]`` (square only)."""
+    sizes = [value] if isinstance(value, (int, float)) else list(value)[-2:]
+    if not sizes or any(int(s) != sizes[0] or int(s) <= 0 for s in sizes):
+        raise UserError(f"{source}: input size {value!r} is not a positive square size; pass --input-size")
+    return int(sizes[0])
+
+
+def build_eval_transform(
+    model: nn.Module, input_size: int | None = None, config: dict[str, Any] | None = None
+) -> tuple[Callable[[Image.Image], torch.Tensor], dict[str, Any]]:
+    """The eval preprocessing of the model's timm ``pretrained_cfg`` at ``input_size``, and its data config.
+
+    Resize the short side to ``int(input_size / crop_pct)`` (bicubic), center crop, ToTensor, Normalize; a
+    ``config.json``'s ``crop_pct``/``crop_mode``/``mean``/``std``/``interpolation`` override the model's defaults
+    (a model fine-tuned with ``crop_mode="squash"`` is evaluated that way).
+    """
+    config = config or {}
+    args = {key: config.get(key) for key in ("crop_pct", "crop_mode", "mean", "std", "interpolation")}
+    if input_size is not None:
+        args["input_size"] = (3, input_size, input_size)
+    data_config = resolve_data_config(args=args, model=model)
+    return create_transform(**data_config, is_training=False), data_config
+
+
+def _pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def _agreed_value(label: str, values: dict[str, int | None]) -> int | None:
+    """The one value the given sources agree on (None when none gives one); a disagreement is a UserError."""
+    given = {source: value for source, value in values.items() if value is not None}
+    if len(set(given.values())) > 1:
+        detail = ", ".join(f"{source} has {value}" for source, value in given.items())
+        raise UserError(f"{label} disagree: {detail}; use the class_mapping.csv and settings trained with it")
+    return next(iter(given.values()), None)
+
+
+def _model_name(explicit: str | None, config: dict[str, Any], source: ModelSource, ckpt: Checkpoint) -> str:
+    name = explicit or config.get("model") or ckpt.args.get("model")
+    if not name:
+        where = f"{source.folder / CONFIG_FILE} is missing and " if source.folder else ""
+        guess = guess_architecture(ckpt.state_dict)
+        hint = f" (the weights look like {guess})" if guess else ""
+        raise UserError(f"{where}{ckpt.path} does not record its architecture; pass --model{hint}, one of "
+                        f"{', '.join(ARTIST_MODELS)}")
+    if name not in ARTIST_MODELS:
+        raise UserError(f"unknown model {name!r}; use one of {', '.join(ARTIST_MODELS)}")
+    return name
+
+
+def load_model_bundle(
+    checkpoint: str | os.PathLike,
+    model_name: str | None = None,
+    class_csv: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    input_size: int | None = None,
+    num_classes: int | None = None,
+    feature_dim: int | None = None,
+    amp: bool = False,
+    require_class_names: bool = False,
+) -> "ArtistModel":
+    """Load an artist model (checkpoint file or model folder) ready for inference: eval mode, BN fused.
+
+    Args:
+        checkpoint: a ``.pth`` file, or a folder with ``model_best.pth``/``best_checkpoint.pth``/``checkpoint.pth``,
+            ``class_mapping.csv`` and an optional ``config.json`` naming the architecture under ``model``.
+        model_name: architecture; default: the folder's ``config.json``, else the config or training arguments
+            stored in the checkpoint.
+        class_csv: the ``class_mapping.csv`` from training (default: the folder's); needed to classify.
+        device: default cuda when available, else cpu.
+        input_size: default the checkpoint's training size, else the config's, else the model's.
+        num_classes, feature_dim: optional checks; detected from the weights and the class mapping.
+        amp: autocast (float16 on CUDA, bfloat16 on CPU).
+        require_class_names: fail early (before reading the weights) when no class mapping is available.
+
+    Raises:
+        UserError: missing files, unknown or wrong architecture, or class count / feature size disagreements.
+    """
+    source = resolve_model_source(checkpoint, class_csv)
+    if require_class_names and source.class_csv is None:
+        sibling = source.checkpoint.parent / CLASS_MAPPING_FILE
+        hint = f"--class-csv {sibling}" if sibling.is_file() else f"--class-csv with the {CLASS_MAPPING_FILE} " \
+            "written by training next to the checkpoint"
+        raise UserError(f"classification needs the class names of {source.checkpoint.name}; pass {hint}")
+    class_names = read_class_mapping(source.class_csv) if source.class_csv else None
+    device = _pick_device(device)
+    ckpt = read_checkpoint(source.checkpoint)
+    # Training also stores its config.json in the checkpoint; a folder's config.json takes precedence.
+    embedded = ckpt.extra.get("config")
+    config = {**(embedded if isinstance(embedded, dict) else {}), **source.config}
+    name = _model_name(model_name, config, source, ckpt)
+
+    num_classes = _agreed_value("class counts", {
+        f"the checkpoint's head ({ckpt.path.name})": ckpt.num_classes,
+        f"{source.class_csv}": len(class_names) if class_names is not None else None,
+        "--num-classes": num_classes,
+        CONFIG_FILE: config.get("num_classes"),
+    })
+    if class_names is not None and ckpt.num_classes is None:
+        raise UserError(f"{ckpt.path} has no classifier head, so it cannot classify; use --mode cluster")
+    stored_names = ckpt.extra.get("class_names")
+    if class_names is not None and isinstance(stored_names, list):
+        differences = compare_class_mappings(stored_names, class_names, ckpt.path.name, str(source.class_csv))
+        if differences:
+            raise UserError(f"{source.class_csv} does not match the class names stored in {ckpt.path.name} "
+                            f"({differences[0]}); use the class_mapping.csv written with this checkpoint")
+    feature_dim = _agreed_value("feature sizes", {
+        f"the checkpoint's weights ({ckpt.path.name})": ckpt.feature_dim,
+        "--feature-dim": feature_dim,
+        CONFIG_FILE: config.get("feature_dim"),
+    })
+
+    net = timm.create_model(name, num_classes=num_classes or 0, feature_dim=feature_dim,
+                            distillation=ckpt.distillation)
+    load_checkpoint(ckpt, net)
+    net = replace_batchnorm(net.eval()).to(device)
+
+    if input_size is None:
+        for label, value in ((f"{ckpt.path} args", ckpt.args.get("input_size")),
+                             (CONFIG_FILE, config.get("input_size"))):
+            if value is not None:
+                input_size = _square_size(value, label)
+                break
+    transform, data_config = build_eval_transform(net, input_size, config)
+    return ArtistModel(net, transform, class_names, device=device, amp=amp, model_name=name,
+                       data_config=data_config, checkpoint=ckpt.path)
+
+
+# --------------------------------------------------------------------------------------------- inference
+
+
+@dataclass
+class BatchResult:
+    """Results of a run over many files: row ``i`` of ``features`` and ``classifications[i]`` belong to ``names[i]``."""
+
+    names: list[str]
+    classifications: list[list[dict[str, Any]]] | None
+    features: np.ndarray | None
+    skipped: list[SkippedImage]
+
+    def entries(self, include_features: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(name, {"classification": [...], "features": [...]})`` per image, JSON-ready."""
+        for i, name in enumerate(self.names):
+            entry: dict[str, Any] = {}
+            if self.classifications is not None:
+                entry["classification"] = self.classifications[i]
+            if self.features is not None and include_features:
+                entry["features"] = self.features[i].tolist()
+            yield name, entry
+
+
+class ArtistModel:
+    """A loaded artist model with its preprocessing and class names. Build it with :func:`load_model_bundle`.
+
+    Methods take one image (PIL image, path or file object) and return one result, or a list of images and
+    return a list (or, for features, an ``(N, feature_dim)`` array). Built directly, ``model`` must already be
+    in eval mode on ``device`` (fused or not) and ``transform`` its eval preprocessing.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        transform: Callable[[Image.Image], torch.Tensor],
+        class_names: list[str] | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        amp: bool = False,
+        model_name: str | None = None,
+        data_config: dict[str, Any] | None = None,
+        checkpoint: Path | None = None,
+    ):
+        self.model = model
+        self.transform = transform
+        self.class_names = class_names
+        self.device = torch.device(device)
+        self.amp = amp
+        self.model_name = model_name
+        self.data_config = data_config or {}
+        self.checkpoint = checkpoint
+
+    @property
+    def input_size(self) -> int:
+        return int(self.data_config.get("input_size", (3, 224, 224))[-1])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.model.feature_dim)
+
+    def _compute(self, mode: str) -> Callable[[torch.Tensor], tuple[np.ndarray | None, torch.Tensor | None]]:
+        """The per-batch computation of ``mode``: (features as float32 numpy or None, probabilities or None)."""
+        if mode not in MODES:
+            raise UserError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if mode != "cluster" and self.class_names is None:
+            raise UserError("classification needs the class names: pass the class_mapping.csv from training "
+                            "(--class-csv), or use --mode cluster")
+        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+
+        def compute(batch: torch.Tensor) -> tuple[np.ndarray | None, torch.Tensor | None]:
+            with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
+                if mode == "cluster":
+                    features, logits = self.model(batch, return_features=True), None
+                else:
+                    features, logits = self.model(batch, return_both=True)
+            probs = None if logits is None else logits.float().softmax(dim=1).cpu()
+            features = None if mode == "classify" else features.float().cpu().numpy()
+            return features, probs
+
+        return compute
+
+    def _top_k(self, probs: torch.Tensor, top_k: int, threshold: float) -> list[list[dict[str, Any]]]:
+        values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        return [
+            [{"class_id": i, "class_name": self.class_names[i], "probability": p}
+             for p, i in zip(row_values, row_indices, strict=True) if p >= threshold]
+            for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
+
+    def run_paths(
+        self,
+        images: Sequence[ImageInput],
+        mode: str = "classify",
+        *,
+        names: Sequence[str] | None = None,
+        top_k: int = 5,
+        threshold: float = 0.0,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        skip_unreadable: bool = True,
+        progress: bool = False,
+    ) -> BatchResult:
+        """Classify and/or extract features (``mode``: classify, cluster or both) for many images, batched.
+
+        Unreadable files are skipped (listed in the result's ``skipped``) unless ``skip_unreadable`` is False,
+        then they raise :class:`data.images.ImageLoadError`.
+        """
+        for label, value, minimum in (("top-k", top_k, 1), ("batch size", batch_size, 1), ("workers", num_workers, 0)):
+            if value < minimum:
+                raise UserError(f"{label} must be at least {minimum}, got {value}")
+        if not 0.0 <= threshold <= 1.0:
+            raise UserError(f"threshold is a probability between 0 and 1, got {threshold}")
+        compute = self._compute(mode)
+        skipped: list[SkippedImage] | None = [] if skip_unreadable else None
+        kept: list[str] = []
+        classifications: list[list[dict[str, Any]]] = []
+        features: list[np.ndarray] = []
+        for batch_names, (batch_features, probs) in run_batched(
+            compute, images, self.transform, names=names, batch_size=batch_size, num_workers=num_workers,
+            device=self.device, skipped=skipped, progress=progress, desc=mode,
+        ):
+            kept.extend(batch_names)
+            if probs is not None:
+                classifications.extend(self._top_k(probs, top_k, threshold))
+            if batch_features is not None:
+                features.append(batch_features)
+        all_features = None
+        if mode != "classify":
+            all_features = np.concatenate(features) if features else np.zeros((0, self.feature_dim), np.float32)
+        return BatchResult(kept, classifications if mode != "cluster" else None, all_features, skipped or [])
+
+    def run_directory(
+        self,
+        input_dir: str | os.PathLike,
+        mode: str = "classify",
+        *,
+        recursive: bool = True,
+        top_k: int = 5,
+        threshold: float = 0.0,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        progress: bool = False,
+    ) -> BatchResult:
+        """:meth:`run_paths` over the images of a directory; names are paths relative to ``input_dir``."""
+        names = list_images(input_dir, recursive)
+        if not names:
+            hint = "" if recursive else " (sub-folders were not searched: drop --no-recursive)"
+            raise UserError(f"no image files in {input_dir}{hint}; image files end in .jpg, .png, .webp, ...")
+        # A line break in a file name would shift the lines of image_names.txt against the feature rows.
+        bad_names = [SkippedImage(name, "file name holds a line break; rename the file") for name in names
+                     if "\n" in name or "\r" in name]
+        names = [name for name in names if "\n" not in name and "\r" not in name]
+        for item in bad_names:
+            print(f"warning: skipping {item.path!r} ({item.reason})", file=sys.stderr)
+        paths = [os.path.join(input_dir, name) for name in names]
+        result = self.run_paths(paths, mode, names=names, top_k=top_k, threshold=threshold, batch_size=batch_size,
+                                num_workers=num_workers, progress=progress)
+        result.skipped[:0] = bad_names
+        return result
+
+    def _run_inputs(
+        self, images: ImageInput | Sequence[ImageInput], mode: str, top_k: int = 5, threshold: float = 0.0,
+        batch_size: int = 32,
+    ) -> tuple[bool, BatchResult]:
+        """Run one image or a list of images (raising on unreadable ones); also says whether it was one image."""
+        single = not isinstance(images, (list, tuple))
+        result = self.run_paths([images] if single else images, mode, top_k=top_k, threshold=threshold,
+                                batch_size=batch_size, skip_unreadable=False)
+        return single, result
+
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        mode: str = "classify",
+        top_k: int = 5,
+        threshold: float = 0.0,
+        batch_size: int = 32,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """``{"classification": [...], "features": np.ndarray}`` (per ``mode``) for an image or a list of images.
+
+        Raises:
+            data.images.ImageLoadError: an image cannot be read.
+        """
+        single, result = self._run_inputs(images, mode, top_k, threshold, batch_size)
+        outputs = []
+        for i in range(len(result.names)):
+            output: dict[str, Any] = {}
+            if result.classifications is not None:
+                output["classification"] = result.classifications[i]
+            if result.features is not None:
+                output["features"] = result.features[i]
+            outputs.append(output)
+        return outputs[0] if single else outputs
+
+    def classify(
+        self, images: ImageInput | Sequence[ImageInput], top_k: int = 5, threshold: float = 0.0, batch_size: int = 32
+    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """Top-k ``{"class_id", "class_name", "probability"}`` (most likely first, probability >= threshold).
+
+        One list for one image, a list of lists for a list of images.
+        """
+        single, result = self._run_inputs(images, "classify", top_k, threshold, batch_size)
+        return result.classifications[0] if single else result.classifications
+
+    def extract_features(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
+        """Style feature vectors (float32): ``(feature_dim,)`` for one image, ``(N, feature_dim)`` for a list."""
+        single, result = self._run_inputs(images, "cluster", batch_size=batch_size)
+        return result.features[0] if single else result.features
