@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Rank reference style vectors by cosine similarity to one or more query vectors.
+
+Queries and references are ``.npy`` files: a single vector (D or 1 x D) or a matrix of N vectors (N x D, such as
+the ``features.npy`` written by ``tools/extract_cluster_features.py``). A reference directory contributes every
+``.npy`` directly inside it. A matrix's rows are named ``file.npy[i]``, or by ``--names`` (one name per line) when
+exactly one reference matrix is given.
+
+Cosine similarity ignores vector length, so L2 normalisation alone would change nothing; ``--normalize`` instead
+centres every vector on the mean reference vector before the cosine. That removes what all references share and
+spreads the scores, which helps when all similarities crowd near 1.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils import UserError, run_cli  # noqa: E402
+
+
+def load_matrix(path: str | os.PathLike) -> np.ndarray:
+    """Load a ``.npy`` of one vector (D) or several (N x D) as a float N x D matrix; clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"vector file {path} does not exist; pass a .npy file")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise UserError(f"cannot read {path} as a .npy array ({err}); save vectors with numpy.save") from None
+    if not isinstance(arr, np.ndarray):
+        raise UserError(f"{path} is an .npz archive, not a single array; save one array per .npy file")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise UserError(f"{path} holds {arr.dtype} values, not real numbers; save float feature vectors")
+    if arr.ndim not in (1, 2) or arr.size == 0:
+        raise UserError(f"{path} has shape {arr.shape}; expected one vector (D) or a non-empty N x D matrix")
+    if arr.ndim == 1:
+        arr = arr[None]
+    arr = arr.astype(np.result_type(arr.dtype, np.float32), copy=False)
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise UserError(f"{path} row {int(np.argmax(bad))} contains NaN or infinite values; re-extract the features")
+    return arr
+
+
+def read_names(path: str | os.PathLike) -> list[str]:
+    """Read a UTF-8 names file, one name per line (row i of a matrix <-> line i); empty lines are errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"names file {path} does not exist; pass the image_names.txt written with the features")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"names file {path} is not UTF-8 text; save it as UTF-8") from None
+    names = [line.removesuffix("\r") for line in text.split("\n")]
+    if names and names[-1] == "":
+        names.pop()
+    for i, name in enumerate(names):
+        if not name:
+            raise UserError(f"names file {path} line {i + 1} is empty; every line must name one vector")
+    return names
+
+
+def _row_names(label: str, count: int) -> list[str]:
+    return [label] if count == 1 else [f"{label}[{i}]" for i in range(count)]
+
+
+def load_queries(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """Load query vectors; a single vector is named by its file, matrix rows ``file.npy[i]``."""
+    matrix = load_matrix(path)
+    return _row_names(str(path), len(matrix)), matrix
+
+
+def load_references(
+    paths: list[str | os.PathLike], names_path: str | os.PathLike | None = None
+) -> tuple[list[str], np.ndarray]:
+    """Collect reference vectors from files and directories (every ``.npy`` directly inside, sorted by name).
+
+    Files reached twice are used once. ``names_path`` names the rows of the one reference holding several vectors.
+    """
+    files, seen = [], set()
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".npy" and p.is_file())
+        elif path.exists():
+            found = [path]
+        else:
+            raise UserError(f"reference {path} does not exist; pass .npy files or directories that hold them")
+        for file in found:
+            if file.resolve() not in seen:
+                seen.add(file.resolve())
+                files.append(file)
+    if not files:
+        raise UserError(f"no reference vectors: {', '.join(map(str, paths))} hold no .npy files; "
+                        "pass .npy files or directories that hold them")
+    matrices = [load_matrix(f) for f in files]
+    for file, matrix in zip(files[1:], matrices[1:], strict=True):
+        if matrix.shape[1] != matrices[0].shape[1]:
+            raise UserError(f"reference {files[0]} has shape {matrices[0].shape} but {file} has shape {matrix.shape}; "
+                            "all vectors must have the same length (use features from the same model)")
+    names = [_row_names(str(f), len(m)) for f, m in zip(files, matrices, strict=True)]
+    if names_path is not None:
+        multi = [i for i, m in enumerate(matrices) if len(m) > 1]
+        if len(multi) != 1:
+            raise UserError(f"--names needs exactly one reference holding several vectors, got {len(multi)}; "
+                            "pass the features.npy its names belong to (other references may be single vectors)")
+        i = multi[0]
+        names[i] = read_names(names_path)
+        if len(names[i]) != len(matrices[i]):
+            raise UserError(f"{names_path} has {len(names[i])} names but {files[i]} holds {len(matrices[i])} "
+                            "vectors; they must match line for line")
+    return [n for group in names for n in group], np.concatenate(matrices)
+
+
+def _unit_rows(matrix: np.ndarray, names: list[str], what: str, centred: bool) -> np.ndarray:
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    zero = np.flatnonzero(norms[:, 0] == 0)
+    if zero.size:
+        where, fix = ("after --normalize centring ", "drop --normalize") if centred else ("", "drop that vector")
+        raise UserError(f"{what} {names[zero[0]]} is {where}a zero vector, so its cosine similarity is undefined; "
+                        f"{fix}")
+    return matrix / norms
+
+
+def rank_by_cosine(
+    queries: np.ndarray,
+    references: np.ndarray,
+    top_k: int,
+    query_names: list[str],
+    reference_names: list[str],
+    normalize: bool = False,
+) -> list[dict]:
+    """The ``top_k`` most similar references for every query, best first.
+
+    Returns records ``{"query", "rank", "reference", "similarity"}`` (rank starts at 1). With ``normalize`` all
+    vectors are first centred on the mean reference vector.
+    """
+    if queries.shape[1] != references.shape[1]:
+        raise UserError(f"query vectors have shape {queries.shape} but the references have shape {references.shape};"
+                        " both must have the same vector length (use features from the same model)")
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {top_k}")
+    queries, references = queries.astype(np.float64), references.astype(np.float64)
+    if normalize:
+        if len(references) < 2:
+            raise UserError("--normalize centres on the mean reference vector and needs at least 2 references")
+        mean = references.mean(axis=0)
+        queries, references = queries - mean, references - mean
+    queries = _unit_rows(queries, query_names, "query", normalize)
+    references = _unit_rows(references, reference_names, "reference", normalize)
+    sims = np.clip(queries @ references.T, -1.0, 1.0)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :top_k]
+    return [
+        {"query": query_names[q], "rank": r + 1, "reference": reference_names[j], "similarity": float(sims[q, j])}
+        for q in range(len(queries))
+        for r, j in enumerate(order[q])
+    ]
+
+
+def format_table(results: list[dict]) -> str:
+    """Plain-text table of the results, one block per query."""
+    lines = []
+    for record in results:
+        if record["rank"] == 1:
+            lines += [""] if lines else []
+            lines += [f"query: {record['query']}", f"{'rank':>5}  {'similarity':>10}  reference"]
+        lines.append(f"{record['rank']:>5}  {record['similarity']:>10.4f}  {record['reference']}")
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--query-vector", required=True, help=".npy with one vector (D or 1 x D) or N x D queries")
+    parser.add_argument("--reference-vectors", required=True, nargs="+",
+                        help=".npy files and/or directories (each contributes every .npy directly inside)")
+    parser.add_argument("--names", default=None,
+                        help="names for the rows of the one reference matrix, one per line (image_names.txt)")
+    parser.add_argument("--top-k", type=int, default=5, help="results per query (default 5)")
+    parser.add_argument("--normalize", action="store_true",
+                        help="centre all vectors on the mean reference vector before the cosine")
+    parser.add_argument("--output", default=None, help="write the ranking to this JSON file")
+    return parser
+
+
+def main(args: argparse.Namespace | None = None) -> list[dict]:
+    args = args if args is not None else get_args_parser().parse_args()
+    query_names, queries = load_queries(args.query_vector)
+    reference_names, references = load_references(args.reference_vectors, args.names)
+    results = rank_by_cosine(queries, references, args.top_k, query_names, reference_names, args.normalize)
+    print(format_table(results))
+    if args.output:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        report = {
+            "metric": "cosine",
+            "normalize": args.normalize,
+            "top_k": args.top_k,
+            "num_references": len(reference_names),
+            "results": results,
+        }
+        output.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {output}")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
