@@ -5,6 +5,7 @@ from argparse import Namespace
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from PIL import Image, ImageOps
 from timm.data import create_transform
 from torchvision import datasets
 
@@ -152,6 +153,21 @@ def build_dataset(is_train: bool, args: Namespace, verbose: bool = True) -> tupl
     return dataset, len(classes)
 
 
+def _posterize_at_least_one_bit(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, but never asking Pillow for 0 bits (Pillow >= 11 raises; older Pillow made it black)."""
+    bits = max(1, int(bits_to_keep))
+    return img if bits >= 8 else ImageOps.posterize(img, bits)
+
+
+def _keep_posterize_bits(transform: Callable) -> None:
+    """Make the Posterize ops of timm's auto-augment policies in ``transform`` keep at least one bit."""
+    for step in getattr(transform, "transforms", []):
+        for op in getattr(step, "ops", None) or getattr(step, "policy", None) or []:
+            for sub_op in op if isinstance(op, (list, tuple)) else [op]:
+                if "Posterize" in getattr(sub_op, "name", ""):
+                    sub_op.aug_fn = _posterize_at_least_one_bit
+
+
 def build_transform(is_train: bool, args: Namespace) -> Callable:
     """Training (timm RandAugment pipeline or DeiT-III ThreeAugment) or evaluation transform.
 
@@ -162,7 +178,7 @@ def build_transform(is_train: bool, args: Namespace) -> Callable:
     if is_train:
         if args.ThreeAugment:
             return three_augment_transform(args.input_size, args.color_jitter)
-        return create_transform(
+        transform = create_transform(
             input_size=args.input_size,
             is_training=True,
             color_jitter=args.color_jitter,
@@ -172,6 +188,8 @@ def build_transform(is_train: bool, args: Namespace) -> Callable:
             re_mode=args.remode,
             re_count=args.recount,
         )
+        _keep_posterize_bits(transform)
+        return transform
     if args.finetune:
         return create_transform(args.input_size, interpolation="bicubic", crop_pct=1.0, crop_mode="squash")
     return create_transform(args.input_size, interpolation="bicubic", crop_pct=EVAL_CROP_PCT)

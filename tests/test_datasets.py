@@ -245,3 +245,18 @@ def test_compare_class_mappings():
     ]
     many = compare_class_mappings([str(i) for i in range(30)], [f"n{i}" for i in range(30)], limit=5)
     assert len(many) == 6 and many[-1] == "... and 25 more ids differ"
+
+
+@pytest.mark.parametrize("aa", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "original"])
+def test_posterize_to_zero_bits_does_not_crash(tmp_path, aa):
+    """timm asks for 0 bits at high (increasing) or low (plain) magnitudes; Pillow >= 11 raises on that."""
+    transform = build_transform(True, make_args(tmp_path, aa=aa))
+    posterize_ops = [
+        sub for step in transform.transforms for op in (getattr(step, "ops", None) or getattr(step, "policy", []))
+        for sub in (op if isinstance(op, (list, tuple)) else [op]) if "Posterize" in sub.name
+    ]
+    assert posterize_ops
+    image = load_image(gen.noise_image(tmp_path / "noise.png"))
+    for op in posterize_ops:
+        out = op.aug_fn(image, 0)
+        assert out.size == image.size and len(set(out.getdata())) > 1  # one bit kept, not a black image
