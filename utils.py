@@ -1,15 +1,20 @@
 """Shared helpers: user-facing errors, checkpoint I/O, BN fusion, distributed set-up and logging."""
 
 import argparse
+import datetime
 import os
 import pickle
+import random
 import sys
 import tempfile
+import time
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,14 +76,11 @@ class Checkpoint:
         return vars(args) if isinstance(args, argparse.Namespace) else dict(args)
 
 
-def read_checkpoint(path: str | os.PathLike, prefer_ema: bool = False) -> Checkpoint:
-    """Read a checkpoint file without executing code (``weights_only=True``; argparse.Namespace allowed).
+def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw dict stored in a checkpoint file, read without executing code (``weights_only=True``).
 
-    Accepts a bare state_dict or a dict holding it under ``model``, ``model_ema`` or ``state_dict``
-    (``prefer_ema`` picks the EMA weights when both are stored); strips ``module.``/``_orig_mod.`` prefixes.
+    Use :func:`read_checkpoint` for the weights; this is for training state (optimizer, scheduler, EMA...).
     """
-    from model import checkpoint_filter_fn
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}; check the path (a .pth file or a model folder)")
@@ -95,12 +97,29 @@ def read_checkpoint(path: str | os.PathLike, prefer_ema: bool = False) -> Checkp
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({detail})") from None
     if not isinstance(obj, dict) or not obj:
         raise UserError(f"{path} does not contain a state_dict (found {type(obj).__name__})")
+    return obj
+
+
+def checkpoint_from_dict(obj: dict[str, Any], path: str | os.PathLike, prefer_ema: bool = False) -> Checkpoint:
+    """A :class:`Checkpoint` from the dict of :func:`load_checkpoint_file` (see :func:`read_checkpoint`)."""
+    from model import checkpoint_filter_fn
+
+    path = Path(path)
     state_dict = checkpoint_filter_fn(obj, prefer_ema=prefer_ema)
     tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise UserError(f"{path} holds no model weights (keys: {', '.join(list(obj)[:8])})")
     extra = {k: v for k, v in obj.items() if not isinstance(v, torch.Tensor) and k not in ("model", "model_ema")}
     return Checkpoint(path=path, state_dict=tensors, extra=extra)
+
+
+def read_checkpoint(path: str | os.PathLike, prefer_ema: bool = False) -> Checkpoint:
+    """Read a checkpoint file without executing code (``weights_only=True``; argparse.Namespace allowed).
+
+    Accepts a bare state_dict or a dict holding it under ``model``, ``model_ema`` or ``state_dict``
+    (``prefer_ema`` picks the EMA weights when both are stored); strips ``module.``/``_orig_mod.`` prefixes.
+    """
+    return checkpoint_from_dict(load_checkpoint_file(path), path, prefer_ema=prefer_ema)
 
 
 def guess_architecture(state_dict: dict[str, torch.Tensor]) -> str | None:
@@ -212,3 +231,218 @@ def replace_batchnorm(net: nn.Module) -> nn.Module:
         else:
             replace_batchnorm(child)
     return net
+
+
+# --------------------------------------------------------------------------------------------- devices, distributed
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: the named device (default: CUDA when available, else CPU); a missing GPU is a UserError."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} but no CUDA GPU is usable (torch.cuda.is_available() is False); "
+                            "use --device cpu, or install a CUDA build of torch and a driver")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                            f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def init_distributed_mode(args: argparse.Namespace) -> torch.device:
+    """Join the process group when started by ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK in the environment).
+
+    Sets ``args.distributed``, ``args.rank``, ``args.world_size`` and ``args.gpu`` (the local rank), and returns
+    this process's device: ``cuda:LOCAL_RANK`` with the nccl backend on CUDA, the gloo backend on CPU (and on
+    Windows, which has no nccl).
+    """
+    device = resolve_device(args.device)
+    args.rank = int(os.environ.get("RANK", 0))
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    args.distributed = args.world_size > 1
+    if not args.distributed:
+        return device
+    if device.type == "cuda":
+        if args.gpu >= torch.cuda.device_count():
+            raise UserError(f"local rank {args.gpu} has no GPU ({torch.cuda.device_count()} visible); start at "
+                            "most one process per GPU (torchrun --nproc_per_node)")
+        device = torch.device("cuda", args.gpu)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" and torch.distributed.is_nccl_available() else "gloo"
+    torch.distributed.init_process_group(backend=backend, init_method="env://", world_size=args.world_size,
+                                         rank=args.rank)
+    if args.rank == 0:
+        print(f"distributed: {args.world_size} processes, backend {backend}", flush=True)
+    return device
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (if any), so processes exit cleanly."""
+    if is_dist_avail_and_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def is_dist_avail_and_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def get_world_size() -> int:
+    return torch.distributed.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return torch.distributed.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def print_main(*args: Any, **kwargs: Any) -> None:
+    """``print`` on the main process only (flushed, so logs of several processes stay in order)."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def save_on_master(obj: dict[str, Any], path: str | os.PathLike) -> None:
+    """:func:`save_checkpoint_atomic` on the main process only."""
+    if is_main_process():
+        save_checkpoint_atomic(obj, path)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over all processes (the tensor itself when not distributed); reduces in place."""
+    if is_dist_avail_and_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` when not distributed)."""
+    if not is_dist_avail_and_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+# --------------------------------------------------------------------------------------------- random state
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """This process's python, numpy, torch (and CUDA) RNG states as tensors and ints (``weights_only`` safe)."""
+    version, mt_state, gauss_next = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": torch.tensor(mt_state, dtype=torch.int64), "python_version": version, "python_gauss": gauss_next,
+        "numpy": torch.from_numpy(np_keys.astype(np.int64)), "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss), "numpy_gauss": float(np_gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore a state from :func:`get_rng_state`."""
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------- progress
+
+
+class SmoothedValue:
+    """A scalar series: mean over the last ``window`` values and over everything."""
+
+    def __init__(self, window: int = 20):
+        self.values: deque[float] = deque(maxlen=window)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.values.append(value)
+        self.total += value * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return sum(self.values) / len(self.values) if self.values else float("nan")
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+
+class Progress:
+    """Per-step progress on the main process: loss, lr, throughput (img/s) and ETA.
+
+    A tqdm bar on a terminal; otherwise (logs, pipes) a plain line every ``print_freq`` steps and at the last step.
+    Other processes show nothing.
+    """
+
+    def __init__(self, total: int, desc: str, print_freq: int = 50, enabled: bool | None = None):
+        self.total, self.desc, self.print_freq = total, desc, max(print_freq, 1)
+        self.enabled = is_main_process() if enabled is None else enabled
+        self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.lr: float | None = None
+        self.images = self.step = 0
+        self.start = time.perf_counter()
+        self.bar = None
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+
+    def update(self, images: int, lr: float | None = None, **values: float) -> None:
+        """Record one step: ``images`` processed (by all processes), the current lr and scalar values (loss...)."""
+        self.step += 1
+        self.images += images
+        self.lr = lr if lr is not None else self.lr
+        for name, value in values.items():
+            self.meters[name].update(value, images)
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.step % max(self.total // 200, 1) == 0 or self.step == self.total:
+                self.bar.set_postfix_str(self._summary(), refresh=False)
+        elif self.step % self.print_freq == 0 or self.step == self.total or self.step == 1:
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / self.step * (self.total - self.step)
+            width = len(str(self.total))
+            print(f"{self.desc} [{self.step:>{width}}/{self.total}] {self._summary()} "
+                  f"eta {datetime.timedelta(seconds=int(eta))}", flush=True)
+
+    def _summary(self) -> str:
+        parts = [f"{name} {meter.avg:.4f}" for name, meter in self.meters.items()]
+        if self.lr is not None:
+            parts.append(f"lr {self.lr:.3e}")
+        parts.append(f"{self.throughput:.1f} img/s")
+        return " ".join(parts)
+
+    @property
+    def throughput(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
