@@ -1,7 +1,7 @@
 """LSNet models. Importing this package registers every variant with timm (``timm.create_model("lsnet_t")``)."""
 
 from .lsnet import LSNet, checkpoint_filter_fn
-from .lsnet_artist import LSNetArtist
-from .ska import SKA, ska
+from .lsnet_artist import ARTIST_MODELS, LSNetArtist
+from .ska import SKA
 
-__all__ = ["LSNet", "LSNetArtist", "SKA", "checkpoint_filter_fn", "ska"]
+__all__ = ["ARTIST_MODELS", "LSNet", "LSNetArtist", "SKA", "checkpoint_filter_fn"]
