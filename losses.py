@@ -1,11 +1,12 @@
-"""Training losses: the single-label criterion (mixup / label smoothing aware) and DeiT-style distillation."""
+"""Training losses: the single-label criterion (mixup / label smoothing aware), DeiT-style distillation, and the
+per-label positive weights of multi-label training."""
 
 import torch
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-__all__ = ["DISTILLATION_TYPES", "DistillationLoss", "build_classification_criterion"]
+__all__ = ["DISTILLATION_TYPES", "DistillationLoss", "build_classification_criterion", "multilabel_pos_weight"]
 
 DISTILLATION_TYPES = ("none", "soft", "hard")
 
@@ -70,3 +71,14 @@ class DistillationLoss(nn.Module):
         else:
             distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
         return base_loss * (1 - self.alpha) + distillation_loss * self.alpha
+
+
+def multilabel_pos_weight(positives: torch.Tensor, num_samples: int, max_weight: float = 10.0) -> torch.Tensor:
+    """``pos_weight`` of ``BCEWithLogitsLoss``: per label, negatives / positives among ``num_samples`` training rows.
+
+    Clipped to ``[1 / max_weight, max_weight]``, so a label seen once (or never) does not dominate the loss.
+    """
+    if max_weight < 1:
+        raise ValueError(f"max_weight must be at least 1, got {max_weight}")
+    positives = positives.double()
+    return ((num_samples - positives) / positives.clamp(min=1e-12)).clamp(1 / max_weight, max_weight).float()

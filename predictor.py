@@ -341,7 +341,7 @@ def load_model_bundle(
                 break
     transform, data_config = build_eval_transform(net, input_size, config)
     return ArtistModel(net, transform, class_names, device=device, amp=amp, model_name=name,
-                       data_config=data_config, checkpoint=ckpt.path)
+                       data_config=data_config, checkpoint=ckpt.path, config=config)
 
 
 # --------------------------------------------------------------------------------------------- inference
@@ -372,7 +372,8 @@ class ArtistModel:
 
     Methods take one image (PIL image, path or file object) and return one result, or a list of images and
     return a list (or, for features, an ``(N, feature_dim)`` array). Built directly, ``model`` must already be
-    in eval mode on ``device`` (fused or not) and ``transform`` its eval preprocessing.
+    in eval mode on ``device`` (fused or not) and ``transform`` its eval preprocessing. ``config`` is the training
+    ``config.json`` (e.g. ``multi_label``: trained with sigmoid outputs).
     """
 
     def __init__(
@@ -386,6 +387,7 @@ class ArtistModel:
         model_name: str | None = None,
         data_config: dict[str, Any] | None = None,
         checkpoint: Path | None = None,
+        config: dict[str, Any] | None = None,
     ):
         self.model = model
         self.transform = transform
@@ -395,6 +397,7 @@ class ArtistModel:
         self.model_name = model_name
         self.data_config = data_config or {}
         self.checkpoint = checkpoint
+        self.config = config or {}
 
     @property
     def input_size(self) -> int:
@@ -404,6 +407,11 @@ class ArtistModel:
     def feature_dim(self) -> int:
         return int(self.model.feature_dim)
 
+    def autocast(self) -> torch.autocast:
+        """The model's mixed-precision context: float16 on CUDA, bfloat16 on the CPU; a no-op unless ``amp``."""
+        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp)
+
     def _compute(self, mode: str) -> Callable[[torch.Tensor], tuple[np.ndarray | None, torch.Tensor | None]]:
         """The per-batch computation of ``mode``: (features as float32 numpy or None, probabilities or None)."""
         if mode not in MODES:
@@ -411,10 +419,9 @@ class ArtistModel:
         if mode != "cluster" and self.class_names is None:
             raise UserError("classification needs the class names: pass the class_mapping.csv from training "
                             "(--class-csv), or use --mode cluster")
-        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
 
         def compute(batch: torch.Tensor) -> tuple[np.ndarray | None, torch.Tensor | None]:
-            with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
+            with self.autocast():
                 if mode == "cluster":
                     features, logits = self.model(batch, return_features=True), None
                 else:
