@@ -152,10 +152,15 @@ class LSConv(nn.Module):
 
 @lru_cache(maxsize=64)
 def relative_offset_index(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
-    """(H*W, H*W) index of |dy| * W + |dx| between every pair of grid positions (cached per size and device)."""
-    ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    return (ys[:, None] - ys[None, :]).abs() * width + (xs[:, None] - xs[None, :]).abs()
+    """(H*W, H*W) index of |dy| * W + |dx| between every pair of grid positions (cached per size and device).
+
+    Built outside inference mode, so a cached index first made during inference also serves training.
+    """
+    with torch.inference_mode(False):
+        ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device),
+                                indexing="ij")
+        ys, xs = ys.flatten(), xs.flatten()
+        return (ys[:, None] - ys[None, :]).abs() * width + (xs[:, None] - xs[None, :]).abs()
 
 
 class Attention(nn.Module):

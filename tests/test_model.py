@@ -113,6 +113,16 @@ def test_output_at_224_uses_official_bias_indexing():
     assert torch.equal(out, expected)
 
 
+def test_training_after_inference_at_another_size():
+    """The bias index cached during inference-mode evaluation must not break a later training step."""
+    relative_offset_index.cache_clear()
+    net = timm.create_model("lsnet_t_artist", num_classes=3, feature_dim=16)
+    with torch.inference_mode():
+        net.eval()(torch.randn(1, 3, 96, 96))
+    net.train()(torch.randn(2, 3, 96, 96)).sum().backward()
+    assert net.blocks4[3].mixer.m.attention_biases.grad is not None
+
+
 @pytest.mark.parametrize("name", ["lsnet_t_artist", "lsnet_t_distill"])
 def test_fused_matches_unfused(name):
     torch.manual_seed(0)
