@@ -21,5 +21,15 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q tests
 
+# The whole workflow on a generated dataset (about 5-10 minutes on a 2-core CPU; a GPU is used when present).
+demo: $(STAMP)
+	$(PY) tools/run_demo.py --work-dir demo_run
+
+demo-multilabel: $(STAMP)
+	$(PY) tools/run_demo.py --work-dir demo_run --multilabel
+
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+bench: $(STAMP)
+	$(PY) bench/run_bench.py --output bench/results.md
