@@ -12,6 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from data.multilabel import parse_labels, read_label_file, read_multilabel_csv
 from tools.make_synthetic_artists import (
     MIX_ALPHAS,
     MIXED_CSV,
@@ -62,15 +63,6 @@ def _classifier(x: np.ndarray, y: np.ndarray):
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(x, y)
 
 
-def _parse_labels(field: str) -> list[tuple[str, float]]:
-    """Parse ``(name:weight),(name:weight)`` the way the project does: the weight follows the last colon."""
-    out = []
-    for item in field[1:-1].split("),("):
-        name, weight = item.rsplit(":", 1)
-        out.append((name, float(weight)))
-    return out
-
-
 @pytest.fixture(scope="module")
 def train_set(tmp_path_factory):
     return generate_artists(tmp_path_factory.mktemp("train"), NUM_ARTISTS, TRAIN_PER_ARTIST, SIZE, seed=0,
@@ -107,7 +99,13 @@ def test_layout_and_counts(train_set):
         assert {f.suffix for f in files} == {".jpg", ".png"}
         with Image.open(files[0]) as im:
             assert im.mode == "RGB" and im.size == (SIZE, SIZE)
-    assert train_set["num_mixed"] == len(list((root / MIXED_DIR).iterdir())) == 40
+    mixed_images = sorted(p for p in (root / MIXED_DIR).iterdir() if p.suffix != ".txt")
+    assert train_set["num_mixed"] == len(mixed_images) == 40
+    # Each blend has a label sidecar that agrees with the CSV (the layout the multi-label CSV tools read).
+    rows = dict(read_multilabel_csv(train_set["csv_path"]))
+    for image in mixed_images:
+        sidecar = read_label_file(image.with_suffix(".txt"))
+        assert sidecar == rows[f"{MIXED_DIR}/{image.name}"]
 
 
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path):
@@ -136,7 +134,7 @@ def test_mixed_csv_rows_parse_and_sum_to_one(train_set):
     sizes = set()
     for row in rows:
         assert (root / row["image_path"]).is_file()
-        labels = _parse_labels(row["labels"])
+        labels = list(parse_labels(row["labels"]).items())
         names, weights = [n for n, _ in labels], [w for _, w in labels]
         assert set(names) <= artists and len(set(names)) == len(names)
         assert sum(weights) == pytest.approx(1.0)
@@ -174,7 +172,7 @@ def test_mixed_images_follow_their_proportions(train_set, style_classifier):
         rows = list(csv.DictReader(f))
     pure = pure_ok = uneven = uneven_ok = 0
     for row in rows:
-        labels = [(artists.index(n), w) for n, w in _parse_labels(row["labels"])]
+        labels = [(artists.index(n), w) for n, w in parse_labels(row["labels"]).items()]
         proba = style_classifier.predict_proba([_style_features(_load(root / row["image_path"]))])[0]
         if len(labels) == 1:
             pure, pure_ok = pure + 1, pure_ok + int(proba.argmax() == labels[0][0])

@@ -11,6 +11,7 @@ Written layout (the raw ``source_dir/<artist>/...`` layout)::
 
     output_dir/<artist>/0000.jpg ...          # JPEG (quality 90), every 10th image a PNG
     output_dir/mixed/0000.jpg ...             # --mix only: two styles blended over the same content
+    output_dir/mixed/0000.txt ...             # --mix only: its labels, e.g. "(Ink Hatcher:0.75),(pixel-8bit:0.25)"
     output_dir/mixed_labels.csv               # --mix only: image_path,labels with "(artist:weight),..." labels
 
 Styles depend only on the artist index, so datasets made with different seeds share their artists (a seed-1
@@ -32,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.multilabel import format_labels  # noqa: E402
 from utils import UserError, run_cli  # noqa: E402
 
 FILLS = ("flat", "hatch", "crosshatch", "halftone", "stipple", "dabs", "mosaic", "waves")
@@ -310,12 +312,12 @@ def _save(img: np.ndarray, path: Path) -> None:
         _to_pil(img).save(path, quality=90)
 
 
-def _format_labels(labels: list[tuple[str, float]]) -> str:
-    return ",".join(f"({name}:{weight:g})" for name, weight in labels)
-
-
 def _write_mixed(output_dir: Path, styles: list[Style], size: int, seed: int, count: int) -> Path:
-    """Write ``count`` images to ``mixed/`` (every 4th a pure style, the rest two-style blends) and their CSV."""
+    """Write ``count`` images to ``mixed/`` (every 4th a pure style, the rest two-style blends) and their labels.
+
+    Labels go both into one CSV and into a ``.txt`` beside each image (the layout
+    ``tools/generate_multilabel_csv.py`` and ``tools/split_multilabel_dataset.py`` read).
+    """
     (output_dir / MIXED_DIR).mkdir(exist_ok=True)
     rows = []
     for j in range(count):
@@ -331,7 +333,9 @@ def _write_mixed(output_dir: Path, styles: list[Style], size: int, seed: int, co
             labels = sorted([(styles[a].name, alpha), (styles[b].name, 1 - alpha)], key=lambda t: -t[1])
         rel = f"{MIXED_DIR}/{_file_name(j)}"
         _save(img, output_dir / rel)
-        rows.append((rel, _format_labels(labels)))
+        label_text = format_labels(dict(labels))
+        (output_dir / rel).with_suffix(".txt").write_text(label_text + "\n", encoding="utf-8")
+        rows.append((rel, label_text))
     csv_path = output_dir / MIXED_CSV
     with open(csv_path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")

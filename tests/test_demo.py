@@ -1,0 +1,44 @@
+"""The whole chain of `make demo`, shortened: generate -> prepare -> train -> inference -> cluster -> compare."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--num-artists", "4", "--images-per-artist", "12", "--image-size", "64", "--input-size", "64",
+         "--epochs", "1", "--batch-size", "16", "--num-workers", "0", "--device", "cpu"]
+
+
+def run_demo(work_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "tools/run_demo.py", "--work-dir", str(work_dir), *QUICK, *extra],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.mark.slow
+def test_shortened_demo_runs_the_whole_chain_and_reuses_its_work(tmp_path):
+    work = tmp_path / "demo"
+    first = run_demo(work, "--min-top1", "0")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "demo summary" in first.stdout and "adjusted Rand index" in first.stdout
+
+    names = (work / "inference" / "image_names.txt").read_text(encoding="utf-8").splitlines()
+    features = np.load(work / "inference" / "features.npy")
+    assert features.shape == (len(names), 256) and len(names) == 8  # 4 artists x 2 validation images
+    assignments = json.loads((work / "clusters" / "cluster_assignments.json").read_text(encoding="utf-8"))
+    assert assignments["num_clusters"] == 4 and sorted(i["name"] for i in assignments["images"]) == sorted(names)
+    ranking = json.loads((work / "similar.json").read_text(encoding="utf-8"))
+    assert json.dumps(ranking).count(names[0]) >= 1  # the query (row 0) finds itself
+    for path in ("model/model_best.pth", "model/config.json", "model/class_mapping.csv", "dataset/split_info.txt"):
+        assert (work / path).exists(), path
+
+    # A second run reuses every step; an unreachable accuracy bar makes it fail with a one-line error.
+    second = run_demo(work, "--min-top1", "101")
+    assert second.returncode == 2
+    assert second.stdout.count("(reusing the earlier result of:") == 6
+    assert second.stderr.strip().startswith("error: validation top-1") and "Traceback" not in second.stderr
