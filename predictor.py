@@ -41,7 +41,15 @@ from data import (
 )
 from data.scan import walk_files
 from model.lsnet_artist import ARTIST_MODELS
-from utils import Checkpoint, UserError, guess_architecture, load_checkpoint, read_checkpoint, replace_batchnorm
+from utils import (
+    Checkpoint,
+    UserError,
+    guess_architecture,
+    load_checkpoint,
+    read_checkpoint,
+    replace_batchnorm,
+    resolve_device,
+)
 
 __all__ = [
     "CHECKPOINT_FILES",
@@ -232,18 +240,6 @@ def build_eval_transform(
     return create_transform(**data_config, is_training=False), data_config
 
 
-def _pick_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} requested but CUDA is not available; use --device cpu")
-    return device
-
-
 def _agreed_value(label: str, values: dict[str, int | None]) -> int | None:
     """The one value the given sources agree on (None when none gives one); a disagreement is a UserError."""
     given = {source: value for source, value in values.items() if value is not None}
@@ -301,7 +297,7 @@ def load_model_bundle(
             "written by training next to the checkpoint"
         raise UserError(f"classification needs the class names of {source.checkpoint.name}; pass {hint}")
     class_names = read_class_mapping(source.class_csv) if source.class_csv else None
-    device = _pick_device(device)
+    device = resolve_device(device)
     ckpt = read_checkpoint(source.checkpoint)
     # Training also stores its config.json in the checkpoint; a folder's config.json takes precedence.
     embedded = ckpt.extra.get("config")
@@ -426,11 +422,15 @@ class ArtistModel:
                     features, logits = self.model(batch, return_features=True), None
                 else:
                     features, logits = self.model(batch, return_both=True)
-            probs = None if logits is None else logits.float().softmax(dim=1).cpu()
+            probs = None if logits is None else self._probabilities(logits.float()).cpu()
             features = None if mode == "classify" else features.float().cpu().numpy()
             return features, probs
 
         return compute
+
+    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classes; independent sigmoids for a multi-label model (``multi_label`` in its config)."""
+        return logits.sigmoid() if self.config.get("multi_label") else logits.softmax(dim=1)
 
     def _top_k(self, probs: torch.Tensor, top_k: int, threshold: float) -> list[list[dict[str, Any]]]:
         values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)

@@ -41,7 +41,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import model  # noqa: F401  (registers the LSNet models with timm)
 from model.ska import IMPLS, SKA
-from utils import UserError, replace_batchnorm, run_cli
+from utils import UserError, replace_batchnorm, resolve_device, run_cli
 
 __all__ = [
     "VARIANTS",
@@ -307,18 +307,6 @@ def format_table(results: Sequence[Result]) -> str:
         lines.append(f"| {r.label} | {r.median:.1f} | {min(r.images_per_s):.1f} | {max(r.images_per_s):.1f} "
                      f"| {memory} | {r.median / results[0].median:.2f}x |")
     return "\n".join(lines)
-
-
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name} requested but CUDA is not available; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
-    return device
 
 
 def describe_run(args: argparse.Namespace, device: torch.device) -> str:

@@ -236,7 +236,7 @@ def replace_batchnorm(net: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------- devices, distributed
 
 
-def resolve_device(name: str | None) -> torch.device:
+def resolve_device(name: str | torch.device | None) -> torch.device:
     """``--device``: the named device (default: CUDA when available, else CPU); a missing GPU is a UserError."""
     if not name:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,21 +12,19 @@ before each call, with glibc's mmap threshold pinned so that freed blocks go bac
 """
 
 import argparse
-import contextlib
 import functools
-import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.ska import HAS_TRITON, ska  # noqa: E402
+from speed import transient_peak_bytes  # noqa: E402
 
 MIB = 2**20
 
@@ -45,41 +43,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--output", type=Path, default=None, help="markdown file to append the table to")
     return parser.parse_args()
-
-
-@contextlib.contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2: the profiler's C++ side logs start/stop lines there that Python cannot filter."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes of tensors allocated during ``fn()`` beyond those alive before it (see the module docstring)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def median_ms(fns: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int) -> dict[str, float]:
@@ -132,7 +95,7 @@ def main() -> None:
         for impl, ms in median_ms(calls, device, args.repeats, args.warmup).items():
             results[impl][f"{mode}_ms"] = ms
         for impl, call in calls.items():
-            results[impl][f"{mode}_mib"] = peak_bytes(call, device) / MIB
+            results[impl][f"{mode}_mib"] = transient_peak_bytes(call, device) / MIB
 
     ref = results["reference"]
     memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler allocation replay"

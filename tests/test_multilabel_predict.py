@@ -74,6 +74,16 @@ def test_debug_full_matches_the_model_and_skips_unreadable_files(env, capsys):
     assert "warning: skipping" in capsys.readouterr().err
 
 
+def test_inference_api_gives_a_multilabel_model_sigmoid_confidences(env):
+    tmp, run_dir, images, expected = env
+    bundle = load_model_bundle(run_dir, device="cpu")
+    entries = bundle.classify(images / "top.jpg", top_k=len(LABELS))
+    by_name = {e["class_name"]: e["probability"] for e in entries}
+    torch.testing.assert_close(torch.tensor([by_name[label] for label in LABELS]),
+                               expected[f"{images.as_posix()}/top.jpg"], rtol=1e-4, atol=1e-5)
+    assert abs(sum(by_name.values()) - 1) > 1e-3  # not a softmax
+
+
 def test_threshold_top_k_and_ratio(env):
     tmp, run_dir, images, expected = env
     all_confidences = torch.stack(list(expected.values()))

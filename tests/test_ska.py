@@ -12,9 +12,9 @@ import sys
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from model.ska import HAS_TRITON, SKA, ska, ska_reference
+from speed import transient_peak_bytes
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRET, reason="run by test_triton_interpreter with TRITON_INTERPRET=1")
@@ -139,26 +139,12 @@ def test_auto_uses_portable_path_on_cpu():
     assert type(ska(x, w.requires_grad_()).grad_fn).__name__ == "_SKAFunctionBackward"
 
 
-def peak_allocated(fn) -> int:
-    """Peak bytes held by tensors allocated during ``fn()``, replayed from the profiler's allocation events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def test_memory_stays_linear_in_input():
     x, w, grad = make_inputs((4, 64, 14, 14, 3, 8))
     x_bytes = x.numel() * x.element_size()
-    fwd = peak_allocated(lambda: ska(x, w))
-    fwd_bwd = peak_allocated(lambda: value_and_grads(x, w, grad, "torch"))
-    reference = peak_allocated(lambda: value_and_grads(x, w, grad, "reference"))
+    fwd = transient_peak_bytes(lambda: ska(x, w), x.device)
+    fwd_bwd = transient_peak_bytes(lambda: value_and_grads(x, w, grad, "torch"), x.device)
+    reference = transient_peak_bytes(lambda: value_and_grads(x, w, grad, "reference"), x.device)
     # out; then out + grad_x + grad_w (9/8 of x here) + one product temporary. The reference holds the unfolded x,
     # the repeated w and their product (9 copies of x each) at once, which also shows that the measurement works.
     assert reference >= 27 * x_bytes
