@@ -259,4 +259,4 @@ def test_posterize_to_zero_bits_does_not_crash(tmp_path, aa):
     image = load_image(gen.noise_image(tmp_path / "noise.png"))
     for op in posterize_ops:
         out = op.aug_fn(image, 0)
-        assert out.size == image.size and len(set(out.getdata())) > 1  # one bit kept, not a black image
+        assert out.size == image.size and len(out.getcolors(maxcolors=256)) > 1  # one bit kept, not all black

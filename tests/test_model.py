@@ -80,16 +80,23 @@ def test_forward_any_input_size(size):
 
 
 def test_attention_bias_at_training_resolution_is_the_stored_table():
+    torch.manual_seed(0)
     attn = Attention(dim=64, key_dim=16, num_heads=4, attn_ratio=1, resolution=4)
     torch.nn.init.normal_(attn.attention_biases)
     # The generic (resizable) index reproduces the official index buffer exactly at the stored size ...
     assert torch.equal(relative_offset_index(4, 4), attn.attention_bias_idxs)
     assert torch.equal(attn.attention_bias(4, 4), attn.attention_biases[:, attn.attention_bias_idxs])
-    # ... and other grids get a bias that depends only on |dy|, |dx|, symmetric in the two positions.
+    # ... other grids get a bias that depends only on |dy|, |dx|, symmetric in the two positions ...
     bias = attn.attention_bias(7, 5)
     assert bias.shape == (4, 35, 35)
     assert torch.allclose(bias, bias.transpose(1, 2))
-    assert torch.allclose(bias[:, 0, 0], attn.attention_biases[:, 0], atol=0.2)
+    assert torch.equal(bias[:, 0, 8], bias[:, 8, 0]) and not torch.allclose(bias[:, 0, 1], bias[:, 0, 5])
+    # ... and resizing keeps what does not depend on the offset: a constant table stays that constant.
+    with torch.no_grad():
+        attn.attention_biases.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0])[:, None].expand(4, 16))
+    expected = attn.attention_biases[:, :1, None].expand(4, 35, 35)
+    assert torch.allclose(attn.attention_bias(7, 5), expected, atol=1e-6)
+    assert torch.allclose(attn.attention_bias(2, 3), attn.attention_biases[:, :1, None].expand(4, 6, 6), atol=1e-6)
 
 
 def test_output_at_224_uses_official_bias_indexing():
