@@ -21,7 +21,7 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q tests
 
-# The whole workflow on a generated dataset (about 5-10 minutes on a 2-core CPU; a GPU is used when present).
+# The whole workflow on a generated dataset (about 3 minutes on a 2-core CPU; a GPU is used when present).
 demo: $(STAMP)
 	$(PY) tools/run_demo.py --work-dir demo_run
 

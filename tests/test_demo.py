@@ -42,3 +42,19 @@ def test_shortened_demo_runs_the_whole_chain_and_reuses_its_work(tmp_path):
     assert second.returncode == 2
     assert second.stdout.count("(reusing the earlier result of:") == 6
     assert second.stderr.strip().startswith("error: validation top-1") and "Traceback" not in second.stderr
+
+
+@pytest.mark.slow
+def test_shortened_multilabel_demo(tmp_path):
+    work = tmp_path / "demo"
+    result = run_demo(work, "--multilabel", "--min-map-gain", "-1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "validation macro mAP" in result.stdout and "label-frequency baseline" in result.stdout
+    train_rows = (work / "multilabel" / "train.csv").read_text(encoding="utf-8").splitlines()
+    val_rows = (work / "multilabel" / "val.csv").read_text(encoding="utf-8").splitlines()
+    assert train_rows[0] == val_rows[0] == "image_path,labels" and len(train_rows) > len(val_rows) > 1
+    predictions = json.loads((work / "multilabel_predictions.json").read_text(encoding="utf-8"))
+    assert predictions["num_images"] == len(train_rows) + len(val_rows) - 2
+    for entry in predictions["results"].values():
+        assert abs(sum(label["ratio"] for label in entry["labels"]) - 1) < 1e-6
+    assert (work / "model_multilabel" / "label_stats.csv").exists()
