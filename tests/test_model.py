@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 import model  # noqa: F401  (registers the models)
 from model.lsnet import Attention, relative_offset_index
-from utils import UserError, load_checkpoint, read_checkpoint, replace_batchnorm
+from utils import UserError, load_checkpoint, read_checkpoint, replace_batchnorm, save_checkpoint_atomic
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 
@@ -280,3 +281,14 @@ def test_not_a_checkpoint_and_missing_file(tmp_path):
         read_checkpoint(text)
     with pytest.raises(UserError, match="not found"):
         read_checkpoint(tmp_path / "missing.pth")
+
+
+def test_atomic_save_gives_normal_file_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_checkpoint_atomic({"model": {"w": torch.ones(2)}}, tmp_path / "model_best.pth")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model_best.pth").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["model_best.pth"]
+    assert torch.equal(read_checkpoint(tmp_path / "model_best.pth").state_dict["w"], torch.ones(2))
