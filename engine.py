@@ -32,7 +32,7 @@ from data.datasets import EVAL_CROP_PCT
 from data.samplers import RASampler
 from losses import DISTILLATION_TYPES, DistillationLoss
 from model.lsnet_artist import ARTIST_MODELS
-from utils import UserError
+from utils import BEST_FILE, CHECKPOINT_FILE, MODEL_FOLDER_FILES, UserError
 
 __all__ = [
     "Metric", "MultiLabelMetrics", "TopKAccuracy", "add_common_args", "add_distillation_args", "average_precision",
@@ -40,9 +40,6 @@ __all__ = [
     "train_one_epoch",
 ]
 
-CHECKPOINT_FILE = "checkpoint.pth"
-BEST_FILE = "model_best.pth"
-BEST_FILES = (BEST_FILE, "best_checkpoint.pth")  # the published model folders call it best_checkpoint.pth
 LOG_FILE = "train_log.txt"
 ARGS_FILE = "args.json"
 CONFIG_FILE = "config.json"
@@ -193,8 +190,7 @@ def setup(args: argparse.Namespace) -> torch.device:
     if args.eval and not args.resume:
         raise UserError("--eval needs --resume PATH: the checkpoint (or model folder) to evaluate")
     if args.resume:  # fail before the dataset scan; a folder resolves to the checkpoint file in it
-        args.resume = str(_find_checkpoint(args.resume, (*BEST_FILES, CHECKPOINT_FILE) if args.eval
-                                           else (CHECKPOINT_FILE,)))
+        args.resume = str(utils.find_checkpoint(args.resume, MODEL_FOLDER_FILES if args.eval else (CHECKPOINT_FILE,)))
     device = utils.init_distributed_mode(args)
     utils.seed_everything(args.seed)
     if args.input_size is None:
@@ -534,19 +530,6 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
-
-
-def _find_checkpoint(path: str, names: Sequence[str]) -> Path:
-    """``path`` itself, or the first of ``names`` inside it when it is a folder."""
-    found = Path(path)
-    if found.is_dir():
-        for name in names:
-            if (found / name).is_file():
-                return found / name
-        raise UserError(f"{found} holds none of {', '.join(names)}; pass the checkpoint file itself")
-    if not found.is_file():
-        raise UserError(f"checkpoint not found: {found}; check the path (a .pth file or a model folder)")
-    return found
 
 
 def _checkpoint_classes(raw: dict[str, Any], path: Path) -> list[str] | None:

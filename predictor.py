@@ -42,8 +42,10 @@ from data import (
 from data.scan import walk_files
 from model.lsnet_artist import ARTIST_MODELS
 from utils import (
+    MODEL_FOLDER_FILES,
     Checkpoint,
     UserError,
+    find_checkpoint,
     guess_architecture,
     load_checkpoint,
     read_checkpoint,
@@ -68,7 +70,7 @@ __all__ = [
 
 MODES = ("classify", "cluster", "both")
 # Checkpoint files looked for in a model folder, in this order (training output, published community models).
-CHECKPOINT_FILES = ("model_best.pth", "best_checkpoint.pth", "checkpoint.pth")
+CHECKPOINT_FILES = MODEL_FOLDER_FILES
 CONFIG_FILE = "config.json"
 
 ImageInput = Image.Image | str | os.PathLike | BinaryIO
@@ -206,10 +208,8 @@ def resolve_model_source(checkpoint: str | os.PathLike, class_csv: str | os.Path
     if not path.is_dir():
         raise UserError(f"checkpoint not found: {path}; pass a .pth file or a model folder holding one")
     config = _read_config(path / CONFIG_FILE)
-    candidates = ([config["checkpoint"]] if isinstance(config.get("checkpoint"), str) else []) + list(CHECKPOINT_FILES)
-    found = next((path / name for name in candidates if (path / name).is_file()), None)
-    if found is None:
-        raise UserError(f"{path} is a folder without a checkpoint; expected one of {', '.join(candidates)}")
+    preferred = [config["checkpoint"]] if isinstance(config.get("checkpoint"), str) else []
+    found = find_checkpoint(path, [*preferred, *CHECKPOINT_FILES])
     if class_csv is None and (path / CLASS_MAPPING_FILE).is_file():
         class_csv = path / CLASS_MAPPING_FILE
     return ModelSource(found, Path(class_csv) if class_csv else None, config, path)

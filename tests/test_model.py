@@ -12,7 +12,14 @@ import torch
 
 import model  # noqa: F401  (registers the models)
 from model.lsnet import Attention, relative_offset_index
-from utils import UserError, load_checkpoint, read_checkpoint, replace_batchnorm, save_checkpoint_atomic
+from utils import (
+    UserError,
+    find_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    replace_batchnorm,
+    save_checkpoint_atomic,
+)
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 
@@ -292,3 +299,18 @@ def test_atomic_save_gives_normal_file_permissions(tmp_path):
     assert (tmp_path / "model_best.pth").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["model_best.pth"]
     assert torch.equal(read_checkpoint(tmp_path / "model_best.pth").state_dict["w"], torch.ones(2))
+
+
+def test_find_checkpoint_in_model_folders(tmp_path):
+    (tmp_path / "checkpoint.pth").write_bytes(b"x")
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoint.pth"
+    (tmp_path / "best_checkpoint.pth").write_bytes(b"x")  # the published folders' name wins over the latest state
+    assert find_checkpoint(tmp_path) == tmp_path / "best_checkpoint.pth"
+    assert find_checkpoint(tmp_path, ["checkpoint.pth"]) == tmp_path / "checkpoint.pth"
+    assert find_checkpoint(tmp_path / "checkpoint.pth") == tmp_path / "checkpoint.pth"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="folder without a checkpoint; expected one of model_best.pth"):
+        find_checkpoint(empty)
+    with pytest.raises(UserError, match="checkpoint not found"):
+        find_checkpoint(tmp_path / "nothing.pth")
