@@ -61,6 +61,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--feature-dim", type=int, default=None,
                         help="optional check: feature vector size (default: detected from the checkpoint)")
     parser.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model: faster for many images after tens of seconds of compiling")
     parser.add_argument("--no-json-features", dest="json_features", action="store_false",
                         help="leave feature vectors out of batch_results.json (features.npy keeps them)")
     return parser
@@ -154,7 +156,7 @@ def main(args: argparse.Namespace | None = None) -> dict[str, Any] | BatchResult
     artist_model = load_model_bundle(
         args.checkpoint, args.model, args.class_csv, device=args.device, input_size=args.input_size,
         num_classes=args.num_classes, feature_dim=args.feature_dim, amp=args.amp,
-        require_class_names=args.mode != "cluster",
+        require_class_names=args.mode != "cluster", compile=args.compile,
     )
     if input_path.is_dir():
         return run_batch(artist_model, args, output_dir)

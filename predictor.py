@@ -25,7 +25,7 @@ import numpy as np
 import timm
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -40,11 +40,13 @@ from data import (
     to_rgb,
 )
 from data.scan import walk_files
+from data.transforms import build_inference_transform, normalize_batch
 from model.lsnet_artist import ARTIST_MODELS
 from utils import (
     MODEL_FOLDER_FILES,
     Checkpoint,
     UserError,
+    compile_for_inference,
     find_checkpoint,
     guess_architecture,
     load_checkpoint,
@@ -228,16 +230,18 @@ def build_eval_transform(
 ) -> tuple[Callable[[Image.Image], torch.Tensor], dict[str, Any]]:
     """The eval preprocessing of the model's timm ``pretrained_cfg`` at ``input_size``, and its data config.
 
-    Resize the short side to ``int(input_size / crop_pct)`` (bicubic), center crop, ToTensor, Normalize; a
-    ``config.json``'s ``crop_pct``/``crop_mode``/``mean``/``std``/``interpolation`` override the model's defaults
-    (a model fine-tuned with ``crop_mode="squash"`` is evaluated that way).
+    Resize the short side to ``int(input_size / crop_pct)`` (bicubic) and center crop, as one resample, to a uint8
+    tensor; :func:`data.transforms.normalize_batch` with the config's ``mean``/``std`` completes it on whole
+    batches (:meth:`ArtistModel.run_model` does). A ``config.json``'s ``crop_pct``/``crop_mode``/``mean``/``std``/
+    ``interpolation`` override the model's defaults (a model fine-tuned with ``crop_mode="squash"`` is evaluated
+    that way).
     """
     config = config or {}
     args = {key: config.get(key) for key in ("crop_pct", "crop_mode", "mean", "std", "interpolation")}
     if input_size is not None:
         args["input_size"] = (3, input_size, input_size)
     data_config = resolve_data_config(args=args, model=model)
-    return create_transform(**data_config, is_training=False), data_config
+    return build_inference_transform(data_config), data_config
 
 
 def _agreed_value(label: str, values: dict[str, int | None]) -> int | None:
@@ -272,6 +276,7 @@ def load_model_bundle(
     feature_dim: int | None = None,
     amp: bool = False,
     require_class_names: bool = False,
+    compile: bool = False,
 ) -> "ArtistModel":
     """Load an artist model (checkpoint file or model folder) ready for inference: eval mode, BN fused.
 
@@ -286,6 +291,7 @@ def load_model_bundle(
         num_classes, feature_dim: optional checks; detected from the weights and the class mapping.
         amp: autocast (float16 on CUDA, bfloat16 on CPU).
         require_class_names: fail early (before reading the weights) when no class mapping is available.
+        compile: run the model through :func:`utils.compile_for_inference` (the first batch compiles it).
 
     Raises:
         UserError: missing files, unknown or wrong architecture, or class count / feature size disagreements.
@@ -337,7 +343,7 @@ def load_model_bundle(
                 break
     transform, data_config = build_eval_transform(net, input_size, config)
     return ArtistModel(net, transform, class_names, device=device, amp=amp, model_name=name,
-                       data_config=data_config, checkpoint=ckpt.path, config=config)
+                       data_config=data_config, checkpoint=ckpt.path, config=config, compile=compile)
 
 
 # --------------------------------------------------------------------------------------------- inference
@@ -368,8 +374,11 @@ class ArtistModel:
 
     Methods take one image (PIL image, path or file object) and return one result, or a list of images and
     return a list (or, for features, an ``(N, feature_dim)`` array). Built directly, ``model`` must already be
-    in eval mode on ``device`` (fused or not) and ``transform`` its eval preprocessing. ``config`` is the training
-    ``config.json`` (e.g. ``multi_label``: trained with sigmoid outputs).
+    in eval mode on ``device`` (fused or not) and ``transform`` its eval preprocessing (uint8 output is normalised
+    with ``data_config``'s ``mean``/``std``, float output is used as it is). ``config`` is the training
+    ``config.json`` (e.g. ``multi_label``: trained with sigmoid outputs). With ``compile``, batches run through
+    :func:`utils.compile_for_inference`; a batch smaller than the largest one so far is padded to its size (and
+    the padding dropped from the outputs), so a run's last, partial batch does not compile the model again.
     """
 
     def __init__(
@@ -384,6 +393,7 @@ class ArtistModel:
         data_config: dict[str, Any] | None = None,
         checkpoint: Path | None = None,
         config: dict[str, Any] | None = None,
+        compile: bool = False,
     ):
         self.model = model
         self.transform = transform
@@ -394,6 +404,8 @@ class ArtistModel:
         self.data_config = data_config or {}
         self.checkpoint = checkpoint
         self.config = config or {}
+        self._compiled = compile_for_inference(model) if compile else None
+        self._compiled_batch = 0  # largest batch the compiled model has run
 
     @property
     def input_size(self) -> int:
@@ -408,6 +420,32 @@ class ArtistModel:
         dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp)
 
+    def run_model(self, batch: torch.Tensor, **kwargs: Any) -> Any:
+        """The model's output for a batch of :attr:`transform` outputs already on :attr:`device`: normalised,
+        under :meth:`autocast`, compiled when built with ``compile``. Call it under ``torch.inference_mode()``."""
+        batch = normalize_batch(batch, self.data_config.get("mean", IMAGENET_DEFAULT_MEAN),
+                                self.data_config.get("std", IMAGENET_DEFAULT_STD))
+        with self.autocast():
+            if self._compiled is None:
+                return self.model(batch, **kwargs)
+            return self._run_compiled(batch, kwargs)
+
+    def _run_compiled(self, batch: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+        count = len(batch)
+        if count < self._compiled_batch:
+            batch = torch.cat([batch, batch.new_zeros((self._compiled_batch - count, *batch.shape[1:]))])
+        try:
+            output = self._compiled(batch, **kwargs)
+        except Exception as err:  # Inductor needs a C++ compiler on the CPU and Triton on a GPU
+            if self._compiled_batch:
+                raise
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"torch.compile failed on this machine ({detail}); run without --compile") from err
+        self._compiled_batch = max(self._compiled_batch, count)
+        if isinstance(output, tuple):
+            return tuple(out[:count] for out in output)
+        return output[:count]
+
     def _compute(self, mode: str) -> Callable[[torch.Tensor], tuple[np.ndarray | None, torch.Tensor | None]]:
         """The per-batch computation of ``mode``: (features as float32 numpy or None, probabilities or None)."""
         if mode not in MODES:
@@ -417,11 +455,10 @@ class ArtistModel:
                             "(--class-csv), or use --mode cluster")
 
         def compute(batch: torch.Tensor) -> tuple[np.ndarray | None, torch.Tensor | None]:
-            with self.autocast():
-                if mode == "cluster":
-                    features, logits = self.model(batch, return_features=True), None
-                else:
-                    features, logits = self.model(batch, return_both=True)
+            if mode == "cluster":
+                features, logits = self.run_model(batch, return_features=True), None
+            else:
+                features, logits = self.run_model(batch, return_both=True)
             probs = None if logits is None else self._probabilities(logits.float()).cpu()
             features = None if mode == "classify" else features.float().cpu().numpy()
             return features, probs

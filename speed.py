@@ -9,11 +9,14 @@
 An entry is a timm model name with an optional variant tag, ``name:tag``:
 
 * ``fused`` (default): inference on the BatchNorm-fused model (``utils.replace_batchnorm``), SKA picked automatically;
+* ``compiled``: fused, then ``utils.compile_for_inference`` (torch.compile with Inductor freezing), as
+  ``inference_artist.py --compile`` runs it; compiling happens in the warm-up (use ``--warmup`` 1 or more);
 * ``unfused``: the model as trained, SKA picked automatically;
 * ``naive``: unfused, every SKA replaced by the naive unfold reference (how the original code ran on a CPU);
 * ``torch`` / ``triton``: fused, with that SKA implementation forced.
 
-Training ignores fusion (the model is in train mode) but honours the SKA implementation of the tag.
+Training ignores fusion and the ``compiled`` tag (the model is in train mode; ``--compile`` compiles every entry)
+but honours the SKA implementation of the tag.
 The timed repeats of the compared entries are interleaved (A B A B ...), so drift in machine load hits them alike;
 each repeat times ``--iters`` steps. The table gives the median, min and max images/s over the repeats and the
 ratio of each entry's median to the first entry's.
@@ -41,7 +44,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import model  # noqa: F401  (registers the LSNet models with timm)
 from model.ska import IMPLS, SKA
-from utils import UserError, replace_batchnorm, resolve_device, run_cli
+from utils import UserError, compile_for_inference, replace_batchnorm, resolve_device, run_cli
 
 __all__ = [
     "VARIANTS",
@@ -62,6 +65,7 @@ __all__ = [
 # tag -> (SKA implementation to force or None for the model's default, fuse BatchNorms for inference)
 VARIANTS: dict[str, tuple[str | None, bool]] = {
     "fused": (None, True),
+    "compiled": (None, True),
     "unfused": (None, False),
     "naive": ("reference", False),
     "torch": ("torch", True),
@@ -87,7 +91,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="weights and inputs are cast to it; with --amp, the autocast dtype instead")
     parser.add_argument("--amp", action="store_true", help="float32 weights, autocast to --dtype (mixed precision)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every entry (inference: like the compiled tag, Inductor freezing)")
     parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
                         help="torch.compile mode (reduce-overhead uses CUDA graphs)")
     parser.add_argument("--train", action="store_true",
@@ -171,7 +176,12 @@ def make_workload(spec: str, args: argparse.Namespace, device: torch.device) -> 
     torch.manual_seed(args.seed)
     net = build_model(name, tag, args.train, args.num_classes)
     net = net.to(device=device, dtype=weight_dtype, memory_format=memory_format)
-    runner = torch.compile(net, mode=args.compile_mode) if args.compile else net
+    if args.train:
+        runner = torch.compile(net, mode=args.compile_mode) if args.compile else net
+    elif tag == "compiled" or args.compile:
+        runner = compile_for_inference(net) if args.compile_mode is None else torch.compile(net, mode=args.compile_mode)
+    else:
+        runner = net
     x = torch.randn(args.batch_size, 3, args.resolution, args.resolution, device=device, dtype=weight_dtype)
     x = x.contiguous(memory_format=memory_format)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=args.amp)

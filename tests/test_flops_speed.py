@@ -110,6 +110,13 @@ def test_speed_compare_prints_ratios(capsys):
     assert len(rows) == 2 and rows[0].endswith("| 1.00x |")
 
 
+def test_speed_compiled_variant(capsys):
+    results, out = run_speed(["--compare", "lsnet_t_artist:compiled,lsnet_t_artist", *TINY, "--no-memory"], capsys)
+    assert [r.label for r in results] == ["lsnet_t_artist:compiled", "lsnet_t_artist"]
+    assert all(v > 0 for r in results for v in r.images_per_s)
+    assert "| lsnet_t_artist:compiled |" in out
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

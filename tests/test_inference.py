@@ -18,6 +18,7 @@ from torchvision import transforms
 
 import model  # noqa: F401  (registers the models)
 from data import ImageLoadError, load_image, write_class_mapping
+from data.transforms import normalize_batch
 from inference_artist import get_args_parser, main
 from model.lsnet import BN_Linear, Conv2d_BN
 from predictor import ArtistModel, build_eval_transform, list_images, load_model_bundle
@@ -46,10 +47,24 @@ def make_model(name: str = "lsnet_t_artist", num_classes: int = len(CLASSES), fe
     return net.eval()
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def preprocess(transform, image: Image.Image) -> torch.Tensor:
+    """A bundle's uint8 preprocessing completed by the batched normalisation, for one image."""
+    return normalize_batch(transform(image)[None], IMAGENET_MEAN, IMAGENET_STD)[0]
+
+
+def assert_same_preprocessing(ours: torch.Tensor, reference: torch.Tensor, name: str = "") -> None:
+    """Equal up to the resampling rounding of data.transforms.ResizeCenterCrop (tests/test_transforms.py)."""
+    levels = (ours - reference).abs() * torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+    assert levels.max() <= 20.01 and levels.mean() < 0.5, name
+
+
 def direct_outputs(net: torch.nn.Module, transform, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and probabilities of the unfused model on the same preprocessing, one image at a time."""
+    """Features and probabilities of the unfused model on the same preprocessing, in one batch."""
     with torch.no_grad():
-        batch = torch.stack([transform(load_image(p)) for p in paths])
+        batch = torch.stack([preprocess(transform, load_image(p)) for p in paths])
         features, logits = net(batch, return_both=True)
     return features, logits.softmax(dim=1)
 
@@ -87,12 +102,12 @@ def env(tmp_path_factory):
 def test_eval_transform_is_the_original_pipeline(env):
     original = transforms.Compose([
         transforms.Resize(int(SIZE / 0.875), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(SIZE), transforms.ToTensor(),
-        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        transforms.CenterCrop(SIZE), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
     for name in READABLE:
         image = load_image(env.images / name)
-        assert torch.equal(env.bundle.transform(image), original(image)), name
+        assert env.bundle.transform(image).dtype == torch.uint8  # decoding workers pass uint8 crops
+        assert_same_preprocessing(preprocess(env.bundle.transform, image), original(image), name)
     _, config = build_eval_transform(env.net)
     assert config["input_size"] == (3, 224, 224) and config["crop_pct"] == 0.875
     assert config["interpolation"] == "bicubic"
@@ -250,10 +265,10 @@ def test_config_and_class_names_stored_by_training(tmp_path):
     assert bundle.model_name == "lsnet_t_artist" and bundle.data_config["crop_mode"] == "squash"
     squash = transforms.Compose([
         transforms.Resize((SIZE, SIZE), interpolation=transforms.InterpolationMode.BICUBIC), transforms.ToTensor(),
-        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-    image = Image.new("RGB", (100, 60), (200, 30, 90))
-    assert torch.equal(bundle.transform(image), squash(image))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8))
+    assert_same_preprocessing(preprocess(bundle.transform, image), squash(image))
 
     write_class_mapping(tmp_path / "reordered.csv", CLASSES[::-1])
     with pytest.raises(UserError, match=r"reordered\.csv does not match the class names stored in model_best\.pth "
@@ -353,3 +368,32 @@ def test_error_is_one_line(error_cases, case, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: run(*error_cases[case]))
     assert_one_line_error(exit_info.value.code, capsys.readouterr().err, expected)
+
+
+# ------------------------------------------------------------------------------------------- torch.compile
+
+
+def test_compiled_bundle_matches_eager_and_compiles_once(env):
+    compiled = load_model_bundle(env.run_dir, device="cpu", compile=True)
+    paths = [env.images / name for name in READABLE]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    result = compiled.run_paths(paths, "both", names=READABLE, batch_size=2)  # batches of 2, 2 and 1
+    eager = env.bundle.run_paths(paths, "both", names=READABLE, batch_size=2)
+    assert result.names == READABLE
+    np.testing.assert_allclose(result.features, eager.features, rtol=1e-4, atol=1e-5)
+    assert [[c["class_id"] for c in row] for row in result.classifications] == \
+        [[c["class_id"] for c in row] for row in eager.classifications]
+    # the last, partial batch is padded to the compiled batch size instead of compiling the model again
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_compile_failure_is_a_user_error(env, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "force_disable_caches", True)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
+    torch._dynamo.reset()
+    compiled = load_model_bundle(env.run_dir, device="cpu", compile=True)
+    with pytest.raises(UserError, match=r"torch.compile failed on this machine .*; run without --compile"):
+        compiled.extract_features(env.images / "top.jpg")

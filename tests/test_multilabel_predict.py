@@ -8,7 +8,7 @@ from pathlib import Path
 import imagegen as gen
 import pytest
 import torch
-from test_inference import make_model
+from test_inference import make_model, preprocess
 
 from data import load_image, write_class_mapping
 from predict_artist_multilabel import get_args_parser, main
@@ -50,7 +50,7 @@ def env(tmp_path_factory):
     transform = load_model_bundle(run_dir, device="cpu").transform
     names = [*NESTED, *TOP]
     with torch.no_grad():
-        confidences = net(torch.stack([transform(load_image(images / n)) for n in names])).sigmoid()
+        confidences = net(torch.stack([preprocess(transform, load_image(images / n)) for n in names])).sigmoid()
     expected = {f"{images.as_posix()}/{n}": row for n, row in zip(names, confidences, strict=True)}
     return tmp, run_dir, images, expected
 
