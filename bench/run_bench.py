@@ -6,11 +6,12 @@
 Targets, each a ratio of two figures measured in the same run (medians of interleaved repeats):
 
 1. SKA forward and forward+backward vs the naive unfold reference, and peak memory (``bench/bench_ska.py``).
-2. ``lsnet_t_artist`` inference, batch 32 at 224: fused model with the fast SKA vs the unfused model with the
-   naive unfold SKA (how the original code ran on a CPU).
+2. ``lsnet_t_artist`` inference, batch 32 at 224: fused model with the fast SKA, compiled (``--compile``), vs the
+   unfused model with the naive unfold SKA (how the original code ran on a CPU); the eager fused model is reported
+   alongside.
 3. ``lsnet_t_artist`` training step, batch 16 at 224, vs timm's ``efficientvit_m3`` (similar FLOPs).
 4. Inference over a directory of JPEG files with ``predictor.ArtistModel.run_directory`` (decode + preprocess +
-   model) vs the model alone at the same batch size; timed interleaved with target 2.
+   model) vs the model alone at the same batch size, compiled and not; timed interleaved with target 2.
 
 The model table gives params, GFLOPs at 224 (``flops.py``) and CPU images/s of LSNet-T/S/B.
 """
@@ -160,17 +161,19 @@ def write_jpegs(folder: Path, count: int, seed: int = 0) -> None:
         Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=90)
 
 
-def load_bundle(model_dir: Path, num_classes: int = 1000) -> ArtistModel:
-    """Save a random-weight ``lsnet_t_artist`` model folder and load it with the predictor's public API."""
-    torch.manual_seed(0)
-    net = timm.create_model(MODEL, num_classes=num_classes)
-    torch.save({"model": net.state_dict(), "args": {"model": MODEL}}, model_dir / "checkpoint.pth")
-    write_class_mapping(model_dir / "class_mapping.csv", [f"artist_{i}" for i in range(num_classes)])
-    return load_model_bundle(model_dir, device="cpu")
+def load_bundle(model_dir: Path, num_classes: int = 1000, compile: bool = False) -> ArtistModel:
+    """Save a random-weight ``lsnet_t_artist`` model folder (once) and load it with the predictor's public API."""
+    if not (model_dir / "checkpoint.pth").exists():
+        torch.manual_seed(0)
+        net = timm.create_model(MODEL, num_classes=num_classes)
+        torch.save({"model": net.state_dict(), "args": {"model": MODEL}}, model_dir / "checkpoint.pth")
+        write_class_mapping(model_dir / "class_mapping.csv", [f"artist_{i}" for i in range(num_classes)])
+    return load_model_bundle(model_dir, device="cpu", compile=compile)
 
 
-def directory_workload(bundle: ArtistModel, image_dir: Path, batch_size: int, workers: int) -> speed.Workload:
-    """Classify every image of ``image_dir`` with ``bundle.run_directory`` (decode + preprocess + fused model)."""
+def directory_workload(bundle: ArtistModel, image_dir: Path, batch_size: int, workers: int,
+                       label: str) -> speed.Workload:
+    """Classify every image of ``image_dir`` with ``bundle.run_directory`` (decode + preprocess + model)."""
     count = len(list(image_dir.glob("*.jpg")))
 
     def run() -> None:
@@ -178,8 +181,7 @@ def directory_workload(bundle: ArtistModel, image_dir: Path, batch_size: int, wo
         if len(result.names) != count:
             raise RuntimeError(f"directory inference returned {len(result.names)} of {count} images")
 
-    return speed.Workload("directory inference (predictor: decode + preprocess + fused model)", run, count,
-                          memory=False)
+    return speed.Workload(label, run, count, memory=False)
 
 
 def preprocess_cpu_ms(bundle: ArtistModel, image_dir: Path) -> float:
@@ -217,13 +219,15 @@ def speed_command(argv: list[str]) -> str:
 
 
 def inference_targets(args: argparse.Namespace, start: float) -> tuple[list[Row], str]:
-    """Targets 2 and 4, timed in one interleaved run: the fused fast model, the naive unfused model, the unfused fast
-    model (to split the gain between SKA and fusion) and directory inference."""
+    """Targets 2 and 4, timed in one interleaved run: the compiled and the eager fused fast model, the naive unfused
+    model, the unfused fast model (to split the gains) and directory inference with the compiled and the eager
+    model."""
     batch = 32
     # Each repeat of the models processes as many images as one directory run, so load bursts weigh on all alike.
     steps = math.ceil(args.images / batch)
-    argv = ["--compare", f"{MODEL},{MODEL}:naive,{MODEL}:unfused", "--batch-size", str(batch), "--resolution", "224",
-            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--iters", str(steps)]
+    argv = ["--compare", f"{MODEL}:compiled,{MODEL}:naive,{MODEL},{MODEL}:unfused", "--batch-size", str(batch),
+            "--resolution", "224", "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--iters",
+            str(steps)]
     speed_args = speed.get_args_parser().parse_args(argv)
     device, workloads = speed.setup(speed_args)
     with tempfile.TemporaryDirectory(prefix="lsnet_bench_") as tmp:
@@ -231,31 +235,42 @@ def inference_targets(args: argparse.Namespace, start: float) -> tuple[list[Row]
         image_dir.mkdir()
         model_dir.mkdir()
         write_jpegs(image_dir, args.images)
-        log(f"wrote {args.images} JPEG files; timing targets 2 and 4", start)
-        bundle = load_bundle(model_dir)
-        workloads.append(directory_workload(bundle, image_dir, batch, args.workers))
+        log(f"wrote {args.images} JPEG files; timing targets 2 and 4 (the first runs compile)", start)
+        for compile in (True, False):
+            kind = "compiled" if compile else "fused"
+            workloads.append(directory_workload(
+                load_bundle(model_dir, compile=compile), image_dir, batch, args.workers,
+                f"directory inference, {kind} model (predictor: decode + preprocess + model)"))
         results = speed.benchmark(workloads, device, args.repeats, args.warmup)
-        load_ms = preprocess_cpu_ms(bundle, image_dir)
-    fused, naive, unfused, directory = results
+        load_ms = preprocess_cpu_ms(load_bundle(model_dir), image_dir)
+    compiled, naive, fused, unfused, directory_compiled, directory_fused = results
     share = convolution_share(speed.build_model(MODEL), torch.randn(batch, 3, 224, 224))
     threads = torch.get_num_threads()
-    model_ms = threads * 1e3 / fused.median
-    bound = model_ms / (model_ms + load_ms)
+
+    def loading_bound(model: speed.Result) -> str:
+        model_ms = threads * 1e3 / model.median
+        return (f"decoding and preprocessing take {load_ms:.1f} ms of CPU per image and the model {model_ms:.1f} ms "
+                f"({threads} threads x {1e3 / model.median:.1f} ms); the {threads} cores are shared by both, so "
+                f"even perfect overlap gives at most {model_ms / (model_ms + load_ms):.2f}")
+
+    directory = f"directory of {args.images} JPEGs (256-512 px) through `predictor` ({args.workers} decoding workers)"
     rows = [
-        Row("2", f"`{MODEL}` inference, batch {batch} at 224: fused + fast SKA vs unfused + naive unfold SKA",
-            f"{fused.median:.1f} vs {naive.median:.1f} img/s", fused.median / naive.median, 2.0,
-            speed_command(argv), spread=spread(fused, naive),
-            why=f"the fast SKA makes the unfused model {unfused.median / naive.median:.2f}x faster and BatchNorm "
-                f"fusion adds {fused.median / unfused.median:.2f}x; what is left is mostly convolutions, which both "
-                f"variants run alike ({share:.0%} of the fused model's CPU time in a profile of the same run), so "
-                "SKA and fusion alone cannot double the speed of this model on this CPU"),
-        Row("4", f"directory of {args.images} JPEGs (256-512 px) through `predictor` ({args.workers} decoding "
-                 f"workers), batch {batch}, vs the model alone in the same rounds",
-            f"{directory.median:.1f} vs {fused.median:.1f} img/s", directory.median / fused.median, 0.8,
-            "python bench/run_bench.py", spread=spread(fused, directory),
-            why=f"decoding and preprocessing take {load_ms:.1f} ms of CPU per image and the model "
-                f"{model_ms:.1f} ms ({threads} threads x {1e3 / fused.median:.1f} ms); the {threads} cores are "
-                f"shared by both, so even perfect overlap gives at most {bound:.2f}"),
+        Row("2", f"`{MODEL}` inference, batch {batch} at 224: fused + fast SKA + `--compile` vs unfused + naive "
+                 f"unfold SKA (without `--compile`: {fused.median / naive.median:.2f}x)",
+            f"{compiled.median:.1f} vs {naive.median:.1f} img/s", compiled.median / naive.median, 2.0,
+            speed_command(argv), spread=spread(compiled, naive),
+            why=f"the fast SKA makes the unfused model {unfused.median / naive.median:.2f}x faster, BatchNorm "
+                f"fusion adds {fused.median / unfused.median:.2f}x and compiling "
+                f"{compiled.median / fused.median:.2f}x; "
+                f"the rest is convolutions, which all variants run alike ({share:.0%} of the fused model's CPU "
+                "time in a profile of the same run)"),
+        Row("4", f"{directory}, batch {batch}, compiled model, vs the compiled model alone in the same rounds",
+            f"{directory_compiled.median:.1f} vs {compiled.median:.1f} img/s",
+            directory_compiled.median / compiled.median, 0.8, "python bench/run_bench.py",
+            spread=spread(compiled, directory_compiled), why=loading_bound(compiled)),
+        Row("4", f"{directory}, batch {batch}, model not compiled, vs that model alone in the same rounds",
+            f"{directory_fused.median:.1f} vs {fused.median:.1f} img/s", directory_fused.median / fused.median, 0.8,
+            "python bench/run_bench.py", spread=spread(fused, directory_fused), why=loading_bound(fused)),
     ]
     raw = f"{speed.describe_run(speed_args, device)}\n\n{speed.format_table(results)}\n\n{speed.memory_method(device)}"
     return rows, raw

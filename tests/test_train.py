@@ -151,6 +151,26 @@ def test_eval_reproduces_the_logged_accuracy(trained):
     assert results["model"]["acc1"] == best["best_metric"]
 
 
+def test_channels_last_trains_like_the_default_layout(small_data, tmp_path):
+    """--channels-last changes only the memory layout: the same run's losses and weights agree with the default
+    (up to the summation order of the convolution kernels, which train-mode BatchNorm on 1x1 maps of a batch of 8
+    amplifies to ~1e-4), and the checkpoint loads into a plain model."""
+    common = ["--data-path", str(small_data), "--batch-size", "8", "--epochs", "1", *NO_AUG]
+    default = run_main(*common, "--output-dir", str(tmp_path / "default"))
+    channels_last = run_main(*common, "--output-dir", str(tmp_path / "channels_last"), "--channels-last")
+    assert channels_last["train_loss"] == pytest.approx(default["train_loss"], rel=2e-3)
+    assert channels_last["val_loss"] == pytest.approx(default["val_loss"], rel=2e-3)
+    weights = [utils.load_checkpoint_file(tmp_path / run / "checkpoint.pth")["model"]
+               for run in ("default", "channels_last")]
+    net = timm.create_model("lsnet_t_artist", num_classes=4, feature_dim=32)
+    for name, _ in net.named_parameters():  # BatchNorm running statistics amplify the rounding further
+        # AdamW moves a weight by up to lr per step whatever the gradient size: at most 4 x 1.6e-5 here
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-3, atol=2e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert weights[1]["patch_embed.0.c.weight"].is_contiguous(memory_format=torch.channels_last)
+    utils.load_checkpoint(tmp_path / "channels_last" / "checkpoint.pth", net)
+
+
 def test_resume_gives_the_same_weights(small_data, tmp_path):
     """2 epochs in one run == 1 epoch, then --resume for the second (augmentation, mixup, drop path, repeated
     augmentation, accumulation and EMA all on: every random stream is restored)."""
