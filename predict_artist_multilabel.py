@@ -49,7 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None,
                         help="architecture, e.g. lsnet_t_artist (default: recorded in config.json or the checkpoint)")
     parser.add_argument("--num-workers", type=int, default=min(8, default_workers()),
-                        help="image decoding processes (default: CPU cores, at most 8)")
+                        help="image decoding workers: threads taking turns with a CPU model, processes feeding a GPU "
+                             "(default: CPU cores, at most 8)")
     parser.add_argument("--input-size", type=int, default=None,
                         help="image size fed to the model (default: the checkpoint's training size)")
     parser.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")

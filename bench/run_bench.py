@@ -253,7 +253,7 @@ def inference_targets(args: argparse.Namespace, start: float) -> tuple[list[Row]
                 f"({threads} threads x {1e3 / model.median:.1f} ms); the {threads} cores are shared by both, so "
                 f"even perfect overlap gives at most {model_ms / (model_ms + load_ms):.2f}")
 
-    directory = f"directory of {args.images} JPEGs (256-512 px) through `predictor` ({args.workers} decoding workers)"
+    directory = f"directory of {args.images} JPEGs (256-512 px) through `predictor` ({args.workers} decoding threads)"
     rows = [
         Row("2", f"`{MODEL}` inference, batch {batch} at 224: fused + fast SKA + `--compile` vs unfused + naive "
                  f"unfold SKA (without `--compile`: {fused.median / naive.median:.2f}x)",

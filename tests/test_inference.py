@@ -370,6 +370,18 @@ def test_error_is_one_line(error_cases, case, expected, capsys):
     assert_one_line_error(exit_info.value.code, capsys.readouterr().err, expected)
 
 
+def test_decoding_threads_give_the_serial_results(env):
+    """On the CPU, num_workers > 0 decodes each batch with threads: same rows, names and skipped files, in order."""
+    names = list_images(env.images)  # b/broken.jpg is the second of six
+    paths = [env.images / name for name in names]
+    serial = env.bundle.run_paths(paths, "both", names=names, batch_size=2, num_workers=0)
+    threaded = env.bundle.run_paths(paths, "both", names=names, batch_size=2, num_workers=3)
+    assert threaded.names == serial.names == [n for n in names if n != "b/broken.jpg"]
+    assert threaded.skipped == serial.skipped and [s.path for s in serial.skipped] == ["b/broken.jpg"]
+    np.testing.assert_array_equal(threaded.features, serial.features)
+    assert threaded.classifications == serial.classifications
+
+
 # ------------------------------------------------------------------------------------------- torch.compile
 
 

@@ -51,7 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
                         help="include sub-folders of --images-dir (default: on)")
     parser.add_argument("--num-workers", type=int, default=min(8, default_workers()),
-                        help="image decoding processes (default: CPU cores, at most 8)")
+                        help="image decoding workers: threads taking turns with a CPU model, processes feeding a GPU "
+                             "(default: CPU cores, at most 8)")
     parser.add_argument("--input-size", type=int, default=None,
                         help="image size fed to the model (default: the checkpoint's training size, else the model's)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
