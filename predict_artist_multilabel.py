@@ -99,7 +99,7 @@ def predict(artist_model: ArtistModel, paths: list[str], names: list[str], args:
     """``{name: {"labels": [...], "all_confidences": {...}}}`` for the readable images; unreadable ones go to
     ``skipped``."""
     def sigmoid_confidences(batch: torch.Tensor) -> torch.Tensor:
-        return artist_model.run_model(batch).float().sigmoid().cpu()
+        return artist_model.run_model(batch, args.batch_size).float().sigmoid().cpu()
 
     class_names = artist_model.class_names
     results: dict[str, dict[str, Any]] = {}

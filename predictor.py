@@ -396,8 +396,8 @@ class ArtistModel:
     in eval mode on ``device`` (fused or not) and ``transform`` its eval preprocessing (uint8 output is normalised
     with ``data_config``'s ``mean``/``std``, float output is used as it is). ``config`` is the training
     ``config.json`` (e.g. ``multi_label``: trained with sigmoid outputs). With ``compile``, batches run through
-    :func:`utils.compile_for_inference`; a batch smaller than the largest one so far is padded to its size (and
-    the padding dropped from the outputs), so a run's last, partial batch does not compile the model again.
+    :func:`utils.compile_for_inference`; a run's partial batches are padded to its batch size (the padding is dropped
+    from the outputs), so they do not compile the model again.
     """
 
     def __init__(
@@ -424,7 +424,7 @@ class ArtistModel:
         self.checkpoint = checkpoint
         self.config = config or {}
         self._compiled = compile_for_inference(model) if compile else None
-        self._compiled_batch = 0  # largest batch the compiled model has run
+        self._compiled_batch = 0  # largest batch the compiled model has run (0: not compiled yet)
 
     @property
     def input_size(self) -> int:
@@ -439,20 +439,25 @@ class ArtistModel:
         dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp)
 
-    def run_model(self, batch: torch.Tensor, **kwargs: Any) -> Any:
+    def run_model(self, batch: torch.Tensor, batch_size: int | None = None, **kwargs: Any) -> Any:
         """The model's output for a batch of :attr:`transform` outputs already on :attr:`device`: normalised,
-        under :meth:`autocast`, compiled when built with ``compile``. Call it under ``torch.inference_mode()``."""
+        under :meth:`autocast`, compiled when built with ``compile``. Call it under ``torch.inference_mode()``.
+
+        ``batch_size`` is the run's batch size: a compiled model pads smaller batches to it, so it compiles once per
+        batch size (default: pad to the largest batch so far).
+        """
         batch = normalize_batch(batch, self.data_config.get("mean", IMAGENET_DEFAULT_MEAN),
                                 self.data_config.get("std", IMAGENET_DEFAULT_STD))
         with self.autocast():
             if self._compiled is None:
                 return self.model(batch, **kwargs)
-            return self._run_compiled(batch, kwargs)
+            return self._run_compiled(batch, batch_size or 0, kwargs)
 
-    def _run_compiled(self, batch: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+    def _run_compiled(self, batch: torch.Tensor, batch_size: int, kwargs: dict[str, Any]) -> Any:
         count = len(batch)
-        if count < self._compiled_batch:
-            batch = torch.cat([batch, batch.new_zeros((self._compiled_batch - count, *batch.shape[1:]))])
+        padded = max(count, batch_size or self._compiled_batch)
+        if count < padded:
+            batch = torch.cat([batch, batch.new_zeros((padded - count, *batch.shape[1:]))])
         try:
             output = self._compiled(batch, **kwargs)
         except Exception as err:  # Inductor needs a C++ compiler on the CPU and Triton on a GPU
@@ -460,12 +465,13 @@ class ArtistModel:
                 raise
             detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"torch.compile failed on this machine ({detail}); run without --compile") from err
-        self._compiled_batch = max(self._compiled_batch, count)
+        self._compiled_batch = max(self._compiled_batch, padded)
         if isinstance(output, tuple):
             return tuple(out[:count] for out in output)
         return output[:count]
 
-    def _compute(self, mode: str) -> Callable[[torch.Tensor], tuple[np.ndarray | None, torch.Tensor | None]]:
+    def _compute(self, mode: str,
+                 batch_size: int) -> Callable[[torch.Tensor], tuple[np.ndarray | None, torch.Tensor | None]]:
         """The per-batch computation of ``mode``: (features as float32 numpy or None, probabilities or None)."""
         if mode not in MODES:
             raise UserError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
@@ -475,9 +481,9 @@ class ArtistModel:
 
         def compute(batch: torch.Tensor) -> tuple[np.ndarray | None, torch.Tensor | None]:
             if mode == "cluster":
-                features, logits = self.run_model(batch, return_features=True), None
+                features, logits = self.run_model(batch, batch_size, return_features=True), None
             else:
-                features, logits = self.run_model(batch, return_both=True)
+                features, logits = self.run_model(batch, batch_size, return_both=True)
             probs = None if logits is None else self._probabilities(logits.float()).cpu()
             features = None if mode == "classify" else features.float().cpu().numpy()
             return features, probs
@@ -519,7 +525,7 @@ class ArtistModel:
                 raise UserError(f"{label} must be at least {minimum}, got {value}")
         if not 0.0 <= threshold <= 1.0:
             raise UserError(f"threshold is a probability between 0 and 1, got {threshold}")
-        compute = self._compute(mode)
+        compute = self._compute(mode, min(batch_size, len(images)))
         skipped: list[SkippedImage] | None = [] if skip_unreadable else None
         kept: list[str] = []
         classifications: list[list[dict[str, Any]]] = []

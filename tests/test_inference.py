@@ -385,18 +385,22 @@ def test_decoding_threads_give_the_serial_results(env):
 # ------------------------------------------------------------------------------------------- torch.compile
 
 
-def test_compiled_bundle_matches_eager_and_compiles_once(env):
-    compiled = load_model_bundle(env.run_dir, device="cpu", compile=True)
-    paths = [env.images / name for name in READABLE]
+def test_compile_flag_matches_eager_and_compiles_once(env):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    result = compiled.run_paths(paths, "both", names=READABLE, batch_size=2)  # batches of 2, 2 and 1
-    eager = env.bundle.run_paths(paths, "both", names=READABLE, batch_size=2)
-    assert result.names == READABLE
-    np.testing.assert_allclose(result.features, eager.features, rtol=1e-4, atol=1e-5)
-    assert [[c["class_id"] for c in row] for row in result.classifications] == \
-        [[c["class_id"] for c in row] for row in eager.classifications]
-    # the last, partial batch is padded to the compiled batch size instead of compiling the model again
+    outputs = {}
+    for label, flags in (("compiled", ["--compile"]), ("eager", [])):
+        out = env.tmp / f"out_{label}"
+        run("--checkpoint", env.run_dir, "--input", env.images, "--output", out, "--mode", "both", "--batch-size",
+            "3", "--num-workers", "0", *flags)  # batches of 2 (one file unreadable), 3 and 1 images
+        outputs[label] = (np.load(out / "features.npy"), json.loads((out / "batch_results.json").read_text()))
+    (features, report), (eager_features, eager_report) = outputs["compiled"], outputs["eager"]
+    np.testing.assert_allclose(features, eager_features, rtol=1e-4, atol=1e-5)
+    assert list(report["results"]) == list(eager_report["results"]) == READABLE
+    for name, entry in report["results"].items():
+        assert [c["class_id"] for c in entry["classification"]] == \
+            [c["class_id"] for c in eager_report["results"][name]["classification"]]
+    # smaller batches are padded to the compiled batch size instead of compiling the model again
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
