@@ -8,7 +8,7 @@ A web service or a node in an image-generation UI loads the model once and calls
     artist_model.classify(pil_image, top_k=5)                  # [{"class_id", "class_name", "probability"}, ...]
     artist_model.extract_features(pil_image)                   # np.ndarray (feature_dim,), float32
 
-:func:`run_batched` is the generic part (DataLoader decoding with workers, batched inference, skipped-file
+:func:`run_batched` is the generic part (decoding with worker threads or processes, batched inference, skipped-file
 tracking, progress bar) that other prediction scripts reuse with their own per-batch computation.
 """
 
