@@ -404,12 +404,12 @@ def test_compile_flag_matches_eager_and_compiles_once(env):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-def test_compile_failure_is_a_user_error(env, monkeypatch):
+def test_compile_failure_is_a_user_error(env):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "force_disable_caches", True)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
-    torch._dynamo.reset()
-    compiled = load_model_bundle(env.run_dir, device="cpu", compile=True)
-    with pytest.raises(UserError, match=r"torch.compile failed on this machine .*; run without --compile"):
-        compiled.extract_features(env.images / "top.jpg")
+    # config.patch restores the settings afterwards (monkeypatch would delete them from the config module)
+    with inductor_config.patch({"force_disable_caches": True, "cpp.cxx": ("no-such-c++-compiler",)}):
+        torch._dynamo.reset()
+        compiled = load_model_bundle(env.run_dir, device="cpu", compile=True)
+        with pytest.raises(UserError, match=r"torch.compile failed on this machine .*; run without --compile"):
+            compiled.extract_features(env.images / "top.jpg")
