@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 
 from data import ImageLoadError
-from data.scan import default_workers
-from predictor import MODES, ArtistModel, BatchResult, load_model_bundle
+from predictor import MODES, ArtistModel, BatchResult, add_runtime_args, load_model_bundle
 from utils import UserError, run_cli
 
 BATCH_RESULTS_FILE = "batch_results.json"
@@ -49,10 +48,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=5, help="classes kept per image (default: 5)")
     parser.add_argument("--threshold", type=float, default=0.0,
                         help="minimum probability of a kept class, applied after top-k (default: 0.0)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    parser.add_argument("--num-workers", type=int, default=min(8, default_workers()),
-                        help="image decoding workers: threads taking turns with a CPU model, processes feeding a GPU "
-                             "(default: CPU cores, at most 8)")
     parser.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
                         help="include sub-folders of a directory (default: on)")
     parser.add_argument("--input-size", type=int, default=None,
@@ -61,12 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="optional check: classes of the head (default: detected from the CSV and checkpoint)")
     parser.add_argument("--feature-dim", type=int, default=None,
                         help="optional check: feature vector size (default: detected from the checkpoint)")
-    parser.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model: faster for many images after tens of seconds of compiling")
     parser.add_argument("--no-json-features", dest="json_features", action="store_false",
                         help="leave feature vectors out of batch_results.json (features.npy keeps them)")
-    return parser
+    return add_runtime_args(parser)
 
 
 def _metadata(artist_model: ArtistModel, mode: str, input_path: Path) -> dict[str, Any]:

@@ -22,8 +22,7 @@ from typing import Any
 
 import torch
 
-from data.scan import default_workers
-from predictor import ArtistModel, SkippedImage, list_images, load_model_bundle, run_batched
+from predictor import ArtistModel, SkippedImage, add_runtime_args, list_images, load_model_bundle, run_batched
 from utils import UserError, run_cli
 
 
@@ -45,18 +44,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
                         help="include sub-folders of the input directories (default: on, as inference_artist.py)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     parser.add_argument("--model", default=None,
                         help="architecture, e.g. lsnet_t_artist (default: recorded in config.json or the checkpoint)")
-    parser.add_argument("--num-workers", type=int, default=min(8, default_workers()),
-                        help="image decoding workers: threads taking turns with a CPU model, processes feeding a GPU "
-                             "(default: CPU cores, at most 8)")
     parser.add_argument("--input-size", type=int, default=None,
                         help="image size fed to the model (default: the checkpoint's training size)")
-    parser.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model: faster for many images after tens of seconds of compiling")
-    return parser
+    return add_runtime_args(parser)
 
 
 def collect_images(inputs: list[str], recursive: bool) -> tuple[list[str], list[str]]:

@@ -12,6 +12,7 @@ A web service or a node in an image-generation UI loads the model once and calls
 tracking, progress bar) that other prediction scripts reuse with their own per-batch computation.
 """
 
+import argparse
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from data import (
     read_class_mapping,
     to_rgb,
 )
-from data.scan import walk_files
+from data.scan import default_workers, walk_files
 from data.transforms import build_inference_transform, normalize_batch
 from model.lsnet_artist import ARTIST_MODELS
 from utils import (
@@ -64,6 +65,7 @@ __all__ = [
     "BatchResult",
     "ModelSource",
     "SkippedImage",
+    "add_runtime_args",
     "build_eval_transform",
     "list_images",
     "load_model_bundle",
@@ -180,6 +182,20 @@ def run_batched(
                     output = compute(batch.to(device, non_blocking=True))
                 yield batch_names, output
             bar.update(len(batch_names) + len(batch_skipped))
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, precision: bool = True) -> argparse.ArgumentParser:
+    """The flags every inference script shares: ``--device``, ``--num-workers`` and, with ``precision``, ``--amp``
+    and ``--compile`` (passed on to :func:`load_model_bundle` and :func:`run_batched`)."""
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--num-workers", type=int, default=min(8, default_workers()),
+                        help="image decoding workers: threads taking turns with a CPU model, processes feeding a GPU "
+                             "(default: CPU cores, at most 8)")
+    if precision:
+        parser.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+        parser.add_argument("--compile", action="store_true",
+                            help="torch.compile the model: faster for many images after tens of seconds of compiling")
+    return parser
 
 
 def list_images(input_dir: str | os.PathLike, recursive: bool = True) -> list[str]:

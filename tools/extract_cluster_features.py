@@ -13,8 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.scan import default_workers  # noqa: E402
-from predictor import load_model_bundle  # noqa: E402
+from predictor import add_runtime_args, load_model_bundle  # noqa: E402
 from tools.clustering import ClusterResult, cluster_features, load_features, write_cluster_outputs  # noqa: E402
 from utils import UserError, run_cli  # noqa: E402
 
@@ -50,13 +49,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
                         help="include sub-folders of --images-dir (default: on)")
-    parser.add_argument("--num-workers", type=int, default=min(8, default_workers()),
-                        help="image decoding workers: threads taking turns with a CPU model, processes feeding a GPU "
-                             "(default: CPU cores, at most 8)")
     parser.add_argument("--input-size", type=int, default=None,
                         help="image size fed to the model (default: the checkpoint's training size, else the model's)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    return parser
+    return add_runtime_args(parser, precision=False)
 
 
 def main(args: argparse.Namespace | None = None) -> ClusterResult:
