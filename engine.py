@@ -621,7 +621,7 @@ def _build_loaders(args: argparse.Namespace, dataset_train: Dataset | None, data
 
 def memory_format_of(args: argparse.Namespace) -> torch.memory_format:
     """``--channels-last``: the memory format of the model's weights and input batches."""
-    return torch.channels_last if getattr(args, "channels_last", False) else torch.preserve_format
+    return torch.channels_last if args.channels_last else torch.preserve_format
 
 
 def _evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, loader_val: DataLoader, device: torch.device,
@@ -678,7 +678,8 @@ def fit(
     amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
     loader_train, loader_val, generator = _build_loaders(args, None if args.eval else dataset_train, dataset_val,
                                                          device)
-    model.to(device, memory_format=memory_format_of(args))
+    memory_format = memory_format_of(args)
+    model.to(device, memory_format=memory_format)
     criterion.to(device)
     if args.eval:
         return _evaluate_checkpoint(args, model, loader_val, device, class_names, eval_criterion, metric_factory,
@@ -768,7 +769,7 @@ def fit(
                 model, criterion, loader_train, optimizer, device, epoch, loss_scaler=loss_scaler,
                 amp_dtype=amp_dtype, accumulation_steps=args.accumulation_steps, clip_grad=args.clip_grad or None,
                 clip_mode=args.clip_mode, model_ema=model_ema, mixup_fn=mixup_fn, print_freq=args.print_freq,
-                header=f"Epoch {epoch + 1}/{args.epochs}", memory_format=memory_format_of(args),
+                header=f"Epoch {epoch + 1}/{args.epochs}", memory_format=memory_format,
             )
             done = epoch + 1
             record = {"epoch": done, "lr": train_stats["lr"], "train_loss": train_stats["loss"]}
@@ -776,13 +777,13 @@ def fit(
             if done % args.eval_every == 0 or done == args.epochs:
                 results = {"model": evaluate(model, loader_val, device, eval_criterion, metric_factory(),
                                              amp_dtype=amp_dtype, distributed=args.distributed and args.dist_eval,
-                                             print_freq=args.print_freq, memory_format=memory_format_of(args))}
+                                             print_freq=args.print_freq, memory_format=memory_format)}
                 if ema_evaluated:
                     results["model_ema"] = evaluate(model_ema.module, loader_val, device, eval_criterion,
                                                     metric_factory(), amp_dtype=amp_dtype,
                                                     distributed=args.distributed and args.dist_eval,
                                                     print_freq=args.print_freq, header="Val (EMA)",
-                                                    memory_format=memory_format_of(args))
+                                                    memory_format=memory_format)
                 for source, stats in results.items():
                     prefix = "val_" if source == "model" else "ema_val_"
                     record.update({prefix + key: value for key, value in stats.items()})

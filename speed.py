@@ -62,14 +62,15 @@ __all__ = [
     "setup",
 ]
 
-# tag -> (SKA implementation to force or None for the model's default, fuse BatchNorms for inference)
-VARIANTS: dict[str, tuple[str | None, bool]] = {
-    "fused": (None, True),
-    "compiled": (None, True),
-    "unfused": (None, False),
-    "naive": ("reference", False),
-    "torch": ("torch", True),
-    "triton": ("triton", True),
+# tag -> (SKA implementation to force or None for the model's default, fuse BatchNorms for inference,
+#         compile for inference)
+VARIANTS: dict[str, tuple[str | None, bool, bool]] = {
+    "fused": (None, True, False),
+    "compiled": (None, True, True),
+    "unfused": (None, False, False),
+    "naive": ("reference", False, False),
+    "torch": ("torch", True, False),
+    "triton": ("triton", True, False),
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIB = 2**20
@@ -132,7 +133,7 @@ def set_ska_impl(net: nn.Module, impl: str) -> int:
 
 def prepare_model(net: nn.Module, tag: str = "fused", train: bool = False) -> nn.Module:
     """Put ``net`` in train or eval mode, force the SKA implementation of ``tag`` and, for inference, fuse it."""
-    impl, fuse = VARIANTS[tag]
+    impl, fuse, _ = VARIANTS[tag]
     if impl is not None and set_ska_impl(net, impl) == 0:
         raise UserError(f"variant {tag!r} sets the SKA implementation, but the model has no SKA layer")
     net.train(train)
@@ -178,7 +179,7 @@ def make_workload(spec: str, args: argparse.Namespace, device: torch.device) -> 
     net = net.to(device=device, dtype=weight_dtype, memory_format=memory_format)
     if args.train:
         runner = torch.compile(net, mode=args.compile_mode) if args.compile else net
-    elif tag == "compiled" or args.compile:
+    elif VARIANTS[tag][2] or args.compile:
         runner = compile_for_inference(net) if args.compile_mode is None else torch.compile(net, mode=args.compile_mode)
     else:
         runner = net

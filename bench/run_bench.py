@@ -236,13 +236,12 @@ def inference_targets(args: argparse.Namespace, start: float) -> tuple[list[Row]
         model_dir.mkdir()
         write_jpegs(image_dir, args.images)
         log(f"wrote {args.images} JPEG files; timing targets 2 and 4 (the first runs compile)", start)
-        for compile in (True, False):
-            kind = "compiled" if compile else "fused"
-            workloads.append(directory_workload(
-                load_bundle(model_dir, compile=compile), image_dir, batch, args.workers,
-                f"directory inference, {kind} model (predictor: decode + preprocess + model)"))
+        bundles = {kind: load_bundle(model_dir, compile=kind == "compiled") for kind in ("compiled", "fused")}
+        workloads += [directory_workload(bundle, image_dir, batch, args.workers,
+                                         f"directory inference, {kind} model (predictor: decode + preprocess + model)")
+                      for kind, bundle in bundles.items()]
         results = speed.benchmark(workloads, device, args.repeats, args.warmup)
-        load_ms = preprocess_cpu_ms(load_bundle(model_dir), image_dir)
+        load_ms = preprocess_cpu_ms(bundles["fused"], image_dir)
     compiled, naive, fused, unfused, directory_compiled, directory_fused = results
     share = convolution_share(speed.build_model(MODEL), torch.randn(batch, 3, 224, 224))
     threads = torch.get_num_threads()
