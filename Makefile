@@ -9,10 +9,11 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # Reinstall only when a requirements or constraints file changed (a second run reuses the venv).
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 lint: $(STAMP)

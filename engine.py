@@ -27,12 +27,25 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 import utils
+from artifacts.checkpoint import (
+    BEST_FILE,
+    CHECKPOINT_FILE,
+    MODEL_FOLDER_FILES,
+    Checkpoint,
+    checkpoint_from_dict,
+    find_checkpoint,
+    guess_architecture,
+    load_checkpoint,
+    load_checkpoint_file,
+    read_checkpoint,
+    save_checkpoint_atomic,
+)
 from data.class_mapping import CLASS_MAPPING_FILE, compare_class_mappings, read_class_mapping, write_class_mapping
 from data.datasets import EVAL_CROP_PCT
 from data.samplers import RASampler
 from losses import DISTILLATION_TYPES, DistillationLoss
 from model.lsnet_artist import ARTIST_MODELS
-from utils import BEST_FILE, CHECKPOINT_FILE, MODEL_FOLDER_FILES, UserError
+from utils import UserError
 
 __all__ = [
     "Metric", "MultiLabelMetrics", "TopKAccuracy", "add_common_args", "add_distillation_args", "average_precision",
@@ -193,7 +206,7 @@ def setup(args: argparse.Namespace) -> torch.device:
     if args.eval and not args.resume:
         raise UserError("--eval needs --resume PATH: the checkpoint (or model folder) to evaluate")
     if args.resume:  # fail before the dataset scan; a folder resolves to the checkpoint file in it
-        args.resume = str(utils.find_checkpoint(args.resume, MODEL_FOLDER_FILES if args.eval else (CHECKPOINT_FILE,)))
+        args.resume = str(find_checkpoint(args.resume, MODEL_FOLDER_FILES if args.eval else (CHECKPOINT_FILE,)))
     device = utils.init_distributed_mode(args)
     utils.seed_everything(args.seed)
     if args.input_size is None:
@@ -227,10 +240,10 @@ def create_model(args: argparse.Namespace, num_classes: int, distillation: bool 
     except ValueError as err:
         raise UserError(str(err)) from None
     if args.pretrained:
-        utils.load_checkpoint(args.pretrained, model, backbone_only=True, log=utils.print_main)
+        load_checkpoint(args.pretrained, model, backbone_only=True, log=utils.print_main)
         utils.print_main(f"backbone initialised from {args.pretrained}; heads and projection are new")
     elif args.finetune_from:
-        utils.load_checkpoint(args.finetune_from, model, reset_heads_on_mismatch=True, log=utils.print_main)
+        load_checkpoint(args.finetune_from, model, reset_heads_on_mismatch=True, log=utils.print_main)
         utils.print_main(f"weights initialised from {args.finetune_from}")
     return model
 
@@ -244,7 +257,7 @@ def create_teacher(args: argparse.Namespace, num_classes: int) -> nn.Module:
     if not timm.is_model(args.teacher_model):
         raise UserError(f"unknown --teacher-model {args.teacher_model!r}; use a timm or LSNet model name such as "
                         "lsnet_b_distill or lsnet_b_artist")
-    ckpt = utils.read_checkpoint(args.teacher_path)
+    ckpt = read_checkpoint(args.teacher_path)
     if ckpt.num_classes is not None and ckpt.num_classes != num_classes:
         raise UserError(f"the teacher {ckpt.path} has {ckpt.num_classes} classes but the dataset has {num_classes}; "
                         "distil from a teacher trained on the same classes")
@@ -254,7 +267,7 @@ def create_teacher(args: argparse.Namespace, num_classes: int) -> nn.Module:
     if args.teacher_model in ARTIST_MODELS:
         kwargs["feature_dim"] = ckpt.feature_dim
     teacher = timm.create_model(args.teacher_model, **kwargs)
-    utils.load_checkpoint(ckpt, teacher)
+    load_checkpoint(ckpt, teacher)
     utils.print_main(f"teacher {args.teacher_model} loaded from {ckpt.path}")
     return teacher.eval().requires_grad_(False)
 
@@ -555,14 +568,14 @@ def _check_classes(expected: Sequence[str] | None, actual: Sequence[str], source
         raise UserError(f"the classes of {source} differ from the dataset's ({'; '.join(differences)}): {action}")
 
 
-def _check_fits(ckpt: utils.Checkpoint, model: nn.Module) -> None:
+def _check_fits(ckpt: Checkpoint, model: nn.Module) -> None:
     """Clear errors for a checkpoint of the same backbone with another head (``load_checkpoint`` does the rest)."""
     if ckpt.distillation != model.distillation:
         hint = ("add --distillation-type soft or hard (with a teacher to train)" if ckpt.distillation
                 else "drop --distillation-type")
         state = "has" if ckpt.distillation else "has no"
         raise UserError(f"{ckpt.path} {state} a distillation head (head_dist): {hint}")
-    if utils.guess_architecture(ckpt.state_dict) != utils.guess_architecture(model.state_dict()):
+    if guess_architecture(ckpt.state_dict) != guess_architecture(model.state_dict()):
         return
     if ckpt.feature_dim is not None and ckpt.feature_dim != model.feature_dim:
         raise UserError(f"{ckpt.path} has feature_dim {ckpt.feature_dim}, the model {model.feature_dim}: "
@@ -629,15 +642,15 @@ def _evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, loader_val:
                          amp_dtype: torch.dtype | None) -> dict[str, Any]:
     """``--eval``: validation metrics of the checkpoint's model weights (and of its EMA weights, if stored)."""
     path = Path(args.resume)
-    raw = utils.load_checkpoint_file(path)
+    raw = load_checkpoint_file(path)
     _check_classes(_checkpoint_classes(raw, path), class_names, str(path), "evaluate on the dataset it was trained on")
     results = {}
     sources = [("model", False)] + ([("model_ema", True)] if isinstance(raw.get("model_ema"), dict) else [])
     for name, prefer_ema in sources:
         net = model if name == "model" else copy.deepcopy(model)
-        ckpt = utils.checkpoint_from_dict(raw, path, prefer_ema=prefer_ema)
+        ckpt = checkpoint_from_dict(raw, path, prefer_ema=prefer_ema)
         _check_fits(ckpt, net)
-        utils.load_checkpoint(ckpt, net, log=utils.print_main)
+        load_checkpoint(ckpt, net, log=utils.print_main)
         stats = evaluate(net.to(device), loader_val, device, criterion, metric_factory(), amp_dtype=amp_dtype,
                          distributed=args.distributed and args.dist_eval, print_freq=args.print_freq,
                          memory_format=memory_format_of(args))
@@ -818,15 +831,15 @@ def fit(
 def _load_resume_weights(args: argparse.Namespace, model: nn.Module, class_names: Sequence[str]) -> dict[str, Any]:
     """Read the ``--resume`` checkpoint, check it fits the dataset and the model, load its model weights."""
     path = Path(args.resume)
-    raw = utils.load_checkpoint_file(path)
+    raw = load_checkpoint_file(path)
     missing = [key for key in ("optimizer", "epoch") if key not in raw]
     if missing:
         raise UserError(f"{path} holds no training state ({', '.join(missing)} missing), so it cannot be resumed; "
                         f"start a new run from its weights with --finetune-from {path}")
     _check_classes(_checkpoint_classes(raw, path), class_names, str(path), "resume with the dataset it was trained on")
-    ckpt = utils.checkpoint_from_dict(raw, path)
+    ckpt = checkpoint_from_dict(raw, path)
     _check_fits(ckpt, model)
-    utils.load_checkpoint(ckpt, model, log=utils.print_main)
+    load_checkpoint(ckpt, model, log=utils.print_main)
     return raw
 
 
@@ -839,7 +852,7 @@ def _restore_training_state(args: argparse.Namespace, raw: dict[str, Any], optim
     except (ValueError, KeyError) as err:
         raise UserError(f"the optimizer state in {path} does not fit this run ({err}); resume with the checkpoint's "
                         "--opt and --weight-decay") from None
-    saved_args = utils.checkpoint_from_dict(raw, path).args
+    saved_args = checkpoint_from_dict(raw, path).args
     changed = [name for name in SCHEDULE_ARGS if name in saved_args and saved_args[name] != getattr(args, name)]
     if changed:
         flags = ", ".join("the learning rate (--lr x effective batch / 512)" if name == "scaled_lr"
@@ -851,7 +864,7 @@ def _restore_training_state(args: argparse.Namespace, raw: dict[str, Any], optim
     if loss_scaler is not None and raw.get("scaler"):
         loss_scaler.load_state_dict(raw["scaler"])
     if model_ema is not None and isinstance(raw.get("model_ema"), dict):
-        utils.load_checkpoint(utils.checkpoint_from_dict(raw, path, prefer_ema=True), model_ema.module,
+        load_checkpoint(checkpoint_from_dict(raw, path, prefer_ema=True), model_ema.module,
                               log=utils.print_main)
 
 
@@ -862,10 +875,10 @@ def _save_epoch(output_dir: Path, state: dict[str, Any], record: dict[str, Any],
     if improved:
         keys = ("epoch", "best_metric", "best_key", "args", "class_names", "config")
         best = {"model": state[improved], **{key: state[key] for key in keys}, "best_source": improved}
-        utils.save_checkpoint_atomic(best, output_dir / BEST_FILE)
+        save_checkpoint_atomic(best, output_dir / BEST_FILE)
     if save_every and done % save_every == 0:
-        utils.save_checkpoint_atomic(state, output_dir / f"checkpoint_epoch{done}.pth")
-    utils.save_checkpoint_atomic(state, output_dir / CHECKPOINT_FILE)
+        save_checkpoint_atomic(state, output_dir / f"checkpoint_epoch{done}.pth")
+    save_checkpoint_atomic(state, output_dir / CHECKPOINT_FILE)
     with open(output_dir / LOG_FILE, "a", encoding="utf-8") as log:
         log.write(json.dumps(record) + "\n")
     for key, value in record.items():

@@ -6,7 +6,7 @@
 FLOPs are fvcore's counts, where one multiply-add is one FLOP (the convention of the paper). fvcore traces the model
 with ``torch.jit`` and knows nothing of SKA, a custom autograd Function: :func:`ska_flop_handle` counts it as k*k
 multiply-adds per output element. The model is counted as trained (BatchNorms unfused, as the paper's figures are);
-``--fused`` counts the inference model of ``utils.replace_batchnorm`` instead (about 1% fewer FLOPs).
+``--fused`` counts the inference model of ``timm.utils.reparameterize_model`` instead (about 1% fewer FLOPs).
 """
 
 import argparse
@@ -17,10 +17,11 @@ from typing import Any
 
 import timm
 import torch
+from timm.utils import reparameterize_model
 from torch import nn
 
 import model  # noqa: F401  (registers the LSNet models with timm)
-from utils import UserError, replace_batchnorm, run_cli
+from utils import UserError, run_cli
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # fvcore compiles a loss with the deprecated torch.jit.script
@@ -85,7 +86,7 @@ def main(args: argparse.Namespace | None = None) -> list[dict[str, Any]]:
             raise UserError(f"unknown model {name!r}; use a timm model name such as lsnet_t or lsnet_t_artist")
         net = timm.create_model(name, num_classes=args.num_classes).eval()
         if args.fused:
-            replace_batchnorm(net)
+            reparameterize_model(net, inplace=True)
         params = count_params(net)
         with torch.no_grad():
             analysis = count_flops(net, (torch.randn(1, 3, args.resolution, args.resolution),))

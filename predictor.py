@@ -28,10 +28,19 @@ import timm
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
+from timm.utils import reparameterize_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from artifacts.checkpoint import (
+    MODEL_FOLDER_FILES,
+    Checkpoint,
+    find_checkpoint,
+    guess_architecture,
+    load_checkpoint,
+    read_checkpoint,
+)
 from data import (
     CLASS_MAPPING_FILE,
     ImageLoadError,
@@ -44,18 +53,7 @@ from data import (
 from data.scan import default_workers, walk_files
 from data.transforms import build_inference_transform, normalize_batch
 from model.lsnet_artist import ARTIST_MODELS
-from utils import (
-    MODEL_FOLDER_FILES,
-    Checkpoint,
-    UserError,
-    compile_for_inference,
-    find_checkpoint,
-    guess_architecture,
-    load_checkpoint,
-    read_checkpoint,
-    replace_batchnorm,
-    resolve_device,
-)
+from utils import UserError, compile_for_inference, resolve_device
 
 __all__ = [
     "CHECKPOINT_FILES",
@@ -368,7 +366,7 @@ def load_model_bundle(
     net = timm.create_model(name, num_classes=num_classes or 0, feature_dim=feature_dim,
                             distillation=ckpt.distillation)
     load_checkpoint(ckpt, net)
-    net = replace_batchnorm(net.eval()).to(device)
+    net = reparameterize_model(net.eval(), inplace=True).to(device)
 
     if input_size is None:
         for label, value in ((f"{ckpt.path} args", ckpt.args.get("input_size")),

@@ -8,7 +8,7 @@
 
 An entry is a timm model name with an optional variant tag, ``name:tag``:
 
-* ``fused`` (default): inference on the BatchNorm-fused model (``utils.replace_batchnorm``), SKA picked automatically;
+* ``fused`` (default): inference on the BatchNorm-fused model (``timm.utils.reparameterize_model``), SKA auto;
 * ``compiled``: fused, then ``utils.compile_for_inference`` (torch.compile with Inductor freezing), as
   ``inference_artist.py --compile`` runs it; compiling happens in the warm-up (use ``--warmup`` 1 or more);
 * ``unfused``: the model as trained, SKA picked automatically;
@@ -39,12 +39,13 @@ from dataclasses import dataclass
 import timm
 import torch
 import torch.nn.functional as F
+from timm.utils import reparameterize_model
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import model  # noqa: F401  (registers the LSNet models with timm)
 from model.ska import IMPLS, SKA
-from utils import UserError, compile_for_inference, replace_batchnorm, resolve_device, run_cli
+from utils import UserError, compile_for_inference, resolve_device, run_cli
 
 __all__ = [
     "VARIANTS",
@@ -138,7 +139,7 @@ def prepare_model(net: nn.Module, tag: str = "fused", train: bool = False) -> nn
         raise UserError(f"variant {tag!r} sets the SKA implementation, but the model has no SKA layer")
     net.train(train)
     if fuse and not train:
-        replace_batchnorm(net)
+        reparameterize_model(net, inplace=True)
     return net
 
 

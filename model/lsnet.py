@@ -1,7 +1,7 @@
 """LSNet: "See Large, Focus Small" (CVPR 2025), in timm's model-file style.
 
 Parameter and buffer names follow the official release so its checkpoints load with ``strict=True``.
-Every block with fusable BatchNorms has a ``fuse()`` used by :func:`utils.replace_batchnorm` for inference.
+Every block with fusable BatchNorms has a ``fuse()`` used by ``timm.utils.reparameterize_model`` for inference.
 """
 
 import itertools

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import engine
 import utils
+from artifacts.checkpoint import load_checkpoint_file, save_checkpoint_atomic
 from losses import DistillationLoss, build_classification_criterion
 from utils import UserError
 
@@ -121,15 +122,15 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
     random.gauss(0, 1)  # python keeps a cached gaussian in its state
     np.random.normal()
     path = tmp_path / "rng.pth"
-    utils.save_checkpoint_atomic({"model": {"w": torch.zeros(1)}, "rng": utils.get_rng_state()}, path)
+    save_checkpoint_atomic({"model": {"w": torch.zeros(1)}, "rng": utils.get_rng_state()}, path)
     expected = (random.random(), random.gauss(0, 1), np.random.rand(), np.random.normal(), torch.rand(1))
-    utils.set_rng_state(utils.load_checkpoint_file(path)["rng"])  # weights_only load
+    utils.set_rng_state(load_checkpoint_file(path)["rng"])  # weights_only load
     assert (random.random(), random.gauss(0, 1), np.random.rand(), np.random.normal(), torch.rand(1)) == expected
 
 
 def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
-    utils.save_checkpoint_atomic({"model": {"w": torch.ones(3)}, "epoch": 4}, path)
+    save_checkpoint_atomic({"model": {"w": torch.ones(3)}, "epoch": 4}, path)
     real_save = torch.save
 
     def interrupted_save(obj, f, *args, **kwargs):
@@ -138,9 +139,9 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        utils.save_checkpoint_atomic({"model": {"w": torch.zeros(3)}, "epoch": 5}, path)
+        save_checkpoint_atomic({"model": {"w": torch.zeros(3)}, "epoch": 5}, path)
     monkeypatch.setattr(torch, "save", real_save)
-    assert utils.load_checkpoint_file(path)["epoch"] == 4
+    assert load_checkpoint_file(path)["epoch"] == 4
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
 
 

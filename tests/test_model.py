@@ -9,17 +9,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from timm.utils import reparameterize_model
 
 import model  # noqa: F401  (registers the models)
+from artifacts.checkpoint import find_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint_atomic
 from model.lsnet import Attention, relative_offset_index
-from utils import (
-    UserError,
-    find_checkpoint,
-    load_checkpoint,
-    read_checkpoint,
-    replace_batchnorm,
-    save_checkpoint_atomic,
-)
+from utils import UserError
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 
@@ -147,7 +142,7 @@ def test_fused_matches_unfused(name):
     x = torch.randn(2, 3, 128, 96)
     with torch.no_grad():
         reference = net(x)
-        fused = replace_batchnorm(net)
+        fused = reparameterize_model(net, inplace=True)
         out = fused(x)
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in fused.modules())
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules()) > 0  # the BN after SKA stays

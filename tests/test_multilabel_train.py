@@ -21,7 +21,7 @@ from test_train import ENV, read_log
 
 import predict_artist_multilabel
 import train_artist_multilabel
-import utils
+from artifacts.checkpoint import load_checkpoint, load_checkpoint_file
 from data import MultiLabelImageDataset, build_transform, read_multilabel_csv, write_multilabel_csv
 from engine import MultiLabelMetrics, average_precision
 from losses import multilabel_pos_weight
@@ -195,7 +195,7 @@ def test_training_writes_every_output_and_beats_the_frequency_baseline(trained, 
     _, present = val_presence(mixed_data)
     baseline = float(np.mean([average_precision_score(present[:, c], np.full(len(present), 0.5))
                               for c in range(present.shape[1]) if present[:, c].any()]))
-    best = utils.load_checkpoint_file(output_dir / "model_best.pth")
+    best = load_checkpoint_file(output_dir / "model_best.pth")
     assert best["best_key"] == "map_macro"
     assert best["best_metric"] == max(max(r["val_map_macro"], r["ema_val_map_macro"]) for r in log)
     print(f"macro mAP {best['best_metric']:.3f} vs label-frequency baseline {baseline:.3f}")
@@ -205,9 +205,9 @@ def test_training_writes_every_output_and_beats_the_frequency_baseline(trained, 
 @pytest.mark.slow
 def test_logged_metrics_agree_with_sklearn_on_the_model_predictions(trained, mixed_data):
     output_dir, _ = trained
-    best = utils.load_checkpoint_file(output_dir / "model_best.pth")
+    best = load_checkpoint_file(output_dir / "model_best.pth")
     net = timm.create_model("lsnet_t_artist", num_classes=6, feature_dim=32).eval()
-    utils.load_checkpoint(output_dir / "model_best.pth", net)
+    load_checkpoint(output_dir / "model_best.pth", net)
     val, present = val_presence(mixed_data)
     with torch.no_grad():
         logits = torch.cat([net(torch.stack([val[i][0] for i in range(start, min(start + 24, len(val)))]))
@@ -237,7 +237,7 @@ def test_eval_reproduces_the_logged_metrics(trained, mixed_data):
 
     # A model folder evaluates model_best.pth, which reproduces the best macro mAP.
     results = run_main(*mixed_data, "--eval", "--resume", str(output_dir), "--batch-size", "16")
-    best = utils.load_checkpoint_file(output_dir / "model_best.pth")
+    best = load_checkpoint_file(output_dir / "model_best.pth")
     assert results["model"]["map_macro"] == pytest.approx(best["best_metric"], rel=1e-9)
 
 
@@ -249,8 +249,8 @@ def test_resume_gives_the_same_weights(small_data, tmp_path):
     run_main(*common, "--output-dir", str(tmp_path / "resumed"), "--epochs", "1")
     run_main(*common, "--output-dir", str(tmp_path / "resumed"), "--epochs", "2", "--resume",
              str(tmp_path / "resumed"))
-    straight = utils.load_checkpoint_file(tmp_path / "straight" / "checkpoint.pth")
-    resumed = utils.load_checkpoint_file(tmp_path / "resumed" / "checkpoint.pth")
+    straight = load_checkpoint_file(tmp_path / "straight" / "checkpoint.pth")
+    resumed = load_checkpoint_file(tmp_path / "resumed" / "checkpoint.pth")
     assert straight["epoch"] == resumed["epoch"] == 1
     for key in ("model", "model_ema"):
         for name, tensor in straight[key].items():
@@ -268,7 +268,7 @@ def test_torchrun_two_processes_gather_the_validation(small_data, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "distributed: 2 processes, backend gloo" in result.stdout
     assert result.stdout.count("Epoch 1/1:") == 1
-    assert len(utils.load_checkpoint_file(output_dir / "checkpoint.pth")["rng_states"]) == 2
+    assert len(load_checkpoint_file(output_dir / "checkpoint.pth")["rng_states"]) == 2
     # The 8 validation images were split over the processes; one process over all of them gives the same metrics.
     logged = read_log(output_dir)[0]
     results = run_main(*common, "--eval", "--resume", str(output_dir / "checkpoint.pth"))

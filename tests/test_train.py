@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import train_artist_style
-import utils
+from artifacts.checkpoint import load_checkpoint, load_checkpoint_file, read_checkpoint
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,16 +121,16 @@ def test_two_epochs_write_every_output_and_learn(trained):
     assert config["input_size"] == 32 and config["use_projection"] and config["crop_pct"] == 0.875
     assert json.loads((output_dir / "args.json").read_text())["epochs"] == 2
 
-    checkpoint = utils.load_checkpoint_file(output_dir / "checkpoint.pth")
+    checkpoint = load_checkpoint_file(output_dir / "checkpoint.pth")
     assert {"model", "optimizer", "lr_scheduler", "scaler", "model_ema", "epoch", "best_metric", "args",
             "class_names", "rng_states"} <= checkpoint.keys()
     assert checkpoint["epoch"] == 1 and isinstance(checkpoint["args"], dict)
     assert checkpoint["class_names"] == list(COLOURS)
-    best = utils.load_checkpoint_file(output_dir / "model_best.pth")
+    best = load_checkpoint_file(output_dir / "model_best.pth")
     assert best["best_metric"] == pytest.approx(best_acc) and best["best_source"] in ("model", "model_ema")
     # The best file is a model folder checkpoint: loadable by the shared loader into the configured model.
     net = timm.create_model("lsnet_t_artist", num_classes=4, feature_dim=32)
-    utils.load_checkpoint(output_dir / "model_best.pth", net)
+    load_checkpoint(output_dir / "model_best.pth", net)
 
 
 def test_eval_reproduces_the_logged_accuracy(trained):
@@ -147,7 +147,7 @@ def test_eval_reproduces_the_logged_accuracy(trained):
 
     # A model folder is evaluated from its best checkpoint, which reproduces the best accuracy.
     results = run_main("--data-path", data_path, "--eval", "--resume", str(output_dir), *PLAIN)
-    best = utils.load_checkpoint_file(output_dir / "model_best.pth")
+    best = load_checkpoint_file(output_dir / "model_best.pth")
     assert results["model"]["acc1"] == best["best_metric"]
 
 
@@ -160,7 +160,7 @@ def test_channels_last_trains_like_the_default_layout(small_data, tmp_path):
     channels_last = run_main(*common, "--output-dir", str(tmp_path / "channels_last"), "--channels-last")
     assert channels_last["train_loss"] == pytest.approx(default["train_loss"], rel=2e-3)
     assert channels_last["val_loss"] == pytest.approx(default["val_loss"], rel=2e-3)
-    weights = [utils.load_checkpoint_file(tmp_path / run / "checkpoint.pth")["model"]
+    weights = [load_checkpoint_file(tmp_path / run / "checkpoint.pth")["model"]
                for run in ("default", "channels_last")]
     net = timm.create_model("lsnet_t_artist", num_classes=4, feature_dim=32)
     for name, _ in net.named_parameters():  # BatchNorm running statistics amplify the rounding further
@@ -168,7 +168,7 @@ def test_channels_last_trains_like_the_default_layout(small_data, tmp_path):
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-3, atol=2e-4,
                                    msg=lambda m, name=name: f"{name}: {m}")
     assert weights[1]["patch_embed.0.c.weight"].is_contiguous(memory_format=torch.channels_last)
-    utils.load_checkpoint(tmp_path / "channels_last" / "checkpoint.pth", net)
+    load_checkpoint(tmp_path / "channels_last" / "checkpoint.pth", net)
 
 
 def test_resume_gives_the_same_weights(small_data, tmp_path):
@@ -178,12 +178,12 @@ def test_resume_gives_the_same_weights(small_data, tmp_path):
               "--lr", "0.5", "--model-ema-decay", "0.9"]
     run_main(*common, "--output-dir", str(tmp_path / "straight"), "--epochs", "2")
     run_main(*common, "--output-dir", str(tmp_path / "resumed"), "--epochs", "1")
-    first = utils.load_checkpoint_file(tmp_path / "resumed" / "checkpoint.pth")
+    first = load_checkpoint_file(tmp_path / "resumed" / "checkpoint.pth")
     run_main(*common, "--output-dir", str(tmp_path / "resumed"), "--epochs", "2", "--resume",
              str(tmp_path / "resumed"))
 
-    straight = utils.load_checkpoint_file(tmp_path / "straight" / "checkpoint.pth")
-    resumed = utils.load_checkpoint_file(tmp_path / "resumed" / "checkpoint.pth")
+    straight = load_checkpoint_file(tmp_path / "straight" / "checkpoint.pth")
+    resumed = load_checkpoint_file(tmp_path / "resumed" / "checkpoint.pth")
     assert straight["epoch"] == resumed["epoch"] == 1
     assert not torch.equal(first["model"]["head.l.weight"], resumed["model"]["head.l.weight"])
     for key in ("model", "model_ema", "optimizer", "rng_states"):
@@ -207,7 +207,7 @@ def test_interrupted_checkpoint_save_keeps_the_previous_one(small_data, tmp_path
     with pytest.raises(KeyboardInterrupt):
         run_main(*common, "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pth"))
     monkeypatch.undo()
-    assert utils.load_checkpoint_file(tmp_path / "checkpoint.pth")["epoch"] == 0
+    assert load_checkpoint_file(tmp_path / "checkpoint.pth")["epoch"] == 0
     assert (tmp_path / "train_log.txt").read_text() == log_before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
@@ -247,7 +247,7 @@ def test_torchrun_two_processes_then_resume_on_one(small_data, tmp_path):
                                                       "train_log.txt", "tensorboard", "args.json", "config.json"}
     assert len(list((output_dir / "tensorboard").iterdir())) == 1
     assert len(read_log(output_dir)) == 1
-    checkpoint = utils.load_checkpoint_file(output_dir / "checkpoint.pth")
+    checkpoint = load_checkpoint_file(output_dir / "checkpoint.pth")
     assert len(checkpoint["rng_states"]) == 2 and checkpoint["args"]["world_size"] == 2
 
     run_main(*common, "--epochs", "2", "--resume", str(output_dir))
@@ -299,7 +299,7 @@ def test_distillation_trains_a_second_head_and_evaluates_without_teacher(small_d
     common = ["--data-path", str(small_data), "--output-dir", str(tmp_path / "run"), "--batch-size", "4",
               "--no-model-ema", *NO_AUG, "--distillation-type", "soft"]
     run_main(*common, "--epochs", "1", "--teacher-model", "lsnet_t_artist", "--teacher-path", str(teacher))
-    assert utils.read_checkpoint(tmp_path / "run" / "checkpoint.pth").distillation
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.pth").distillation
     assert json.loads((tmp_path / "run" / "config.json").read_text())["distillation"]
     results = run_main(*common, "--eval", "--resume", str(tmp_path / "run"))
     assert results["model"]["acc1"] == read_log(tmp_path / "run")[-1]["val_acc1"]
