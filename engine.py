@@ -40,8 +40,8 @@ from artifacts.checkpoint import (
     read_checkpoint,
     save_checkpoint_atomic,
 )
+from artifacts.model_folder import build_config, write_config, write_json_atomic
 from data.class_mapping import CLASS_MAPPING_FILE, compare_class_mappings, read_class_mapping, write_class_mapping
-from data.datasets import EVAL_CROP_PCT
 from data.samplers import RASampler
 from losses import DISTILLATION_TYPES, DistillationLoss
 from model.lsnet_artist import ARTIST_MODELS
@@ -55,7 +55,6 @@ __all__ = [
 
 LOG_FILE = "train_log.txt"
 ARGS_FILE = "args.json"
-CONFIG_FILE = "config.json"
 TENSORBOARD_DIR = "tensorboard"
 # Flags that define the learning-rate schedule: when one changed since the checkpoint, resume follows the new one.
 SCHEDULE_ARGS = ("sched", "epochs", "scaled_lr", "min_lr", "warmup_lr", "warmup_epochs", "cooldown_epochs",
@@ -534,24 +533,6 @@ def _plain_args(args: argparse.Namespace) -> dict[str, Any]:
     return {key: plain(value) for key, value in vars(args).items()}
 
 
-def model_config(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
-    """``config.json``: what inference needs to rebuild the model and its preprocessing."""
-    cfg = model.pretrained_cfg
-    return {
-        "model": args.model, "num_classes": model.num_classes, "feature_dim": model.feature_dim,
-        "use_projection": model.use_projection, "distillation": model.distillation, "input_size": args.input_size,
-        "mean": list(cfg["mean"]), "std": list(cfg["std"]),
-        "crop_pct": 1.0 if args.finetune else EVAL_CROP_PCT, "crop_mode": "squash" if args.finetune else "center",
-        "interpolation": "bicubic", "checkpoint": BEST_FILE, "class_mapping": CLASS_MAPPING_FILE,
-    }
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def _checkpoint_classes(raw: dict[str, Any], path: Path) -> list[str] | None:
     """Class names stored in a checkpoint, else those of the ``class_mapping.csv`` next to it."""
     if raw.get("class_names"):
@@ -704,7 +685,7 @@ def fit(
     utils.print_main(f"learning rate {args.lr:g} x effective batch {effective_batch} ({args.batch_size} x "
                      f"{args.world_size} processes x {args.accumulation_steps} accumulation steps) / 512 = "
                      f"{args.scaled_lr:.4g}")
-    config = {**model_config(args, model), **(extra_config or {})}
+    config = build_config(args.model, model, args.input_size, squash=args.finetune, **(extra_config or {}))
     if main_process and output_dir:
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in output_dir.glob(".*.pth.*.tmp"):  # left by a process killed while saving
@@ -714,8 +695,8 @@ def fit(
             print(f"warning: {output_dir} holds a previous run, which this run overwrites (pass --resume "
                   f"{output_dir / CHECKPOINT_FILE} to continue it instead)", flush=True)
             (output_dir / LOG_FILE).unlink(missing_ok=True)
-        _write_json(output_dir / ARGS_FILE, _plain_args(args))
-        _write_json(output_dir / CONFIG_FILE, config)
+        write_json_atomic(output_dir / ARGS_FILE, _plain_args(args))
+        write_config(output_dir, config)
 
     model_without_ddp = model
     sched_args = scheduler_kwargs(args)

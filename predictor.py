@@ -13,13 +13,12 @@ tracking, progress bar) that other prediction scripts reuse with their own per-b
 """
 
 import argparse
-import json
 import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,11 +35,11 @@ from tqdm import tqdm
 from artifacts.checkpoint import (
     MODEL_FOLDER_FILES,
     Checkpoint,
-    find_checkpoint,
     guess_architecture,
     load_checkpoint,
     read_checkpoint,
 )
+from artifacts.model_folder import CONFIG_FILE, ModelSource, resolve_model_source
 from data import (
     CLASS_MAPPING_FILE,
     ImageLoadError,
@@ -74,7 +73,6 @@ __all__ = [
 MODES = ("classify", "cluster", "both")
 # Checkpoint files looked for in a model folder, in this order (training output, published community models).
 CHECKPOINT_FILES = MODEL_FOLDER_FILES
-CONFIG_FILE = "config.json"
 
 ImageInput = Image.Image | str | os.PathLike | BinaryIO
 
@@ -207,47 +205,6 @@ def list_images(input_dir: str | os.PathLike, recursive: bool = True) -> list[st
 
 
 # --------------------------------------------------------------------------------------------- loading
-
-
-@dataclass
-class ModelSource:
-    """Where a model's pieces are: the checkpoint file, its class mapping and its ``config.json`` (if any)."""
-
-    checkpoint: Path
-    class_csv: Path | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    folder: Path | None = None
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}); fix or delete it") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} must hold a JSON object with keys such as 'model'; fix or delete it")
-    return config
-
-
-def resolve_model_source(checkpoint: str | os.PathLike, class_csv: str | os.PathLike | None = None) -> ModelSource:
-    """Resolve a checkpoint file or a model folder (checkpoint + ``class_mapping.csv`` + optional ``config.json``).
-
-    A folder supplies its ``config.json`` and, unless ``class_csv`` is given, its class mapping; a file uses
-    only ``class_csv``.
-    """
-    path = Path(checkpoint)
-    if path.is_file():
-        return ModelSource(path, Path(class_csv) if class_csv else None)
-    if not path.is_dir():
-        raise UserError(f"checkpoint not found: {path}; pass a .pth file or a model folder holding one")
-    config = _read_config(path / CONFIG_FILE)
-    preferred = [config["checkpoint"]] if isinstance(config.get("checkpoint"), str) else []
-    found = find_checkpoint(path, [*preferred, *CHECKPOINT_FILES])
-    if class_csv is None and (path / CLASS_MAPPING_FILE).is_file():
-        class_csv = path / CLASS_MAPPING_FILE
-    return ModelSource(found, Path(class_csv) if class_csv else None, config, path)
 
 
 def _square_size(value: Any, source: str) -> int:
