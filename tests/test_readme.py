@@ -17,7 +17,7 @@ PAGES = [README, README_ZH, *sorted((ROOT / "docs").glob("*.md"))]
 # Shell wrappers that pass their extra arguments on to a Python script.
 WRAPPERS = {"run_multigpu_linux.sh": "train_artist_style.py", "run_multigpu.bat": "train_artist_style.py"}
 SHELL_BLOCKS = {"", "bash", "sh", "shell", "console", "powershell", "bat", "cmd"}
-INLINE_COMMAND = re.compile(r"`((?:python|torchrun|make|pip|\./|\.\\)[^`]*)`")
+INLINE_COMMAND = re.compile(r"`((?:python|torchrun|make|pip|\./|\.\\)[^`\n]*)`")
 SCRIPT_TOKEN = re.compile(r"[\w./\\:-]+\.(?:py|sh|bat)")
 # Flags of the other programs the pages show (torchrun, tensorboard).
 OTHER_FLAGS = {"--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port",
@@ -38,6 +38,11 @@ def without_comment(line: str) -> str:
     return re.sub(r"(^|\s)#.*$", "", line).rstrip()
 
 
+def inline_commands(text: str) -> list[str]:
+    """Commands in inline code spans outside code blocks."""
+    return INLINE_COMMAND.findall(FENCE.sub("", text))
+
+
 def commands(text: str) -> list[str]:
     """Command lines of the shell blocks (continuation lines joined, comments dropped) and of inline code spans."""
     found = []
@@ -45,7 +50,7 @@ def commands(text: str) -> list[str]:
         if lang in SHELL_BLOCKS:
             joined = re.sub(r"[\\`]\s*\n\s*", " ", body)
             found += [c for line in joined.splitlines() if (c := without_comment(line).strip())]
-    return found + INLINE_COMMAND.findall(text)
+    return found + inline_commands(text)
 
 
 def script_commands(text: str) -> list[str]:
@@ -59,9 +64,10 @@ def headings(text: str) -> list[int]:
 
 
 def code_lines(text: str) -> list[str]:
-    """What a translation must keep byte for byte: every line of code blocks (comments aside) and inline commands."""
+    """What a translation keeps byte for byte: the lines of code blocks in order (comments aside), then the inline
+    commands sorted (a sentence may name them in another order)."""
     lines = [without_comment(line) for _, body in code_blocks(text) for line in body.splitlines()]
-    return [line for line in lines if line.strip()] + INLINE_COMMAND.findall(text)
+    return [line for line in lines if line.strip()] + sorted(inline_commands(text))
 
 
 @functools.cache
