@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,7 @@ def script_parser(script: str) -> argparse.ArgumentParser | None:
     """The script's ``get_args_parser()``, made lenient about required flags and raising instead of exiting."""
     spec = importlib.util.spec_from_file_location("_documented_" + re.sub(r"\W", "_", script), ROOT / script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look their module up there
     spec.loader.exec_module(module)
     if not hasattr(module, "get_args_parser"):
         return None
