@@ -52,22 +52,18 @@ def train_one_epoch(
     1-based). Batches are moved to ``device`` in ``memory_format``.
     """
     model.train(set_training_mode)
-    num_steps = len(data_loader)
-    world_size = utils.get_world_size()
+    num_steps, world_size = len(data_loader), utils.get_world_size()
     progress = utils.Progress(num_steps, header or f"Epoch {epoch + 1}", print_freq)
     with_inputs = isinstance(criterion, DistillationLoss)
     no_sync = getattr(model, "no_sync", None)
-    loss_sum = 0.0
-    images = 0
+    loss_sum, images = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
     for step, (samples, targets) in enumerate(data_loader):
         samples = samples.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
-        group_start = step - step % accumulation_steps
-        group_size = min(accumulation_steps, num_steps - group_start)
-        update = step == group_start + group_size - 1
+        group_size, update = _accumulation_group(step, num_steps, accumulation_steps)
         with nullcontext() if update or no_sync is None else no_sync():
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 outputs = model(samples)
@@ -75,11 +71,7 @@ def train_one_epoch(
             loss_value = _global_mean(loss)
             if not math.isfinite(loss_value):
                 progress.close()
-                raise UserError(
-                    f"loss is {loss_value} at epoch {epoch + 1}, step {step + 1}/{num_steps}: training stopped and "
-                    "this epoch was not saved (the last checkpoint is intact); lower --lr, raise --warmup-epochs or "
-                    "--clip-grad, or train without --amp"
-                )
+                raise _non_finite_loss(loss_value, epoch, step, num_steps)
             _backward(loss / group_size, model, optimizer, loss_scaler, clip_grad, clip_mode, update)
         if update:
             optimizer.zero_grad(set_to_none=True)
@@ -91,6 +83,19 @@ def train_one_epoch(
         progress.update(batch, lr=optimizer.param_groups[0]["lr"], loss=loss_value)
     progress.close()
     return {"loss": loss_sum / max(images, 1), "lr": optimizer.param_groups[0]["lr"]}
+
+
+def _accumulation_group(step: int, num_steps: int, accumulation_steps: int) -> tuple[int, bool]:
+    """Micro-batches in the group of ``step`` (the last group may be shorter), and whether ``step`` ends it."""
+    group_start = step - step % accumulation_steps
+    group_size = min(accumulation_steps, num_steps - group_start)
+    return group_size, step == group_start + group_size - 1
+
+
+def _non_finite_loss(value: float, epoch: int, step: int, num_steps: int) -> UserError:
+    return UserError(f"loss is {value} at epoch {epoch + 1}, step {step + 1}/{num_steps}: training stopped and this "
+                     "epoch was not saved (the last checkpoint is intact); lower --lr, raise --warmup-epochs or "
+                     "--clip-grad, or train without --amp")
 
 
 def _backward(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
