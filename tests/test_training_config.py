@@ -22,6 +22,7 @@ from artifacts.run_folder import (
 )
 from training.config import TrainConfig
 from training.resume import TrainingState, epoch_seed
+from training.trainer import build_training_state
 from utils import UserError
 
 
@@ -136,3 +137,15 @@ def test_resume_follows_changed_schedule_flags(capsys):
     TrainingState(torch.optim.SGD(net.parameters(), lr=0.1), other).restore(point, {"epochs": 9, "scaled_lr": 0.1})
     assert other.last_epoch == 0 and "--epochs changed since the checkpoint" in capsys.readouterr().out
     assert Best().metric == -math.inf and epoch_seed(0, 1, 0) != epoch_seed(0, 0, 1)
+
+
+def test_training_state_from_config():
+    cfg = TrainConfig.from_args(parse("--opt", "sgd", "--sched", "step", "--no-model-ema", "--weight-decay", "0.1"))
+    state = build_training_state(torch.nn.Linear(2, 2), cfg, lr=0.5, device=torch.device("cpu"))
+    assert type(state.optimizer).__name__ == "SGD" and type(state.scheduler).__name__ == "StepLRScheduler"
+    assert state.optimizer.param_groups[0]["initial_lr"] == 0.5 and state.ema is None and state.scaler is None
+    with_ema = build_training_state(torch.nn.Linear(2, 2), TrainConfig.from_args(parse()), 0.1, torch.device("cpu"))
+    assert with_ema.ema is not None and with_ema.ema.decay == 0.99996
+    with pytest.raises(UserError, match="use a timm optimizer"):
+        build_training_state(torch.nn.Linear(2, 2), TrainConfig.from_args(parse("--opt", "nope")), 0.1,
+                             torch.device("cpu"))

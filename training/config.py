@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from timm.models import get_pretrained_cfg
@@ -200,7 +201,7 @@ class TrainConfig:
             augment=_section(AugmentConfig, values), ema=_section(EmaConfig, values), run=_section(RunConfig, values),
             distill=_section(DistillConfig, values),
             multilabel=_section(MultiLabelConfig, values) if "train_ann" in values else None,
-            flags=values, explicit=frozenset(getattr(args, EXPLICIT, ())),
+            flags=MappingProxyType(values), explicit=frozenset(getattr(args, EXPLICIT, ())),
         )
 
     @property
