@@ -2,7 +2,7 @@
 """Train an LSNet artist-style model on mixed styles with weighted labels (multi-label, sigmoid outputs).
 
 The data are two ``image_path,labels`` annotation CSVs (see docs: multi-label); the training CSV defines the labels.
-Everything but the data, the loss and the metrics is shared with ``train_artist_style.py`` (see :mod:`engine`).
+Everything but the data, the loss and the metrics is shared with ``train_artist_style.py`` (see :mod:`training`).
 
 Examples::
 
@@ -22,12 +22,16 @@ import numpy as np
 import torch
 from torch import nn
 
-import engine
 import model  # noqa: F401  (registers the LSNet models with timm)
 import utils
 from data import MultiLabelImageDataset, build_transform
 from losses import multilabel_pos_weight
-from utils import UserError
+from training.config import TrainConfig
+from training.distributed import start_process
+from training.factory import build_mixup, create_model, resolve_num_classes
+from training.flags import TrainArgumentParser, add_common_args, add_multilabel_args
+from training.metrics import MultiLabelMetrics
+from training.trainer import Task, fit
 
 LABEL_STATS_FILE = "label_stats.csv"
 BEST_KEY = "map_macro"
@@ -35,22 +39,12 @@ SHOWN_LABELS = 20  # label weights printed one by one up to this many labels
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = TrainArgumentParser(
         description="Train an LSNet artist-style model on weighted multi-label annotations (see docs: multi-label).",
-        add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        add_help=add_help,
     )
-    engine.add_common_args(parser)
-    group = parser.add_argument_group("multi-label")
-    group.add_argument("--train-ann", required=True, metavar="CSV",
-                       help="training annotations (image_path,labels); its labels are the model's classes")
-    group.add_argument("--val-ann", required=True, metavar="CSV", help="validation annotations")
-    group.add_argument("--label-delimiter", default=",", help="separator of the labels inside the labels field")
-    group.add_argument("--threshold", type=float, default=0.4,
-                       help="confidence at which a label counts as predicted (precision, recall, F1)")
-    group.add_argument("--max-pos-weight", type=float, default=10.0,
-                       help="upper clip of the per-label positive weight (negatives / positives) of the loss")
-    # Mixup / cutmix mix the targets too: off unless asked for. Label smoothing only acts through them.
-    parser.set_defaults(mixup=0.0, cutmix=0.0, smoothing=0.0)
+    add_common_args(parser)
+    add_multilabel_args(parser)
     return parser
 
 
@@ -85,44 +79,45 @@ def report_pos_weight(classes: list[str], pos_weight: torch.Tensor, max_weight: 
                          f"{pos_weight.max():.3g} (every label in {LABEL_STATS_FILE})")
 
 
+def load_datasets(cfg: TrainConfig, verbose: bool) -> tuple[MultiLabelImageDataset, MultiLabelImageDataset]:
+    """Training and validation sets; the training CSV defines the labels, also for ``--eval`` (the checkpoint's
+    labels are checked against them)."""
+    ml = cfg.multilabel
+    train = MultiLabelImageDataset(ml.train_ann, cfg.run.data_path, transform=build_transform(True, cfg.transform),
+                                   label_delimiter=ml.label_delimiter, verbose=verbose)
+    val = MultiLabelImageDataset(ml.val_ann, cfg.run.data_path, classes=train.classes,
+                                 transform=build_transform(False, cfg.transform), label_delimiter=ml.label_delimiter,
+                                 verbose=verbose)
+    return train, val
+
+
 def main(args: argparse.Namespace) -> dict:
     try:
-        if not args.data_path:
-            raise UserError("--data-path is required: the folder the image paths of the CSVs start from (. for the "
-                            "current folder)")
-        if not 0.0 < args.threshold < 1.0:
-            raise UserError(f"--threshold is a confidence between 0 and 1, got {args.threshold}")
-        if args.max_pos_weight < 1:
-            raise UserError(f"--max-pos-weight must be at least 1, got {args.max_pos_weight}")
-        device = engine.setup(args)
-        verbose = utils.is_main_process()
-        # The training CSV defines the labels, also for --eval (the checkpoint's labels are checked against them).
-        dataset_train = MultiLabelImageDataset(args.train_ann, args.data_path, transform=build_transform(True, args),
-                                               label_delimiter=args.label_delimiter, verbose=verbose)
-        dataset_val = MultiLabelImageDataset(args.val_ann, args.data_path, classes=dataset_train.classes,
-                                             transform=build_transform(False, args),
-                                             label_delimiter=args.label_delimiter, verbose=verbose)
+        cfg = TrainConfig.from_args(args)
+        ml = cfg.multilabel
+        dist = start_process(cfg.run.device, cfg.run.seed)
+        dataset_train, dataset_val = load_datasets(cfg, dist.is_main)
         classes = dataset_train.classes
-        num_classes = engine.resolve_num_classes(args, len(classes))
+        num_classes = resolve_num_classes(cfg.model.num_classes, len(classes), cfg.run.data_path)
         positives, target_sums = label_statistics(dataset_train)
-        pos_weight = multilabel_pos_weight(torch.from_numpy(positives), len(dataset_train), args.max_pos_weight)
-        if not args.eval:
+        pos_weight = multilabel_pos_weight(torch.from_numpy(positives), len(dataset_train), ml.max_pos_weight)
+        if not cfg.run.eval_only:
             utils.print_main(f"{len(classes)} labels; {len(dataset_train)} training and {len(dataset_val)} validation "
                              "images")
-            report_pos_weight(classes, pos_weight, args.max_pos_weight)
-            if verbose and args.output_dir:
-                Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-                write_label_stats(Path(args.output_dir) / LABEL_STATS_FILE, classes, positives, target_sums,
+            report_pos_weight(classes, pos_weight, ml.max_pos_weight)
+            if dist.is_main and cfg.run.output_dir:
+                Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
+                write_label_stats(Path(cfg.run.output_dir) / LABEL_STATS_FILE, classes, positives, target_sums,
                                   pos_weight)
-        if args.smoothing > 0 and not (args.mixup > 0 or args.cutmix > 0):
+        if cfg.augment.smoothing > 0 and not (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0):
             utils.print_main("note: --smoothing acts only with --mixup / --cutmix in multi-label training")
-        net = engine.create_model(args, num_classes)
-        mixup_fn = engine.build_mixup(args, num_classes, multi_label=True)
+        net = create_model(cfg.model, num_classes, seed=cfg.run.seed)
+        mixup_fn = build_mixup(cfg.augment, cfg.optim.batch_size, num_classes, multi_label=True)
         criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-        return engine.fit(args, net, dataset_train, dataset_val, classes, device=device, criterion=criterion,
-                          mixup_fn=mixup_fn, eval_criterion=criterion,
-                          metric_factory=functools.partial(engine.MultiLabelMetrics, threshold=args.threshold),
-                          best_key=BEST_KEY, extra_config={"multi_label": True, "threshold": args.threshold})
+        task = Task(criterion, mixup_fn=mixup_fn, eval_criterion=criterion,
+                    metric_factory=functools.partial(MultiLabelMetrics, threshold=ml.threshold), best_key=BEST_KEY,
+                    extra_config={"multi_label": True, "threshold": ml.threshold})
+        return fit(cfg, dist, net, dataset_train, dataset_val, classes, task)
     finally:
         utils.cleanup_distributed()
 

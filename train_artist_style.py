@@ -11,40 +11,46 @@ Examples::
 
 import argparse
 
-import engine
 import model  # noqa: F401  (registers the LSNet models with timm)
 import utils
-from data import build_dataset
+from data import RobustImageFolder, build_dataset
 from losses import DistillationLoss, build_classification_criterion
+from training.config import TrainConfig
+from training.distributed import start_process
+from training.factory import build_mixup, create_model, create_teacher, resolve_num_classes
+from training.flags import TrainArgumentParser, add_common_args, add_distillation_args
+from training.trainer import Task, fit
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train an LSNet artist-style classifier (see docs: training).", add_help=add_help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    engine.add_common_args(parser)
-    engine.add_distillation_args(parser)
+    parser = TrainArgumentParser(description="Train an LSNet artist-style classifier (see docs: training).",
+                                 add_help=add_help)
+    add_common_args(parser)
+    add_distillation_args(parser)
     return parser
+
+
+def split(cfg: TrainConfig, is_train: bool, verbose: bool) -> tuple[RobustImageFolder, int]:
+    """The ``train/`` or ``val/`` dataset of ``--data-path`` and its class count."""
+    return build_dataset(is_train, cfg.run.data_path, cfg.transform, workers=cfg.run.num_workers,
+                         cache_dir=cfg.run.output_dir, verbose=verbose)
 
 
 def main(args: argparse.Namespace) -> dict:
     try:
-        device = engine.setup(args)
-        verbose = utils.is_main_process()
-        dataset_val, num_classes = build_dataset(False, args, verbose=verbose)
-        dataset_train = None if args.eval else build_dataset(True, args, verbose=verbose)[0]
-        num_classes = engine.resolve_num_classes(args, num_classes)
-        distillation = args.distillation_type != "none"
-        net = engine.create_model(args, num_classes, distillation=distillation)
-        mixup_fn = engine.build_mixup(args, num_classes)
-        criterion = build_classification_criterion(mixup_fn is not None, args.smoothing)
-        if distillation and not args.eval:
-            teacher = engine.create_teacher(args, num_classes)
-            criterion = DistillationLoss(criterion, teacher, args.distillation_type, args.distillation_alpha,
-                                         args.distillation_tau)
-        return engine.fit(args, net, dataset_train, dataset_val, dataset_val.classes, device=device,
-                          criterion=criterion, mixup_fn=mixup_fn)
+        cfg = TrainConfig.from_args(args)
+        dist = start_process(cfg.run.device, cfg.run.seed)
+        dataset_val, num_classes = split(cfg, False, dist.is_main)
+        dataset_train = None if cfg.run.eval_only else split(cfg, True, dist.is_main)[0]
+        num_classes = resolve_num_classes(cfg.model.num_classes, num_classes, cfg.run.data_path)
+        net = create_model(cfg.model, num_classes, seed=cfg.run.seed, distillation=cfg.distill.enabled)
+        mixup_fn = build_mixup(cfg.augment, cfg.optim.batch_size, num_classes)
+        criterion = build_classification_criterion(mixup_fn is not None, cfg.augment.smoothing)
+        if cfg.distill.enabled and not cfg.run.eval_only:
+            teacher = create_teacher(cfg.distill, num_classes)
+            criterion = DistillationLoss(criterion, teacher, cfg.distill.type, cfg.distill.alpha, cfg.distill.tau)
+        return fit(cfg, dist, net, dataset_train, dataset_val, dataset_val.classes,
+                   Task(criterion, mixup_fn=mixup_fn))
     finally:
         utils.cleanup_distributed()
 

@@ -1,8 +1,6 @@
 """Shared helpers with no project imports: user-facing errors, devices, distributed set-up, random state, progress."""
 
-import argparse
 import datetime
-import os
 import random
 import sys
 import time
@@ -60,34 +58,6 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {name} but only {torch.cuda.device_count()} GPU(s) are visible; "
                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    return device
-
-
-def init_distributed_mode(args: argparse.Namespace) -> torch.device:
-    """Join the process group when started by ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK in the environment).
-
-    Sets ``args.distributed``, ``args.rank``, ``args.world_size`` and ``args.gpu`` (the local rank), and returns
-    this process's device: ``cuda:LOCAL_RANK`` with the nccl backend on CUDA, the gloo backend on CPU (and on
-    Windows, which has no nccl).
-    """
-    device = resolve_device(args.device)
-    args.rank = int(os.environ.get("RANK", 0))
-    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
-    args.gpu = int(os.environ.get("LOCAL_RANK", 0))
-    args.distributed = args.world_size > 1
-    if not args.distributed:
-        return device
-    if device.type == "cuda":
-        if args.gpu >= torch.cuda.device_count():
-            raise UserError(f"local rank {args.gpu} has no GPU ({torch.cuda.device_count()} visible); start at "
-                            "most one process per GPU (torchrun --nproc_per_node)")
-        device = torch.device("cuda", args.gpu)
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" and torch.distributed.is_nccl_available() else "gloo"
-    torch.distributed.init_process_group(backend=backend, init_method="env://", world_size=args.world_size,
-                                         rank=args.rank)
-    if args.rank == 0:
-        print(f"distributed: {args.world_size} processes, backend {backend}", flush=True)
     return device
 
 

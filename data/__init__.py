@@ -1,7 +1,7 @@
 """Data layer: image loading and verification, prepared ImageFolder datasets, transforms, samplers, multi-label."""
 
 from .class_mapping import CLASS_MAPPING_FILE, compare_class_mappings, read_class_mapping, write_class_mapping
-from .datasets import RobustImageFolder, build_dataset, build_transform, dataset_classes
+from .datasets import RobustImageFolder, TransformConfig, build_dataset, build_transform, dataset_classes
 from .images import IMAGE_EXTENSIONS, ImageLoadError, is_image_file, load_image, to_rgb, verify_image
 from .multilabel import (
     MultiLabelImageDataset,
@@ -23,6 +23,7 @@ __all__ = [
     "RASampler",
     "RobustImageFolder",
     "ScanCache",
+    "TransformConfig",
     "build_dataset",
     "build_sampler",
     "build_transform",

@@ -1,8 +1,8 @@
 """The ``train/`` + ``val/`` ImageFolder datasets and their transforms (DeiT/LSNet ``build_dataset`` style)."""
 
 import os
-from argparse import Namespace
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -16,9 +16,28 @@ from .images import IMAGE_EXTENSIONS, load_first_readable, load_image
 from .scan import ScanCache, verify_images
 from .threeaugment import three_augment_transform
 
-__all__ = ["RobustImageFolder", "build_dataset", "build_transform", "dataset_classes"]
+__all__ = ["RobustImageFolder", "TransformConfig", "build_dataset", "build_transform", "dataset_classes"]
 
 EVAL_CROP_PCT = 0.875  # resize the short side to input_size / 0.875 (256 for 224), then center-crop
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """What the training and evaluation transforms depend on (``--input-size``, the augmentation flags...).
+
+    ``auto_augment``: a timm policy string or None (off); ``three_augment``: DeiT-III ThreeAugment instead of it;
+    ``squash``: evaluate with a plain resize to ``input_size`` (``--finetune``) instead of resize + center crop.
+    """
+
+    input_size: int
+    color_jitter: float = 0.4
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    interpolation: str = "bicubic"
+    reprob: float = 0.25
+    remode: str = "pixel"
+    recount: int = 1
+    three_augment: bool = False
+    squash: bool = False
 
 
 class RobustImageFolder(datasets.ImageFolder):
@@ -130,24 +149,25 @@ def dataset_classes(data_path: str | os.PathLike) -> list[str]:
     return classes
 
 
-def build_dataset(is_train: bool, args: Namespace, verbose: bool = True) -> tuple[RobustImageFolder, int]:
-    """``(dataset, num_classes)`` for ``args.data_path/train`` or ``/val``, with :func:`build_transform`.
+def build_dataset(is_train: bool, data_path: str | os.PathLike, transform: TransformConfig, *, workers: int = 0,
+                  cache_dir: str | os.PathLike | None = None, verbose: bool = True) -> tuple[RobustImageFolder, int]:
+    """``(dataset, num_classes)`` for ``data_path/train`` or ``/val``, transformed by :func:`build_transform`.
 
-    Reads ``args.data_path``, ``args.num_workers`` (verification processes) and ``args.output_dir`` (where the scan
-    cache goes when the dataset folder is read-only), plus the fields :func:`build_transform` reads. Both splits use
-    the classes of :func:`dataset_classes`, so ids agree; ``val/`` may lack some classes. In distributed training,
-    build on rank 0 first (``verbose=True``), then on the other ranks after a barrier: they reuse its scan cache.
+    ``workers``: image verification processes; ``cache_dir``: where the scan cache goes when the dataset folder is
+    read-only (the run's output folder). Both splits use the classes of :func:`dataset_classes`, so ids agree;
+    ``val/`` may lack some classes. In distributed training, build on rank 0 first (``verbose=True``), then on the
+    other ranks after a barrier: they reuse its scan cache.
     """
-    root = Path(args.data_path)
+    root = Path(data_path)
     split_dir = root / ("train" if is_train else "val")
     classes = dataset_classes(root)
     if not split_dir.is_dir():
         raise UserError(f"{split_dir} not found: --data-path must hold train/ and val/; run prepare_dataset.py first")
-    cache = ScanCache.for_dataset(root, args.output_dir)
+    cache = ScanCache.for_dataset(root, cache_dir)
     if cache is None and verbose:
         print(f"note: {root} is read-only and no --output-dir is set: the image scan is not cached")
-    dataset = RobustImageFolder(split_dir, classes, transform=build_transform(is_train, args),
-                                allow_empty=not is_train, workers=args.num_workers, cache=cache, verbose=verbose)
+    dataset = RobustImageFolder(split_dir, classes, transform=build_transform(is_train, transform),
+                                allow_empty=not is_train, workers=workers, cache=cache, verbose=verbose)
     if not dataset.samples:
         raise UserError(f"{split_dir} has no readable images; run prepare_dataset.py (with --val-ratio > 0 for val/)")
     return dataset, len(classes)
@@ -168,28 +188,27 @@ def _keep_posterize_bits(transform: Callable) -> None:
                     sub_op.aug_fn = _posterize_at_least_one_bit
 
 
-def build_transform(is_train: bool, args: Namespace) -> Callable:
+def build_transform(is_train: bool, cfg: TransformConfig) -> Callable:
     """Training (timm RandAugment pipeline or DeiT-III ThreeAugment) or evaluation transform.
 
-    Training reads ``input_size``, ``color_jitter``, ``aa``, ``train_interpolation``, ``reprob``, ``remode``,
-    ``recount`` and ``ThreeAugment``. Evaluation resizes the short side to ``input_size / 0.875`` and center-crops
-    (bicubic), or with ``args.finetune`` resizes straight to ``input_size`` x ``input_size``.
+    Evaluation resizes the short side to ``input_size / 0.875`` and center-crops (bicubic), or with ``cfg.squash``
+    resizes straight to ``input_size`` x ``input_size``.
     """
     if is_train:
-        if args.ThreeAugment:
-            return three_augment_transform(args.input_size, args.color_jitter)
+        if cfg.three_augment:
+            return three_augment_transform(cfg.input_size, cfg.color_jitter)
         transform = create_transform(
-            input_size=args.input_size,
+            input_size=cfg.input_size,
             is_training=True,
-            color_jitter=args.color_jitter,
-            auto_augment=args.aa,
-            interpolation=args.train_interpolation,
-            re_prob=args.reprob,
-            re_mode=args.remode,
-            re_count=args.recount,
+            color_jitter=cfg.color_jitter,
+            auto_augment=cfg.auto_augment,
+            interpolation=cfg.interpolation,
+            re_prob=cfg.reprob,
+            re_mode=cfg.remode,
+            re_count=cfg.recount,
         )
         _keep_posterize_bits(transform)
         return transform
-    if args.finetune:
-        return create_transform(args.input_size, interpolation="bicubic", crop_pct=1.0, crop_mode="squash")
-    return create_transform(args.input_size, interpolation="bicubic", crop_pct=EVAL_CROP_PCT)
+    if cfg.squash:
+        return create_transform(cfg.input_size, interpolation="bicubic", crop_pct=1.0, crop_mode="squash")
+    return create_transform(cfg.input_size, interpolation="bicubic", crop_pct=EVAL_CROP_PCT)

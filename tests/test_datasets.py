@@ -1,7 +1,6 @@
 """build_dataset / RobustImageFolder (pre-filter, cache, surviving broken files), transforms, samplers, scanning."""
 
 import os
-from argparse import Namespace
 from pathlib import Path
 
 import imagegen as gen
@@ -14,7 +13,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from torchvision import transforms
 
 from data.class_mapping import compare_class_mappings, read_class_mapping, write_class_mapping
-from data.datasets import build_dataset, build_transform
+from data.datasets import TransformConfig, build_dataset, build_transform
 from data.images import load_image
 from data.prepare import prepare_dataset
 from data.samplers import RASampler, build_sampler
@@ -24,12 +23,8 @@ from utils import UserError
 SIZE = (20, 16)
 
 
-def make_args(data_path, **overrides) -> Namespace:
-    args = dict(data_path=str(data_path), input_size=32, num_workers=0, output_dir="", color_jitter=0.4,
-                aa="rand-m9-mstd0.5-inc1", train_interpolation="bicubic", reprob=0.25, remode="pixel", recount=1,
-                ThreeAugment=False, finetune="")
-    args.update(overrides)
-    return Namespace(**args)
+def split(is_train: bool, root: Path, workers: int = 0, verbose: bool = True):
+    return build_dataset(is_train, root, TransformConfig(input_size=32), workers=workers, verbose=verbose)
 
 
 def layout(root: Path, train: dict[str, int], val: dict[str, int]) -> Path:
@@ -50,8 +45,8 @@ def test_build_dataset_on_prepare_output(tmp_path):
     src = gen.artist_folders(tmp_path / "src", {"b": 5, "a": 5, "日本": 4}, SIZE)
     out = tmp_path / "out"
     prepare_dataset(src, out, min_images=1, workers=0, verbose=False)
-    train, num_classes = build_dataset(True, make_args(out))
-    val, _ = build_dataset(False, make_args(out))
+    train, num_classes = split(True, out)
+    val, _ = split(False, out)
     assert num_classes == 3 and train.classes == val.classes == ["a", "b", "日本"]
     assert (len(train), len(val)) == (11, 3)
     image, target = train[0]
@@ -59,31 +54,31 @@ def test_build_dataset_on_prepare_output(tmp_path):
     # prepare recorded its verification: a file broken without changing size/mtime is not decoded again
     victim = Path(train.samples[-1][0])
     corrupt_keeping_stat(victim)
-    again, _ = build_dataset(True, make_args(out))
+    again, _ = split(True, out)
     assert str(victim) in [p for p, _ in again.samples]
 
 
 def test_corrupt_images_are_filtered_with_a_warning_each(tmp_path, capsys):
     root = layout(tmp_path, {"a": 3, "b": 3}, {"a": 1, "b": 1})
     bad = [gen.truncated_jpeg(root / "train" / "a" / "cut.jpg"), gen.text_file(root / "train" / "b" / "fake.png")]
-    dataset, _ = build_dataset(True, make_args(root))
+    dataset, _ = split(True, root)
     out = capsys.readouterr().out
     assert f"warning: skipping {bad[0]}: truncated" in out and f"warning: skipping {bad[1]}: not an image" in out
     assert len(dataset) == 6 and {p for p, _ in dataset.rejected} == {str(p) for p in bad}
-    build_dataset(True, make_args(root), verbose=False)
+    split(True, root, verbose=False)
     assert "warning" not in capsys.readouterr().out
 
 
 def test_scan_cache_is_keyed_by_size_and_mtime(tmp_path):
     root = layout(tmp_path, {"a": 3, "b": 3}, {"a": 1, "b": 1})
-    build_dataset(True, make_args(root, num_workers=2))
+    split(True, root, workers=2)
     assert (root / CACHE_FILE).is_file()
     victim = root / "train" / "a" / "img_001.png"
     corrupt_keeping_stat(victim)
-    cached, _ = build_dataset(True, make_args(root))
+    cached, _ = split(True, root)
     assert len(cached) == 6, "an unchanged (size, mtime) must come from the cache, not be decoded again"
     os.utime(victim, ns=(0, 10**18))
-    rescanned, _ = build_dataset(True, make_args(root))
+    rescanned, _ = split(True, root)
     assert len(rescanned) == 5 and rescanned.rejected[0][0] == str(victim)
 
 
@@ -97,7 +92,7 @@ def test_unwritable_cache_is_reported_and_scan_still_works(tmp_path, capsys):
 
 def test_file_broken_after_the_scan_does_not_break_the_epoch(tmp_path, capsys):
     root = layout(tmp_path, {"a": 3, "b": 3}, {"a": 1, "b": 1})
-    dataset, _ = build_dataset(True, make_args(root))
+    dataset, _ = split(True, root)
     broken = root / "train" / "a" / "img_002.png"
     broken.write_bytes(b"\x89PNG garbage")
     for _ in range(2):
@@ -108,8 +103,8 @@ def test_file_broken_after_the_scan_does_not_break_the_epoch(tmp_path, capsys):
 
 def test_val_without_some_classes_keeps_train_ids(tmp_path):
     root = layout(tmp_path, {"a": 2, "b": 2, "c": 2}, {"a": 1, "c": 1})
-    train, _ = build_dataset(True, make_args(root))
-    val, num_classes = build_dataset(False, make_args(root))
+    train, _ = split(True, root)
+    val, num_classes = split(False, root)
     assert num_classes == 3 and val.class_to_idx == train.class_to_idx == {"a": 0, "b": 1, "c": 2}
     assert val.targets == [0, 2]
 
@@ -117,26 +112,26 @@ def test_val_without_some_classes_keeps_train_ids(tmp_path):
 def test_class_mapping_decides_ids_and_must_match_folders(tmp_path):
     root = layout(tmp_path, {"a": 2, "b": 2}, {"a": 1, "b": 1})
     write_class_mapping(root / "class_mapping.csv", ["b", "a"])
-    dataset, _ = build_dataset(True, make_args(root))
+    dataset, _ = split(True, root)
     assert dataset.class_to_idx == {"b": 0, "a": 1} and dataset[0][1] == 1
     write_class_mapping(root / "class_mapping.csv", ["a", "b", "c"])
     with pytest.raises(UserError, match="no folder for: c"):
-        build_dataset(True, make_args(root))
+        split(True, root)
 
 
 def test_missing_or_empty_splits_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="prepare_dataset.py"):
-        build_dataset(True, make_args(tmp_path))
+        split(True, tmp_path)
     gen.artist_folders(tmp_path / "train", {"a": 2}, SIZE)
     with pytest.raises(UserError, match="val"):
-        build_dataset(False, make_args(tmp_path))
+        split(False, tmp_path)
     (tmp_path / "train" / "empty").mkdir()
     with pytest.raises(UserError, match="no readable image.*empty"):
-        build_dataset(True, make_args(tmp_path))
+        split(True, tmp_path)
 
 
 def test_train_transform_is_timm_randaugment_with_erasing(tmp_path):
-    transform = build_transform(True, make_args(tmp_path))
+    transform = build_transform(True, TransformConfig(input_size=32))
     steps = transform.transforms
     assert isinstance(steps[0], RandomResizedCropAndInterpolation) and steps[0].interpolation.value == "bicubic"
     assert any(isinstance(t, RandAugment) for t in steps)
@@ -147,17 +142,17 @@ def test_train_transform_is_timm_randaugment_with_erasing(tmp_path):
 
 def test_eval_transforms(tmp_path):
     image = load_image(gen.noise_image(tmp_path / "x.png", (50, 40)))
-    resize, crop = build_transform(False, make_args(tmp_path, input_size=224)).transforms[:2]
+    resize, crop = build_transform(False, TransformConfig(input_size=224)).transforms[:2]
     assert resize.size == 256 and resize.interpolation == transforms.InterpolationMode.BICUBIC
     assert crop.size == (224, 224)
-    evaluation = build_transform(False, make_args(tmp_path))
+    evaluation = build_transform(False, TransformConfig(input_size=32))
     assert evaluation.transforms[0].size == 36 and evaluation(image).shape == (3, 32, 32)
-    finetune = build_transform(False, make_args(tmp_path, finetune="checkpoint.pth"))
+    finetune = build_transform(False, TransformConfig(input_size=32, squash=True))
     assert finetune.transforms[0].size == (32, 32) and finetune(image).shape == (3, 32, 32)
 
 
 def test_three_augment(tmp_path):
-    transform = build_transform(True, make_args(tmp_path, ThreeAugment=True))
+    transform = build_transform(True, TransformConfig(input_size=32, three_augment=True))
     choice = next(t for t in transform.transforms if isinstance(t, transforms.RandomChoice))
     assert [type(t).__name__ for t in choice.transforms] == ["Grayscale", "Solarization", "GaussianBlur"]
     assert any(isinstance(t, transforms.ColorJitter) for t in transform.transforms)
@@ -250,7 +245,7 @@ def test_compare_class_mappings():
 @pytest.mark.parametrize("aa", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "original"])
 def test_posterize_to_zero_bits_does_not_crash(tmp_path, aa):
     """timm asks for 0 bits at high (increasing) or low (plain) magnitudes; Pillow >= 11 raises on that."""
-    transform = build_transform(True, make_args(tmp_path, aa=aa))
+    transform = build_transform(True, TransformConfig(input_size=32, auto_augment=aa))
     posterize_ops = [
         sub for step in transform.transforms for op in (getattr(step, "ops", None) or getattr(step, "policy", []))
         for sub in (op if isinstance(op, (list, tuple)) else [op]) if "Posterize" in sub.name

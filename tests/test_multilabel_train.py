@@ -9,7 +9,6 @@ import json
 import re
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,11 @@ from test_train import ENV, read_log
 import predict_artist_multilabel
 import train_artist_multilabel
 from artifacts.checkpoint import load_checkpoint, load_checkpoint_file
-from data import MultiLabelImageDataset, build_transform, read_multilabel_csv, write_multilabel_csv
-from engine import MultiLabelMetrics, average_precision
+from data import MultiLabelImageDataset, TransformConfig, build_transform, read_multilabel_csv, write_multilabel_csv
 from losses import multilabel_pos_weight
 from tools import generate_multilabel_csv, split_multilabel_dataset
 from tools.make_synthetic_artists import generate_artists
+from training.metrics import MultiLabelMetrics, average_precision
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +131,7 @@ def val_presence(data: list[str]) -> tuple[MultiLabelImageDataset, np.ndarray]:
     """The validation set (labels of the training CSV) and its label presence matrix."""
     train = MultiLabelImageDataset(data[3], data[1], verbose=False)
     val = MultiLabelImageDataset(data[5], data[1], classes=train.classes,
-                                 transform=build_transform(False, Namespace(input_size=32, finetune=False)))
+                                 transform=build_transform(False, TransformConfig(input_size=32)))
     present = np.zeros((len(val), len(train.classes)), dtype=bool)
     for row, (_, indices, _) in enumerate(val.samples):
         present[row, list(indices)] = True

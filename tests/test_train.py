@@ -19,6 +19,8 @@ from PIL import Image
 
 import train_artist_style
 from artifacts.checkpoint import load_checkpoint, load_checkpoint_file, read_checkpoint
+from training.config import TrainConfig
+from training.factory import create_model
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +217,7 @@ def test_interrupted_checkpoint_save_keeps_the_previous_one(small_data, tmp_path
 def test_finetune_from_resets_heads_and_pretrained_loads_the_backbone(small_data, tmp_path):
     def create(*argv: str):
         args = train_artist_style.get_args_parser().parse_args([*FAST, "--data-path", str(small_data), *argv])
-        return train_artist_style.engine.create_model(args, num_classes=4)
+        return create_model(TrainConfig.from_args(args).model, num_classes=4, seed=0)
 
     other = timm.create_model("lsnet_t_artist", num_classes=7, feature_dim=32)
     torch.save({"model": other.state_dict()}, tmp_path / "seven.pth")

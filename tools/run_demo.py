@@ -23,6 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from artifacts.run_folder import LOG_FILE, read_log_records  # noqa: E402
 from utils import UserError, run_cli  # noqa: E402
 
 
@@ -98,10 +99,9 @@ def label_frequency_baseline(val_csv: Path) -> float:
 
 def best_logged(model_dir: Path, key: str) -> float:
     """Best value of ``key`` over the epochs of ``train_log.txt``."""
-    rows = [json.loads(line) for line in (model_dir / "train_log.txt").read_text().splitlines() if line.strip()]
-    values = [row[key] for row in rows if row.get(key) is not None]
+    values = [row[key] for row in read_log_records(model_dir) if row.get(key) is not None]
     if not values:
-        raise UserError(f"{model_dir / 'train_log.txt'} holds no {key}")
+        raise UserError(f"{model_dir / LOG_FILE} holds no {key}")
     return max(values)
 
 

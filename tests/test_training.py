@@ -9,10 +9,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import engine
 import utils
 from artifacts.checkpoint import load_checkpoint_file, save_checkpoint_atomic
+from artifacts.run_folder import tensorboard_tag
 from losses import DistillationLoss, build_classification_criterion
+from training.loops import evaluate, train_one_epoch
+from training.metrics import TopKAccuracy
 from utils import UserError
 
 
@@ -42,7 +44,7 @@ def run_epoch(batch_size: int, accumulation_steps: int, n: int = 16) -> tuple[nn
     net = small_net()
     optimizer = CountingSGD(net.parameters(), lr=0.1, momentum=0.9)
     loader = DataLoader(tensor_data(n), batch_size=batch_size, shuffle=False)
-    engine.train_one_epoch(net.eval(), nn.CrossEntropyLoss(), loader, optimizer, torch.device("cpu"), 0,
+    train_one_epoch(net.eval(), nn.CrossEntropyLoss(), loader, optimizer, torch.device("cpu"), 0,
                            accumulation_steps=accumulation_steps, set_training_mode=False)
     return net, optimizer.steps
 
@@ -72,7 +74,7 @@ def test_non_finite_loss_names_epoch_and_step():
     loader = DataLoader(tensor_data(), batch_size=4)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     with pytest.raises(UserError, match=r"loss is nan at epoch 3, step 2/4"):
-        engine.train_one_epoch(net, NanAtSecondStep(), loader, optimizer, torch.device("cpu"), 2,
+        train_one_epoch(net, NanAtSecondStep(), loader, optimizer, torch.device("cpu"), 2,
                                accumulation_steps=2)
     # The first micro-batch's gradient was never applied: the step comes after the second.
     for name, value in net.state_dict().items():
@@ -81,14 +83,14 @@ def test_non_finite_loss_names_epoch_and_step():
 
 
 def test_topk_accuracy_and_evaluate():
-    metric = engine.TopKAccuracy((1, 5))
+    metric = TopKAccuracy((1, 5))
     output = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4]])
     metric.update(output, torch.tensor([0, 2, 2]))
     assert metric.compute() == pytest.approx({"acc1": 100 / 3, "acc5": 100.0})  # k capped at 3 classes
 
     net = small_net()
     loader = DataLoader(tensor_data(), batch_size=5)
-    stats = engine.evaluate(net, loader, torch.device("cpu"))
+    stats = evaluate(net, loader, torch.device("cpu"))
     outputs = net.eval()(loader.dataset.tensors[0])
     targets = loader.dataset.tensors[1]
     assert stats["loss"] == pytest.approx(nn.functional.cross_entropy(outputs, targets).item(), rel=1e-5)
@@ -146,5 +148,5 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_tensorboard_tags():
-    assert [engine._tensorboard_tag(k) for k in ("train_loss", "lr", "val_acc1", "ema_val_map_macro")] == [
+    assert [tensorboard_tag(k) for k in ("train_loss", "lr", "val_acc1", "ema_val_map_macro")] == [
         "train/loss", "train/lr", "val/acc1", "ema_val/map_macro"]

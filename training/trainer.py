@@ -1,0 +1,223 @@
+"""The training job: :func:`fit` trains (or with ``--eval`` evaluates) a model as the configuration says.
+
+A training script builds its datasets, model and :class:`Task` (loss, validation metric, the metric that selects
+``model_best.pth``); everything else (output folder, checkpoints and resume, EMA, AMP, accumulation, distributed
+training, logging) happens here.
+"""
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.utils import ModelEmaV3, NativeScaler
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
+
+import utils
+from artifacts.model_folder import build_config
+from artifacts.run_folder import Best, RunFolder, args_record, training_checkpoint
+from training.config import TrainConfig
+from training.distributed import DistEnv
+from training.factory import build_optimizer, build_scheduler, scale_lr
+from training.loaders import Loaders, build_loaders
+from training.loops import evaluate, train_one_epoch
+from training.metrics import Metric, TopKAccuracy
+from training.resume import TrainingState, epoch_seed, evaluate_checkpoint, load_resume_weights, seed_streams
+from utils import UserError
+
+__all__ = ["Task", "Trainer", "fit"]
+
+
+@dataclass
+class Task:
+    """What differs between training scripts.
+
+    ``criterion``: training loss (see :func:`~training.loops.train_one_epoch`); ``eval_criterion``: validation loss
+    (default CE); ``metric_factory``: a fresh :class:`Metric` per validation; ``best_key``: its value (higher is
+    better) that selects ``model_best.pth``; ``extra_config``: additional ``config.json`` entries.
+    """
+
+    criterion: nn.Module
+    mixup_fn: Callable | None = None
+    eval_criterion: nn.Module | None = None
+    metric_factory: Callable[[], Metric] = TopKAccuracy
+    best_key: str = "acc1"
+    extra_config: dict[str, Any] | None = None
+
+
+def fit(cfg: TrainConfig, dist: DistEnv, model: nn.Module, dataset_train: Dataset | None, dataset_val: Dataset,
+        class_names: Sequence[str], task: Task) -> dict[str, Any]:
+    """Train (``--eval``: only evaluate) ``model``, writing the run folder.
+
+    Returns ``--eval``: the metrics per weight set; otherwise the last epoch's log record plus the ``best`` result.
+    """
+    run = cfg.run
+    loaders = build_loaders(None if run.eval_only else dataset_train, dataset_val, dist,
+                            batch_size=cfg.optim.batch_size, num_workers=run.num_workers, seed=run.seed,
+                            repeated_aug=cfg.augment.repeated_aug, pin_memory=run.pin_mem, dist_eval=run.dist_eval)
+    model.to(dist.device, memory_format=memory_format(run.channels_last))
+    task.criterion.to(dist.device)
+    if run.eval_only:
+        validate = functools.partial(_validate, cfg, dist, loaders, task)
+        return evaluate_checkpoint(run.resume, model, list(class_names), validate, task.metric_factory, dist.device)
+    return Trainer(cfg, dist, model, loaders, list(class_names), task).run()
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """``--channels-last``: the memory format of the model's weights and input batches."""
+    return torch.channels_last if channels_last else torch.preserve_format
+
+
+def amp_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
+    """``--amp``: float16 on CUDA, bfloat16 elsewhere; None when off."""
+    return (torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else None
+
+
+def _validate(cfg: TrainConfig, dist: DistEnv, loaders: Loaders, task: Task, model: nn.Module, metric: Metric,
+              header: str = "Val") -> dict[str, float]:
+    eval_criterion = task.eval_criterion if task.eval_criterion is not None else nn.CrossEntropyLoss()
+    return evaluate(model, loaders.val, dist.device, eval_criterion, metric,
+                    amp_dtype=amp_dtype(cfg.run.amp, dist.device), distributed=dist.distributed and cfg.run.dist_eval,
+                    print_freq=cfg.run.print_freq, header=header, memory_format=memory_format(cfg.run.channels_last))
+
+
+def build_training_state(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.device) -> TrainingState:
+    """Optimizer and scheduler (timm), AMP scaler (CUDA float16 only) and model EMA, as the configuration says."""
+    optimizer = build_optimizer(model, cfg.optim, lr)
+    scaler = NativeScaler(device="cuda") if cfg.run.amp and device.type == "cuda" else None
+    ema = None
+    if cfg.ema.enabled:
+        ema = ModelEmaV3(model, decay=cfg.ema.decay, device=torch.device("cpu") if cfg.ema.force_cpu else None)
+    return TrainingState(optimizer, build_scheduler(optimizer, cfg.optim, cfg.run.seed), scaler, ema)
+
+
+def check_finite_weights(model: nn.Module, epoch: int) -> None:
+    """Stop (before saving) when an epoch left non-finite weights."""
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise UserError(f"weights became non-finite in epoch {epoch} ({', '.join(bad[:3])}): training stopped and "
+                        "this epoch was not saved; lower --lr or use --clip-grad")
+
+
+class Trainer:
+    """One training run: set up from the configuration (and ``--resume``), then :meth:`run` the epochs."""
+
+    def __init__(self, cfg: TrainConfig, dist: DistEnv, model: nn.Module, loaders: Loaders, class_names: list[str],
+                 task: Task):
+        self.cfg, self.dist, self.model, self.loaders, self.class_names, self.task = (
+            cfg, dist, model, loaders, class_names, task)
+        self.resume_point = load_resume_weights(cfg.run.resume, model, class_names) if cfg.run.resume else None
+        scaled_lr = scale_lr(cfg.optim, dist.world_size)
+        self.args = args_record(cfg.flags, num_classes=model.num_classes, rank=dist.rank, world_size=dist.world_size,
+                                gpu=dist.local_rank, distributed=dist.distributed, scaled_lr=scaled_lr)
+        self.config = build_config(cfg.model.name, model, cfg.model.input_size, squash=cfg.model.finetune,
+                                   **(task.extra_config or {}))
+        self.folder = RunFolder(cfg.run.output_dir, enabled=dist.is_main)
+        self.folder.start(class_names, self.resume_point is not None, self.args, self.config)
+        self.state = build_training_state(model, cfg, scaled_lr, dist.device)
+        self.start_epoch, self.best = cfg.run.start_epoch, Best()
+        if self.resume_point is not None:
+            self.state.restore(self.resume_point, self.args)
+            self.start_epoch, self.best = self.resume_point.epoch + 1, self.resume_point.best
+            utils.print_main(f"resumed from {cfg.run.resume}: continuing at epoch {self.start_epoch + 1}")
+
+    def run(self) -> dict[str, Any]:
+        """Train the remaining epochs; returns the last epoch's record plus ``best`` (a dict)."""
+        epochs = self.cfg.optim.epochs
+        if self.start_epoch >= epochs:
+            utils.print_main(f"{self.start_epoch} of {epochs} epochs are done; raise --epochs to train longer")
+            return {"best": self.best.as_dict()}
+        if self.start_epoch > 0:
+            self.state.scheduler.step(self.start_epoch)
+        net = self._wrap(self.model)
+        seed_streams(self.resume_point, self.dist, self.cfg.run.seed, self.start_epoch)
+        self.folder.open_tensorboard()
+        utils.print_main(f"training {self.cfg.model.name} on {len(self.loaders.train.dataset)} images, "
+                         f"{len(self.class_names)} classes, epochs {self.start_epoch + 1}..{epochs}, "
+                         f"{len(self.loaders.train)} steps per epoch")
+        record: dict[str, Any] = {}
+        try:
+            for epoch in range(self.start_epoch, epochs):
+                record = self.run_epoch(net, epoch)
+        finally:
+            self.folder.close()
+        return {**record, "best": self.best.as_dict()}
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """DistributedDataParallel under torchrun, ``torch.compile`` with ``--compile``."""
+        if self.dist.distributed:
+            device = self.dist.device
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return torch.compile(model) if self.cfg.run.compile else model
+
+    def run_epoch(self, net: nn.Module, epoch: int) -> dict[str, Any]:
+        """Train one epoch (0-based), validate when due, step the schedule, save; returns the log record."""
+        cfg, started = self.cfg, time.time()
+        self.loaders.train.sampler.set_epoch(epoch)
+        self.loaders.generator.manual_seed(epoch_seed(cfg.run.seed, epoch, self.dist.rank, stream=1))
+        stats = train_one_epoch(
+            net, self.task.criterion, self.loaders.train, self.state.optimizer, self.dist.device, epoch,
+            loss_scaler=self.state.scaler, amp_dtype=amp_dtype(cfg.run.amp, self.dist.device),
+            accumulation_steps=cfg.optim.accumulation_steps, clip_grad=cfg.optim.clip_grad or None,
+            clip_mode=cfg.optim.clip_mode, model_ema=self.state.ema, mixup_fn=self.task.mixup_fn,
+            print_freq=cfg.run.print_freq, header=f"Epoch {epoch + 1}/{cfg.optim.epochs}",
+            memory_format=memory_format(cfg.run.channels_last),
+        )
+        done = epoch + 1
+        record = {"epoch": done, "lr": stats["lr"], "train_loss": stats["loss"]}
+        improved = None
+        if done % cfg.run.eval_every == 0 or done == cfg.optim.epochs:
+            improved = self._validate_epoch(net, record)
+        else:
+            self.state.scheduler.step(done)
+        check_finite_weights(self.model, done)
+        rng_states = utils.all_gather_objects(utils.get_rng_state())
+        record["time"] = time.time() - started
+        if self.folder.path is not None:
+            self.folder.save_epoch(self._checkpoint(epoch, rng_states), record, improved, cfg.run.save_every)
+        utils.print_main(epoch_summary(record, cfg.optim.epochs, self.best, self.task.best_key))
+        return record
+
+    def _validate_epoch(self, net: nn.Module, record: dict[str, Any]) -> str | None:
+        """Validate the weights (and the EMA's when it is on the device), add the results to ``record``, update
+        the best result and step the schedule; returns the weights that set a new best, if any."""
+        validate = functools.partial(_validate, self.cfg, self.dist, self.loaders, self.task)
+        results = {"model": validate(net, self.task.metric_factory())}
+        if self.state.ema is not None and not (self.cfg.ema.force_cpu and self.dist.device.type != "cpu"):
+            results["model_ema"] = validate(self.state.ema.module, self.task.metric_factory(), header="Val (EMA)")
+        improved, key = None, self.task.best_key
+        for source, stats in results.items():
+            prefix = "val_" if source == "model" else "ema_val_"
+            record.update({prefix + name: value for name, value in stats.items()})
+            if stats[key] > self.best.metric:
+                self.best, improved = Best(stats[key], source, record["epoch"]), source
+        self.state.scheduler.step(record["epoch"], results["model"][key])
+        return improved
+
+    def _checkpoint(self, epoch: int, rng_states: list) -> dict[str, Any]:
+        state = self.state
+        return training_checkpoint(
+            model=self.model.state_dict(), optimizer=state.optimizer.state_dict(),
+            lr_scheduler=state.scheduler.state_dict(),
+            scaler=state.scaler.state_dict() if state.scaler is not None else None, epoch=epoch, best=self.best,
+            best_key=self.task.best_key, args=self.args, class_names=self.class_names, config=self.config,
+            rng_states=rng_states, model_ema=state.ema.module.state_dict() if state.ema is not None else None,
+        )
+
+
+def epoch_summary(record: dict[str, Any], epochs: int, best: Best, best_key: str) -> str:
+    """The line printed after each epoch: losses, lr, validation values, the best result and the time."""
+    parts = [f"train loss {record['train_loss']:.4f}", f"lr {record['lr']:.3e}"]
+    for prefix, label in (("val_", "val"), ("ema_val_", "EMA val")):
+        values = [f"{key[len(prefix):]} {value if isinstance(value, int) else format(value, '.4f')}"
+                  for key, value in record.items() if key.startswith(prefix)]
+        if values:
+            parts.append(f"{label} " + " ".join(values))
+    if best.source:
+        parts.append(f"best {best_key} {best.metric:.4f} ({best.source}, epoch {best.epoch})")
+    return f"Epoch {record['epoch']}/{epochs}: " + ", ".join(parts) + f" [{record['time']:.1f}s]"
