@@ -52,17 +52,21 @@ function element(tag, className, text) {
   return node;
 }
 
-function newCard(file) {
+function newCard(file, container) {
   const card = element("article", "card");
   card.dataset.file = file.name;
-  const image = element("img");
-  image.alt = file.name;
+  const image = element("img", "thumb");
+  image.alt = "";  // the file name is written beside it
   image.src = URL.createObjectURL(file);
   image.onload = () => URL.revokeObjectURL(image.src);
+  image.onerror = () => {  // not an image the browser can show: an empty frame instead of a broken-image icon
+    URL.revokeObjectURL(image.src);
+    image.replaceWith(element("div", "thumb"));
+  };
   const body = element("div", "body");
   body.append(element("p", "file", file.name), element("p", "muted pending", "Waiting…"));
   card.append(image, body);
-  $("results").prepend(card);
+  container.append(card);
   return body;
 }
 
@@ -128,7 +132,9 @@ async function classifyFiles(files) {
     setStatus("Pick image files (JPEG, PNG, WebP, …).", true);
     return;
   }
-  const jobs = images.map((file) => [file, newCard(file)]);
+  const cards = document.createDocumentFragment();  // this selection's cards, in order, above earlier ones
+  const jobs = images.map((file) => [file, newCard(file, cards)]);
+  $("results").prepend(cards);
   setStatus(`Classifying ${jobs.length} image${jobs.length > 1 ? "s" : ""}…`);
   let failed = 0;
   const worker = async () => {
