@@ -4,15 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint bench demo demo-multilabel clean
+.PHONY: venv test lint bench demo demo-multilabel serve clean
 
 venv: $(STAMP)
 
 # Reinstall only when a requirements or constraints file changed (a second run reuses the venv).
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-serve.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt -r requirements-serve.txt -c constraints.txt
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -27,6 +27,12 @@ demo: $(STAMP)
 
 demo-multilabel: $(STAMP)
 	$(PY) tools/run_demo.py --work-dir demo_run --multilabel
+
+# The web service and its page on a model folder (default: the one `make demo` trains), http://127.0.0.1:8000/
+MODEL ?= demo_run/model
+serve: $(STAMP)
+	@test -d $(MODEL) || { echo "error: no model folder $(MODEL); run 'make demo' first or pass MODEL=path/to/model"; exit 2; }
+	$(PY) serve.py --checkpoint $(MODEL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
