@@ -10,10 +10,15 @@ The API, its limits and running it behind a reverse proxy are described in docs/
 
 import argparse
 import os
+import socket
 import sys
+from typing import TYPE_CHECKING
 
 from predictor import add_runtime_args, load_model_bundle
 from utils import UserError, run_cli
+
+if TYPE_CHECKING:
+    import uvicorn
 
 API_KEY_ENV = "ARTIST_API_KEY"  # read when --api-key is not given
 
@@ -41,12 +46,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cors-origin", action="append", default=[],
                         help="allow a web page from this origin (e.g. https://example.org) to call the API; repeat "
                              "for more (default: none)")
+    parser.add_argument("--root-path", default="",
+                        help="the sub-path a reverse proxy serves this under, e.g. /artist (default: none)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return add_runtime_args(parser)
 
 
-def main(args: argparse.Namespace | None = None) -> None:
-    args = args if args is not None else get_args_parser().parse_args()
+def prepare(args: argparse.Namespace) -> tuple["uvicorn.Server", socket.socket]:
+    """The server for ``args`` and its listening socket (the model is loaded); ``main`` runs it."""
     try:
         from service import Settings, create_app
         from service.server import bind, build_server
@@ -58,14 +65,23 @@ def main(args: argparse.Namespace | None = None) -> None:
                         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                         cors_origins=tuple(args.cors_origin), **overrides)
     sock = bind(args.host, args.port)  # before loading the model: a busy port fails at once
-    model = load_model_bundle(args.checkpoint, device=args.device, amp=args.amp, compile=args.compile)
+    try:
+        model = load_model_bundle(args.checkpoint, device=args.device, amp=args.amp, compile=args.compile)
+    except BaseException:
+        sock.close()
+        raise
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host} without an API key: anyone who reaches it can use the model; "
               f"pass --api-key or set {API_KEY_ENV}", file=sys.stderr)
     host, port = sock.getsockname()[:2]
     print(f"serving {model.model_name} ({len(model.class_names or [])} classes) on http://{host}:{port}/ "
           f"(API docs: /docs)", flush=True)
-    build_server(create_app(model, settings), args.log_level).run(sockets=[sock])
+    return build_server(create_app(model, settings), args.log_level, args.root_path), sock
+
+
+def main(args: argparse.Namespace | None = None) -> None:
+    server, sock = prepare(args if args is not None else get_args_parser().parse_args())
+    server.run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_server(app: FastAPI, log_level: str = "info") -> uvicorn.Server:
-    """A uvicorn server for ``app``; run it with ``server.run(sockets=[bind(host, port)])``."""
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+def build_server(app: FastAPI, log_level: str = "info", root_path: str = "") -> uvicorn.Server:
+    """A uvicorn server for ``app``; run it with ``server.run(sockets=[bind(host, port)])``. ``root_path``: the
+    sub-path a reverse proxy serves the app under (the proxy strips it), so that /docs finds its OpenAPI file."""
+    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, root_path=root_path, timeout_graceful_shutdown=5))

@@ -3,8 +3,6 @@ limits, every kind of bad upload, the API key and CORS."""
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +27,6 @@ from service import Settings, create_app
 from service.server import bind, build_server
 from utils import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["Alice Artist", "Bob, the Painter", "Chloé"]
 LABELS = ["Alice Artist", "Bob, the Painter", "Chloé", "d", "e"]
 SIZE = 64
@@ -73,10 +70,8 @@ def images(tmp_path_factory) -> Path:
 
 
 @contextmanager
-def serving(app) -> Iterator[str]:
-    """Run ``app`` on a real uvicorn on a free 127.0.0.1 port (in a thread); yields its base URL."""
-    sock = bind("127.0.0.1", 0)
-    server = build_server(app, log_level="warning")
+def running(server, sock) -> Iterator[str]:
+    """Run a uvicorn ``server`` on the listening ``sock`` in a thread; yields its base URL."""
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -89,6 +84,13 @@ def serving(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Run ``app`` on a real uvicorn on a free 127.0.0.1 port; yields its base URL."""
+    with running(build_server(app, log_level="warning"), bind("127.0.0.1", 0)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -120,21 +122,21 @@ def assert_same_classification(ours: list[dict], reference: list[dict]) -> None:
                                rtol=1e-5, atol=1e-6)
 
 
-def test_classify_answers_as_inference_artist(server, model_dir, images, tmp_path):
-    names = ["img0.png", "photo.jpg"]
+def test_classify_answers_as_inference_artist(server, model_dir, artist_model, images, tmp_path):
+    names = ["photo.jpg", "img0.png"]
     response = post(f"{server}/v1/classify?top_k=2", [upload(images / n) for n in names])
     assert response.status == 200, response.data
     body = response.json()
     assert body["model"] == "lsnet_t_artist" and body["multi_label"] is False
     assert [r["file"] for r in body["results"]] == names
-    for name, result in zip(names, body["results"], strict=True):
-        assert set(result) == {"file", "classification"}
-        inference_artist.main(inference_artist.get_args_parser().parse_args(
-            ["--checkpoint", str(model_dir), "--input", str(images / name), "--output", str(tmp_path),
-             "--top-k", "2", "--device", "cpu", "--num-workers", "0"]))
-        script = json.loads((tmp_path / f"{Path(name).stem}_result.json").read_text(encoding="utf-8"))
-        assert len(script["classification"]) == 2
-        assert_same_classification(result["classification"], script["classification"])
+    assert all(set(result) == {"file", "classification"} for result in body["results"])
+    inference_artist.main(inference_artist.get_args_parser().parse_args(
+        ["--checkpoint", str(model_dir), "--input", str(images / "photo.jpg"), "--output", str(tmp_path),
+         "--top-k", "2", "--device", "cpu", "--num-workers", "0"]))
+    script = json.loads((tmp_path / "photo_result.json").read_text(encoding="utf-8"))
+    assert len(script["classification"]) == 2
+    assert_same_classification(body["results"][0]["classification"], script["classification"])
+    assert_same_classification(body["results"][1]["classification"], artist_model.classify(images / "img0.png", 2))
 
 
 def test_features_are_the_predictors(server, artist_model, images):
@@ -156,7 +158,7 @@ def test_model_health_page_and_docs(server, model_dir):
     assert health["status"] == "ok" and health["in_flight"] == 0
     assert get(f"{server}/readyz").json() == {"status": "ready"}
     page = get(f"{server}/")
-    assert page.status == 200 and b'src="/static/app.js"' in page.data
+    assert page.status == 200 and b'src="static/app.js"' in page.data  # relative: works under a proxy's sub-path
     assert get(f"{server}/static/app.js").status == 200 and get(f"{server}/static/style.css").status == 200
     assert get(f"{server}/static/../../serve.py").status == 404
     assert b"swagger" in get(f"{server}/docs").data.lower()
@@ -289,34 +291,17 @@ def test_settings_and_addresses_are_checked():
     assert serve.get_args_parser().parse_args(["--checkpoint", "m"]).host == "127.0.0.1"
 
 
-@pytest.mark.slow
-def test_serve_script_starts_with_the_api_key_from_the_environment(model_dir, images):
-    env = {**os.environ, "ARTIST_API_KEY": "from-env", "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "serve.py", "--checkpoint", str(model_dir), "--port", "0", "--device", "cpu",
-         "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watchdog = threading.Timer(180, process.kill)  # bounds the blocking reads below
-    watchdog.start()
-    try:
-        line = process.stdout.readline()  # "serving ... on http://127.0.0.1:PORT/ ..." once it listens
-        assert "serving lsnet_t_artist (3 classes) on http://127.0.0.1:" in line, line + process.stdout.read()
-        url = line.split(" on ")[1].split("/ ")[0]
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if get(f"{url}/readyz").status == 200:
-                    break
-            except urllib3.exceptions.HTTPError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None, "serve.py did not become ready"
-            time.sleep(0.1)
+def test_serve_script_takes_the_api_key_from_the_environment(model_dir, images, monkeypatch, capsys):
+    monkeypatch.setenv("ARTIST_API_KEY", "from-env")
+    args = serve.get_args_parser().parse_args(["--checkpoint", str(model_dir), "--port", "0", "--device", "cpu",
+                                               "--log-level", "warning", "--max-files", "2"])
+    with running(*serve.prepare(args)) as url:
+        assert f"serving lsnet_t_artist (3 classes) on {url}/" in capsys.readouterr().out
         assert get(f"{url}/v1/model").status == 401
-        response = post(f"{url}/v1/classify", [upload(images / "img0.png")], {"Authorization": "Bearer from-env"})
+        key = {"Authorization": "Bearer from-env"}
+        assert get(f"{url}/v1/model", key).json()["limits"]["max_files"] == 2
+        response = post(f"{url}/v1/classify", [upload(images / "img0.png")], key)
         assert response.status == 200 and response.json()["results"][0]["classification"]
-    finally:
-        watchdog.cancel()
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_serve_main_reports_a_missing_model_in_one_line(tmp_path):

@@ -27,7 +27,7 @@ async function errorText(response) {
 }
 
 async function loadModelInfo() {
-  const response = await fetch("/v1/model", { headers: authHeaders() });
+  const response = await fetch("v1/model", { headers: authHeaders() });
   if (response.status === 401) {
     $("key-box").open = true;
     $("model-info").textContent = "This service needs an API key: enter it below.";
@@ -112,7 +112,7 @@ async function classifyOne(file, body) {
   form.append("files", file, file.name);
   const topK = Math.max(1, parseInt($("top-k").value, 10) || 5);
   try {
-    const response = await fetch("/v1/classify?top_k=" + topK, { method: "POST", body: form, headers: authHeaders() });
+    const response = await fetch("v1/classify?top_k=" + topK, { method: "POST", body: form, headers: authHeaders() });
     if (!response.ok) {
       showError(body, await errorText(response));
       if (response.status === 401) $("key-box").open = true;
