@@ -74,6 +74,7 @@ def prepare(args: argparse.Namespace) -> tuple["uvicorn.Server", socket.socket]:
         print(f"warning: listening on {args.host} without an API key: anyone who reaches it can use the model; "
               f"pass --api-key or set {API_KEY_ENV}", file=sys.stderr)
     host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address
     print(f"serving {model.model_name} ({len(model.class_names or [])} classes) on http://{host}:{port}/ "
           f"(API docs: /docs)", flush=True)
     return build_server(create_app(model, settings), args.log_level, args.root_path), sock

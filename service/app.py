@@ -20,8 +20,10 @@ from service.settings import Settings
 STATIC_DIR = Path(__file__).parent / "static"
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in (
-        (401, "missing or wrong API key"), (413, "upload, file count or image too large"),
-        (422, "an upload is not a readable image, or a parameter is invalid"), (429, "too many requests in progress"))
+        (400, "more files than --max-files in one request"), (401, "missing or wrong API key"),
+        (413, "request body or image too large"),
+        (422, "an upload is not a readable image, or a parameter is invalid"), (429, "too many requests in progress"),
+        (500, "the model failed on the batch"))
 }
 Uploads = Annotated[list[UploadFile], File(description="one or more images (multipart field 'files')")]
 
@@ -70,7 +72,11 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
         problems = "; ".join(f"{'.'.join(str(part) for part in err['loc'])}: {err['msg']}" for err in exc.errors())
         return ServiceError(422, f"invalid request ({problems}); see /docs").response()
 
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:  # uvicorn logs the traceback
+        return ServiceError(500, f"internal error ({type(exc).__name__}: {exc}); see the service's log").response()
+
     app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(Exception, internal_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
 

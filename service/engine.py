@@ -1,6 +1,7 @@
 """The model behind the service: runs batches of decoded uploads and formats the answers of each endpoint."""
 
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -16,6 +17,8 @@ from predictor import ArtistModel
 from service.batcher import DynamicBatcher
 from service.limits import ServiceError, read_images
 from service.settings import Settings
+
+LOG = logging.getLogger("uvicorn.error")  # the server's log
 
 
 def file_version(path: Path | None) -> str:
@@ -55,6 +58,15 @@ class Engine:
             self._pool.shutdown(wait=True)
             Image.MAX_IMAGE_PIXELS = saved_limit
 
+    async def _submit(self, key: Hashable, images: list[Image.Image]) -> list[Any]:
+        """The batcher's results; a failed model call is a 500 for the requests in its batch (logged)."""
+        try:
+            return await self.batcher.submit(key, images)
+        except Exception as err:
+            LOG.error("the model failed on a batch", exc_info=err)
+            raise ServiceError(500, f"the model failed on this batch ({type(err).__name__}: {err}); "
+                                    "see the service's log") from err
+
     def _run(self, key: Hashable, images: list[Image.Image]) -> list[Any]:
         """One model call for a batch: the top-k lists (``("classify", top_k, threshold)``) or feature rows."""
         mode, top_k, threshold = key  # type: ignore[misc]
@@ -76,11 +88,11 @@ class Engine:
                                     "use /v1/features, or start the service with its class_mapping.csv")
         upload_names, images = await self._images(files)
         if not self.multi_label:
-            rankings = await self.batcher.submit(("classify", top_k, threshold), images)
+            rankings = await self._submit(("classify", top_k, threshold), images)
             return [{"file": file, "classification": ranking}
                     for file, ranking in zip(upload_names, rankings, strict=True)]
         # Every label's confidence, then the selection of predict_artist_multilabel.py.
-        rankings = await self.batcher.submit(("classify", len(names), 0.0), images)
+        rankings = await self._submit(("classify", len(names), 0.0), images)
         results = []
         for file, ranking in zip(upload_names, rankings, strict=True):
             confidences = torch.zeros(len(names))
@@ -93,7 +105,7 @@ class Engine:
     async def features(self, files: Sequence[UploadFile]) -> list[dict[str, Any]]:
         """Per upload: its style vector."""
         upload_names, images = await self._images(files)
-        rows = await self.batcher.submit(("cluster", 1, 0.0), images)
+        rows = await self._submit(("cluster", 1, 0.0), images)
         return [{"file": file, "features": row.tolist()} for file, row in zip(upload_names, rows, strict=True)]
 
     def info(self, gallery: bool) -> dict[str, Any]:

@@ -14,7 +14,8 @@ class Settings:
     """Batching, limits and access options of one service.
 
     ``max_upload_mb`` bounds a whole request body, ``max_files`` the images of one request, ``max_pixels`` the
-    width x height of one image (the image loader refuses larger ones as decompression bombs) and ``max_queue`` the
+    width x height of one image (the image loader refuses larger ones as decompression bombs; it is Pillow's
+    process-wide ``MAX_IMAGE_PIXELS`` while the app runs) and ``max_queue`` the
     inference requests in the service at once (queued or running; more get 429). ``api_key`` set: every ``/v1``
     route needs ``Authorization: Bearer <key>``. ``cors_origins``: origins allowed to call the API from a browser.
     """

@@ -22,7 +22,7 @@ import inference_artist
 import predict_artist_multilabel
 import serve
 from data import write_class_mapping
-from predictor import load_model_bundle
+from predictor import ArtistModel, load_model_bundle
 from service import Settings, create_app
 from service.server import bind, build_server
 from utils import UserError
@@ -307,3 +307,14 @@ def test_serve_script_takes_the_api_key_from_the_environment(model_dir, images, 
 def test_serve_main_reports_a_missing_model_in_one_line(tmp_path):
     with pytest.raises(UserError, match="checkpoint not found"):
         serve.main(serve.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "nothing"), "--port", "0"]))
+
+
+def test_a_failing_model_call_is_a_json_500_and_the_service_keeps_serving(artist_model, images):
+    # Class names that do not fit the head: the batch fails inside the model thread (IndexError in the top-k).
+    broken = ArtistModel(artist_model.model, artist_model.transform, ["only one"], device="cpu",
+                         model_name="lsnet_t_artist", data_config=artist_model.data_config)
+    with serving(create_app(broken, Settings(**LIMITS))) as url:
+        response = post(f"{url}/v1/classify", [upload(images / "img0.png")])
+        assert response.status == 500 and "model failed on this batch (IndexError" in response.json()["error"]
+        assert post(f"{url}/v1/features", [upload(images / "img0.png")]).status == 200
+        assert get(f"{url}/readyz").status == 200
