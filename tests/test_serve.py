@@ -3,6 +3,7 @@ limits, every kind of bad upload, the API key and CORS."""
 
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -221,19 +222,26 @@ def test_concurrent_requests_are_batched_and_answer_as_serial(artist_model, imag
     assert health["images"] == len(names) and health["batches"] < len(names), health
 
 
+def wait_for_in_flight(url: str, count: int) -> None:
+    deadline = time.monotonic() + 20
+    while get(f"{url}/healthz").json()["in_flight"] != count:
+        assert time.monotonic() < deadline, f"in_flight never became {count}"
+        time.sleep(0.01)
+
+
 def test_a_busy_service_answers_429(artist_model, images):
-    settings = Settings(**LIMITS, max_queue=1, max_batch=2, max_wait_ms=1500)  # a request waits 1.5 s for company
-    with serving(create_app(artist_model, settings)) as url, ThreadPoolExecutor(1) as pool:
-        first = pool.submit(post, f"{url}/v1/classify", [upload(images / "img0.png")])
-        deadline = time.monotonic() + 10
-        while get(f"{url}/healthz").json()["in_flight"] == 0:
-            assert time.monotonic() < deadline, "the first request never arrived"
-            time.sleep(0.01)
-        busy = post(f"{url}/v1/classify", [upload(images / "img1.png")])
-        assert busy.status == 429 and busy.headers["Retry-After"] == "1"
-        assert "busy" in busy.json()["error"]
-        assert first.result().status == 200
-        assert get(f"{url}/healthz").json()["in_flight"] == 0
+    with serving(create_app(artist_model, Settings(**LIMITS, max_queue=1))) as url:
+        # A client that sends half of its upload and waits keeps one request in progress.
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as slow:
+            slow.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                         b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
+            wait_for_in_flight(url, 1)
+            busy = post(f"{url}/v1/classify", [upload(images / "img1.png")])
+            assert busy.status == 429 and busy.headers["Retry-After"] == "1"
+            assert "busy" in busy.json()["error"] and get(f"{url}/v1/model").status == 200
+        wait_for_in_flight(url, 0)  # the client went away
+        assert post(f"{url}/v1/classify", [upload(images / "img1.png")]).status == 200
 
 
 def test_api_key_guards_v1_only_and_cors_is_off_unless_asked(artist_model, images, server):
