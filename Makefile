@@ -4,15 +4,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint bench demo demo-multilabel clean
+.PHONY: venv test lint bench demo demo-multilabel serve clean
 
 venv: $(STAMP)
 
-# Reinstall only when a requirements or constraints file changed (a second run reuses the venv).
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+# Reinstall only when a requirements, constraints or pyproject file changed (a second run reuses the venv).
+# Every requirements*.txt is installed: the core (requirements.txt), the tests' tools (-dev) and the optional runtimes
+# (-serve: the web service, -retrieval: Faiss search, -deploy: ONNX export and onnxruntime), all pinned by constraints.txt.
+REQUIREMENTS := $(sort $(wildcard requirements*.txt))
+$(STAMP): $(REQUIREMENTS) constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install --quiet $(addprefix -r ,$(REQUIREMENTS)) -c constraints.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
@@ -28,6 +31,12 @@ demo: $(STAMP)
 
 demo-multilabel: $(STAMP)
 	$(PY) tools/run_demo.py --work-dir demo_run --multilabel
+
+# The web service and its page on a model folder (default: the one `make demo` trains), http://127.0.0.1:8000/
+MODEL ?= demo_run/model
+serve: $(STAMP)
+	@test -d $(MODEL) || { echo "error: no model folder $(MODEL); run 'make demo' first or pass MODEL=path/to/model"; exit 2; }
+	$(PY) serve.py --checkpoint $(MODEL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,196 @@
+"""Load check of the web service: N concurrent clients on localhost send a fixed number of classify requests.
+
+    python bench/bench_serve.py                                   # a random lsnet_t_artist at 224 px, 8 clients
+    python bench/bench_serve.py --checkpoint demo_run/model --clients 16 --requests 400
+
+Starts ``serve.py`` on a free 127.0.0.1 port, sends ``--requests`` one-image requests from ``--clients`` threads
+(bounded: every request has a timeout and the whole run ``--time-limit-s``), and reports requests/s, p50/p95
+latency and failed requests; then, with the server stopped, the same images through the predictor directly (one
+image per call, and batches of ``--max-batch``) for comparison.
+"""
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import urllib3
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import model  # noqa: E402,F401  (registers the models)
+from data.class_mapping import write_class_mapping  # noqa: E402
+from predictor import load_model_bundle  # noqa: E402
+from utils import UserError, run_cli  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("bench_serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=None,
+                        help="model folder (default: a randomly initialised lsnet_t_artist with 10 classes)")
+    parser.add_argument("--input-size", type=int, default=224, help="input size of the default model (default: 224)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
+    parser.add_argument("--requests", type=int, default=200, help="requests in all, one image each (default: 200)")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the generated JPEGs (default: 256)")
+    parser.add_argument("--max-batch", type=int, default=32, help="serve.py --max-batch (default: 32)")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="serve.py --max-wait-ms (default: 10)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch threads of the server and of the direct runs (default: torch's, one per core)")
+    parser.add_argument("--time-limit-s", type=float, default=300.0, help="stop sending after this (default: 300)")
+    parser.add_argument("--output", type=Path, default=None, help="also write the report (markdown) here")
+    return parser
+
+
+def random_model_folder(folder: Path, input_size: int) -> Path:
+    """A randomly initialised lsnet_t_artist model folder (the speed does not depend on the weights)."""
+    classes = [f"artist_{i}" for i in range(10)]
+    torch.manual_seed(0)
+    net = timm.create_model("lsnet_t_artist", num_classes=len(classes))
+    torch.save({"model": net.state_dict()}, folder / "model_best.pth")
+    write_class_mapping(folder / "class_mapping.csv", classes)
+    (folder / "config.json").write_text(json.dumps({"model": "lsnet_t_artist", "input_size": input_size}))
+    return folder
+
+
+def make_jpegs(count: int, side: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=90)
+        images.append(buffer.getvalue())
+    return images
+
+
+def start_server(checkpoint: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    """``serve.py`` on a free port; returns the process and its base URL once /readyz answers."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else {})}
+    process = subprocess.Popen(
+        [sys.executable, "serve.py", "--checkpoint", str(checkpoint), "--port", "0", "--log-level", "warning",
+         "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+         "--max-queue", str(max(64, 2 * args.clients))],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    watchdog = threading.Timer(300, process.kill)
+    watchdog.start()
+    line = process.stdout.readline()
+    watchdog.cancel()
+    if " on http://" not in line:
+        process.kill()
+        raise UserError(f"serve.py did not start: {line}{process.stdout.read()[-2000:]}")
+    url = line.split(" on ")[1].split("/ ")[0]
+    threading.Thread(target=process.stdout.read, daemon=True).start()  # a full pipe would block the server
+    http = urllib3.PoolManager(retries=False, timeout=5)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if http.request("GET", f"{url}/readyz").status == 200:
+                return process, url
+        except urllib3.exceptions.HTTPError:
+            time.sleep(0.1)
+    process.kill()
+    raise UserError("serve.py did not become ready within 120 s")
+
+
+def load(url: str, jpegs: list[bytes], args: argparse.Namespace) -> tuple[float, list[float], int]:
+    """Elapsed seconds, per-request latencies (successful ones) and the number of failed requests."""
+    http = urllib3.PoolManager(maxsize=args.clients, retries=False, timeout=60)
+    lock, sent, latencies, failures = threading.Lock(), [0], [], [0]
+    deadline = time.monotonic() + args.time_limit_s
+
+    def client() -> None:
+        while time.monotonic() < deadline:
+            with lock:
+                if sent[0] >= args.requests:
+                    return
+                index = sent[0]
+                sent[0] += 1
+            start = time.perf_counter()
+            try:
+                fields = [("files", (f"img{index}.jpg", jpegs[index % len(jpegs)], "image/jpeg"))]
+                ok = http.request("POST", f"{url}/v1/classify", fields=fields).status == 200
+            except urllib3.exceptions.HTTPError:
+                ok = False
+            with lock:
+                if ok:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    failures[0] += 1
+
+    for index in range(min(4, len(jpegs))):  # warm-up
+        http.request("POST", f"{url}/v1/classify", fields=[("files", ("w.jpg", jpegs[index], "image/jpeg"))])
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        for future in [pool.submit(client) for _ in range(args.clients)]:
+            future.result()
+    return time.perf_counter() - start, latencies, failures[0] + args.requests - sent[0]
+
+
+def direct(checkpoint: Path, jpegs: list[bytes], args: argparse.Namespace) -> tuple[float, float]:
+    """Images/s through the predictor in this process: one image per call, and batches of --max-batch."""
+    artist_model = load_model_bundle(checkpoint, device="cpu")
+    files = [io.BytesIO(jpegs[i % len(jpegs)]) for i in range(args.requests)]
+    artist_model.classify(files[:4])  # warm-up
+    for f in files:
+        f.seek(0)
+    start = time.perf_counter()
+    for f in files:
+        artist_model.classify(f)
+    single = args.requests / (time.perf_counter() - start)
+    for f in files:
+        f.seek(0)
+    start = time.perf_counter()
+    artist_model.run_paths(files, top_k=5, batch_size=args.max_batch, num_workers=2)
+    return single, args.requests / (time.perf_counter() - start)
+
+
+def main(args: argparse.Namespace) -> str:
+    if args.clients < 1 or args.requests < 1:
+        raise UserError("--clients and --requests must be at least 1")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(args.checkpoint) if args.checkpoint else random_model_folder(Path(tmp), args.input_size)
+        jpegs = make_jpegs(16, args.image_size)
+        process, url = start_server(checkpoint, args)
+        try:
+            elapsed, latencies, failed = load(url, jpegs, args)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+        single, batched = direct(checkpoint, jpegs, args)
+    p50, p95 = (np.percentile(latencies, [50, 95]) * 1000) if latencies else (float("nan"),) * 2
+    report = "\n".join([
+        f"# serve.py load check ({args.clients} clients, {args.requests} one-image requests, "
+        f"{args.image_size} px JPEGs, --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g})",
+        "",
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end, torch threads "
+        f"{torch.get_num_threads()}; the direct runs follow the service's, with the server stopped.",
+        "",
+        "| | requests (images)/s | p50 ms | p95 ms | failed |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| service over HTTP | {len(latencies) / elapsed:.1f} | {p50:.0f} | {p95:.0f} | {failed} |",
+        f"| predictor directly, one image per call | {single:.1f} | | | |",
+        f"| predictor directly, batches of {args.max_batch} | {batched:.1f} | | | |",
+        "",
+    ])
+    print(report)
+    if args.output:
+        args.output.write_text(report, encoding="utf-8")
+    if failed:
+        raise UserError(f"{failed} of {args.requests} requests failed")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Serve an artist model over HTTP: a JSON API (classify, style features) and a page to try it in a browser.
+
+Loads the model once; requests arriving together are batched into one model call. Example::
+
+    python serve.py --checkpoint runs/artist            # then open http://127.0.0.1:8000/ (API docs at /docs)
+
+The API, its limits and running it behind a reverse proxy are described in docs/service.md.
+"""
+
+import argparse
+import os
+import socket
+import sys
+from typing import TYPE_CHECKING
+
+from predictor import add_runtime_args, load_model_bundle
+from utils import UserError, run_cli
+
+if TYPE_CHECKING:
+    import uvicorn
+
+API_KEY_ENV = "ARTIST_API_KEY"  # read when --api-key is not given
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True,
+                        help="model folder (model_best.pth + class_mapping.csv + config.json) or checkpoint file")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every network)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--max-batch", type=int, default=32, help="most images in one model call (default: 32)")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0,
+                        help="how long a batch waits for more images after its first (default: 10)")
+    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MB (default: 20)")
+    parser.add_argument("--max-files", type=int, default=16, help="most images in one request (default: 16)")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="most pixels (width x height) of one image (default: Pillow's decompression-bomb "
+                             "limit, about 89 million)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="most inference requests in progress at once; more are answered 429 (default: 64)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' on every /v1 route (default: the {API_KEY_ENV} "
+                             "environment variable; unset: no key)")
+    parser.add_argument("--cors-origin", action="append", default=[],
+                        help="allow a web page from this origin (e.g. https://example.org) to call the API; repeat "
+                             "for more (default: none)")
+    parser.add_argument("--root-path", default="",
+                        help="the sub-path a reverse proxy serves this under, e.g. /artist (default: none)")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    return add_runtime_args(parser)
+
+
+def prepare(args: argparse.Namespace) -> tuple["uvicorn.Server", socket.socket]:
+    """The server for ``args`` and its listening socket (the model is loaded); ``main`` runs it."""
+    try:
+        from service import Settings, create_app
+        from service.server import bind, build_server
+    except ImportError as err:
+        raise UserError(f"the serving packages are missing ({err}); pip install -r requirements-serve.txt") from None
+    overrides = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+    settings = Settings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
+                        max_files=args.max_files, max_queue=args.max_queue, decode_threads=max(1, args.num_workers),
+                        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                        cors_origins=tuple(args.cors_origin), **overrides)
+    sock = bind(args.host, args.port)  # before loading the model: a busy port fails at once
+    try:
+        model = load_model_bundle(args.checkpoint, device=args.device, amp=args.amp, compile=args.compile)
+    except BaseException:
+        sock.close()
+        raise
+    if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host} without an API key: anyone who reaches it can use the model; "
+              f"pass --api-key or set {API_KEY_ENV}", file=sys.stderr)
+    host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address
+    print(f"serving {model.model_name} ({len(model.class_names or [])} classes) on http://{host}:{port}/ "
+          f"(API docs: /docs)", flush=True)
+    return build_server(create_app(model, settings), args.log_level, args.root_path), sock
+
+
+def main(args: argparse.Namespace | None = None) -> None:
+    server, sock = prepare(args if args is not None else get_args_parser().parse_args())
+    server.run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    run_cli(main)

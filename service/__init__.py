@@ -1,0 +1,17 @@
+"""The style-recognition web service: a FastAPI app around one loaded :class:`predictor.ArtistModel`.
+
+``serve.py`` is the command line; programs embed it with::
+
+    from predictor import load_model_bundle
+    from service import Settings, create_app
+
+    app = create_app(load_model_bundle("runs/artists"), Settings(max_batch=16))   # any ASGI server runs it
+
+Requests arriving together are batched into one model call (:mod:`service.batcher`); uploads are checked against
+the :class:`Settings` limits and decoded off the event loop by the project's one image loader (:mod:`service.limits`).
+"""
+
+from service.app import create_app
+from service.settings import Settings
+
+__all__ = ["Settings", "create_app"]

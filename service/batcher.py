@@ -1,0 +1,114 @@
+"""Dynamic batching: images from requests that arrive together go through the model in one call."""
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+# Runs one batch: (key, images) -> one result per image, in order. Called on the batcher's model thread.
+BatchRunner = Callable[[Hashable, list[Image.Image]], Sequence[Any]]
+
+
+@dataclass
+class _Item:
+    key: Hashable
+    image: Image.Image
+    future: asyncio.Future
+
+
+class DynamicBatcher:
+    """Collects images submitted by concurrent requests into batches and runs them on one model thread.
+
+    A batch starts with the first waiting image and takes every image submitted within ``max_wait_s`` after it, up
+    to ``max_batch`` images; its images are grouped by ``key`` (e.g. the computation and top-k asked for) and each
+    group is one ``run`` call. The model thread runs one group at a time, so the model is never called concurrently.
+    """
+
+    def __init__(self, run: BatchRunner, max_batch: int, max_wait_s: float):
+        self._run = run
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self.batches = 0  # model calls so far
+        self.images = 0  # images run so far
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Start the batching task on the running event loop."""
+        self._queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._task = asyncio.create_task(self._serve(), name="batcher")
+
+    async def stop(self) -> None:
+        """Stop batching; images still waiting are cancelled."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        while self._queue is not None and not self._queue.empty():
+            self._queue.get_nowait().future.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    async def submit(self, key: Hashable, images: Sequence[Image.Image]) -> list[Any]:
+        """The results for ``images`` (in order), run in batches with the images of other requests."""
+        if not self.running or self._queue is None:
+            raise RuntimeError("the batcher is not running")
+        loop = asyncio.get_running_loop()
+        items = [_Item(key, image, loop.create_future()) for image in images]
+        for item in items:
+            self._queue.put_nowait(item)
+        return list(await asyncio.gather(*(item.future for item in items)))
+
+    async def _serve(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            await self._fill(batch)
+            await self._run_batch(batch)
+
+    async def _fill(self, batch: list[_Item]) -> None:
+        """Add the images submitted until ``max_wait_s`` after the first one, up to ``max_batch``."""
+        assert self._queue is not None
+        deadline = asyncio.get_running_loop().time() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                return
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        """Run each key's images in one call; hand each request its results or the error."""
+        groups: dict[Hashable, list[_Item]] = defaultdict(list)
+        for item in batch:
+            if not item.future.done():  # a request whose client went away is not computed
+                groups[item.key].append(item)
+        loop = asyncio.get_running_loop()
+        for key, items in groups.items():
+            try:
+                results = await loop.run_in_executor(self._executor, self._run, key, [i.image for i in items])
+            except Exception as err:  # the error goes to the requests of this group; the service keeps serving
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(err)
+                continue
+            finally:
+                self.batches += 1
+                self.images += len(items)
+            for item, result in zip(items, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)

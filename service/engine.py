@@ -1,0 +1,123 @@
+"""The model behind the service: runs batches of decoded uploads and formats the answers of each endpoint."""
+
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, UploadFile
+from PIL import Image
+
+from predict_artist_multilabel import select_labels
+from predictor import ArtistModel
+from service.batcher import DynamicBatcher
+from service.limits import ServiceError, read_images
+from service.settings import Settings
+
+LOG = logging.getLogger("uvicorn.error")  # the server's log
+
+
+def file_version(path: Path | None) -> str:
+    """The first 12 hex digits of a file's SHA-256 (``unknown`` without a file)."""
+    if path is None or not Path(path).is_file():
+        return "unknown"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+class Engine:
+    """One loaded :class:`ArtistModel` serving requests: uploads are decoded on ``settings.decode_threads`` threads,
+    their images batched with those of concurrent requests (:class:`DynamicBatcher`) and run with
+    :meth:`ArtistModel.run_paths`, the computation of ``inference_artist.py``."""
+
+    def __init__(self, model: ArtistModel, settings: Settings):
+        self.model = model
+        self.settings = settings
+        self.multi_label = bool(model.config.get("multi_label"))
+        self.version = file_version(model.checkpoint)
+        self.batcher = DynamicBatcher(self._run, settings.max_batch, settings.max_wait_ms / 1000)
+        self._pool: ThreadPoolExecutor | None = None
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """Start the decoding threads and the batcher; the loader's pixel limit is the service's meanwhile."""
+        saved_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, self.settings.max_pixels
+        self._pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
+        await self.batcher.start()
+        try:
+            yield
+        finally:
+            await self.batcher.stop()
+            self._pool.shutdown(wait=True)
+            Image.MAX_IMAGE_PIXELS = saved_limit
+
+    async def _submit(self, key: Hashable, images: list[Image.Image]) -> list[Any]:
+        """The batcher's results; a failed model call is a 500 for the requests in its batch (logged)."""
+        try:
+            return await self.batcher.submit(key, images)
+        except Exception as err:
+            LOG.error("the model failed on a batch", exc_info=err)
+            raise ServiceError(500, f"the model failed on this batch ({type(err).__name__}: {err}); "
+                                    "see the service's log") from err
+
+    def _run(self, key: Hashable, images: list[Image.Image]) -> list[Any]:
+        """One model call for a batch: the top-k lists (``("classify", top_k, threshold)``) or feature rows."""
+        mode, top_k, threshold = key  # type: ignore[misc]
+        # Threads resize the images in turns with a CPU model; a GPU model resizes them itself (no worker processes).
+        workers = self.settings.decode_threads if self.model.device.type == "cpu" else 0
+        result = self.model.run_paths(images, mode, top_k=top_k, threshold=threshold, batch_size=len(images),
+                                      num_workers=workers, skip_unreadable=False)
+        return result.classifications if mode == "classify" else list(result.features)
+
+    async def _images(self, files: Sequence[UploadFile]) -> tuple[list[str], list[Image.Image]]:
+        assert self._pool is not None, "the engine runs inside its app's lifespan"
+        return await read_images(files, self._pool)
+
+    async def classify(self, files: Sequence[UploadFile], top_k: int, threshold: float) -> list[dict[str, Any]]:
+        """Per upload: ``classification`` (single-label) or ``labels`` with ratios (multi-label)."""
+        names = self.model.class_names
+        if names is None:
+            raise ServiceError(400, f"{self.model.checkpoint} has no class names, so it cannot classify; "
+                                    "use /v1/features, or start the service with its class_mapping.csv")
+        upload_names, images = await self._images(files)
+        if not self.multi_label:
+            rankings = await self._submit(("classify", top_k, threshold), images)
+            return [{"file": file, "classification": ranking}
+                    for file, ranking in zip(upload_names, rankings, strict=True)]
+        # Every label's confidence, then the selection of predict_artist_multilabel.py.
+        rankings = await self._submit(("classify", len(names), 0.0), images)
+        results = []
+        for file, ranking in zip(upload_names, rankings, strict=True):
+            confidences = torch.zeros(len(names))
+            for entry in ranking:
+                confidences[entry["class_id"]] = entry["probability"]
+            results.append({"file": file,
+                            "labels": select_labels(confidences, names, top_k, threshold, normalize_ratio=True)})
+        return results
+
+    async def features(self, files: Sequence[UploadFile]) -> list[dict[str, Any]]:
+        """Per upload: its style vector."""
+        upload_names, images = await self._images(files)
+        rows = await self._submit(("cluster", 1, 0.0), images)
+        return [{"file": file, "features": row.tolist()} for file, row in zip(upload_names, rows, strict=True)]
+
+    def info(self, gallery: bool) -> dict[str, Any]:
+        """What ``GET /v1/model`` reports."""
+        model, settings = self.model, self.settings
+        return {
+            "model": model.model_name, "classes": model.class_names,
+            "num_classes": None if model.class_names is None else len(model.class_names),
+            "multi_label": self.multi_label, "input_size": model.input_size, "feature_dim": model.feature_dim,
+            "checkpoint": Path(model.checkpoint).name if model.checkpoint else "", "version": self.version,
+            "gallery": gallery,
+            "limits": {"max_files": settings.max_files, "max_upload_mb": settings.max_upload_mb,
+                       "max_pixels": settings.max_pixels, "max_batch": settings.max_batch,
+                       "max_queue": settings.max_queue},
+        }

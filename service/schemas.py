@@ -1,0 +1,75 @@
+"""The JSON answers of the service (they also document the API at /docs)."""
+
+from pydantic import BaseModel, Field
+
+
+class ClassScore(BaseModel):
+    """One of an image's top-k artists, as ``inference_artist.py`` reports it."""
+
+    class_id: int
+    class_name: str
+    probability: float = Field(description="softmax probability (sigmoid confidence for a multi-label model)")
+
+
+class LabelScore(BaseModel):
+    """One label of a multi-label model, as ``predict_artist_multilabel.py --normalize-ratio`` reports it."""
+
+    label: str
+    confidence: float = Field(description="sigmoid confidence of this label")
+    ratio: float = Field(description="share of this label in the kept labels' confidence sum (they sum to 1)")
+
+
+class FileClassification(BaseModel):
+    file: str = Field(description="the upload's file name")
+    classification: list[ClassScore] | None = Field(None, description="single-label models: top-k artists")
+    labels: list[LabelScore] | None = Field(None, description="multi-label models: top-k labels with ratios")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    multi_label: bool
+    results: list[FileClassification]
+
+
+class FileFeatures(BaseModel):
+    file: str
+    features: list[float] = Field(description="the style vector (float32 values, feature_dim of them)")
+
+
+class FeaturesResponse(BaseModel):
+    model: str
+    feature_dim: int
+    results: list[FileFeatures]
+
+
+class Limits(BaseModel):
+    max_files: int = Field(description="images per request")
+    max_upload_mb: float = Field(description="size of one request body")
+    max_pixels: int = Field(description="width x height of one image")
+    max_batch: int = Field(description="images per model call")
+    max_queue: int = Field(description="inference requests in progress at once; more get 429")
+
+
+class ModelInfo(BaseModel):
+    model: str = Field(description="architecture")
+    classes: list[str] | None = Field(description="class (artist) names in class-id order; null: features only")
+    num_classes: int | None
+    multi_label: bool
+    input_size: int
+    feature_dim: int
+    checkpoint: str = Field(description="checkpoint file name")
+    version: str = Field(description="first 12 hex digits of the checkpoint file's SHA-256")
+    gallery: bool = Field(description="whether a gallery is loaded (POST /v1/similar)")
+    limits: Limits
+
+
+class Health(BaseModel):
+    status: str
+    in_flight: int = Field(description="inference requests in progress")
+    batches: int = Field(description="model calls since start")
+    images: int = Field(description="images run since start")
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="what is wrong and what to do, one line")
+    file: str | None = Field(description="the upload it is about, if one")

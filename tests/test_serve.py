@@ -1,0 +1,328 @@
+"""serve.py and the service package on a real uvicorn: every endpoint, answers equal to the scripts', batching, the
+limits, every kind of bad upload, the API key and CORS."""
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import imagegen as gen
+import numpy as np
+import pytest
+import torch
+import urllib3
+from PIL import Image
+from test_inference import make_model
+
+import inference_artist
+import predict_artist_multilabel
+import serve
+from data import write_class_mapping
+from predictor import ArtistModel, load_model_bundle
+from service import Settings, create_app
+from service.server import bind, build_server
+from utils import UserError
+
+CLASSES = ["Alice Artist", "Bob, the Painter", "Chloé"]
+LABELS = ["Alice Artist", "Bob, the Painter", "Chloé", "d", "e"]
+SIZE = 64
+# Small limits, so that the tests reach each one with small files.
+LIMITS = {"max_files": 3, "max_upload_mb": 0.25, "max_pixels": 300 * 300}
+HTTP = urllib3.PoolManager(timeout=urllib3.Timeout(total=60), retries=False)
+
+
+def write_model_folder(folder: Path, classes: list[str], multi_label: bool = False) -> Path:
+    """A randomly initialised lsnet_t_artist model folder at 64 px, as training writes it."""
+    net = make_model(num_classes=len(classes), feature_dim=16)
+    if multi_label:
+        with torch.no_grad():
+            net.head.l.weight.mul_(0.2)  # confidences spread over (0, 1)
+    config = {"model": "lsnet_t_artist", "num_classes": len(classes), "feature_dim": 16, "input_size": SIZE,
+              "multi_label": multi_label}
+    folder.mkdir(parents=True)
+    torch.save({"model": net.state_dict(), "class_names": classes, "config": config}, folder / "model_best.pth")
+    write_class_mapping(folder / "class_mapping.csv", classes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return write_model_folder(tmp_path_factory.mktemp("serve") / "model", CLASSES)
+
+
+@pytest.fixture(scope="session")
+def artist_model(model_dir):
+    return load_model_bundle(model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("serve_images")
+    for seed, size in enumerate([(90, 70), (70, 90), (120, 60), (64, 64), (80, 100), (100, 80)]):
+        gen.noise_image(folder / f"img{seed}.png", size, seed=seed)
+    gen.noise_image(folder / "photo.jpg", (96, 72), seed=10)
+    return folder
+
+
+@contextmanager
+def running(server, sock) -> Iterator[str]:
+    """Run a uvicorn ``server`` on the listening ``sock`` in a thread; yields its base URL."""
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Run ``app`` on a real uvicorn on a free 127.0.0.1 port; yields its base URL."""
+    with running(build_server(app, log_level="warning"), bind("127.0.0.1", 0)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def server(artist_model) -> Iterator[str]:
+    with serving(create_app(artist_model, Settings(**LIMITS))) as url:
+        yield url
+
+
+def post(url: str, files: list[tuple[str, bytes]], headers: dict[str, str] | None = None):
+    """POST ``files`` as the multipart field 'files'; returns the response (``.status``, ``.json()``)."""
+    fields = [("files", (name, data, "application/octet-stream")) for name, data in files]
+    return HTTP.request("POST", url, fields=fields, headers=headers)
+
+
+def get(url: str, headers: dict[str, str] | None = None):
+    return HTTP.request("GET", url, headers=headers)
+
+
+def upload(path: Path) -> tuple[str, bytes]:
+    return path.name, path.read_bytes()
+
+
+def assert_same_classification(ours: list[dict], reference: list[dict]) -> None:
+    """The same classes in the same order; probabilities equal up to float32 rounding (batches of other sizes
+    round differently)."""
+    assert [e["class_id"] for e in ours] == [e["class_id"] for e in reference]
+    assert [e["class_name"] for e in ours] == [e["class_name"] for e in reference]
+    np.testing.assert_allclose([e["probability"] for e in ours], [e["probability"] for e in reference],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_classify_answers_as_inference_artist(server, model_dir, artist_model, images, tmp_path):
+    names = ["photo.jpg", "img0.png"]
+    response = post(f"{server}/v1/classify?top_k=2", [upload(images / n) for n in names])
+    assert response.status == 200, response.data
+    body = response.json()
+    assert body["model"] == "lsnet_t_artist" and body["multi_label"] is False
+    assert [r["file"] for r in body["results"]] == names
+    assert all(set(result) == {"file", "classification"} for result in body["results"])
+    inference_artist.main(inference_artist.get_args_parser().parse_args(
+        ["--checkpoint", str(model_dir), "--input", str(images / "photo.jpg"), "--output", str(tmp_path),
+         "--top-k", "2", "--device", "cpu", "--num-workers", "0"]))
+    script = json.loads((tmp_path / "photo_result.json").read_text(encoding="utf-8"))
+    assert len(script["classification"]) == 2
+    assert_same_classification(body["results"][0]["classification"], script["classification"])
+    assert_same_classification(body["results"][1]["classification"], artist_model.classify(images / "img0.png", 2))
+
+
+def test_features_are_the_predictors(server, artist_model, images):
+    response = post(f"{server}/v1/features", [upload(images / "img1.png"), upload(images / "img2.png")])
+    assert response.status == 200, response.data
+    body = response.json()
+    assert body["feature_dim"] == 16 and [r["file"] for r in body["results"]] == ["img1.png", "img2.png"]
+    expected = artist_model.extract_features([images / "img1.png", images / "img2.png"])
+    np.testing.assert_allclose([r["features"] for r in body["results"]], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_model_health_page_and_docs(server, model_dir):
+    info = get(f"{server}/v1/model").json()
+    assert info["model"] == "lsnet_t_artist" and info["classes"] == CLASSES and info["num_classes"] == 3
+    assert info["input_size"] == SIZE and info["feature_dim"] == 16 and info["multi_label"] is False
+    assert info["checkpoint"] == "model_best.pth" and len(info["version"]) == 12 and info["gallery"] is False
+    assert info["limits"]["max_files"] == 3 and info["limits"]["max_pixels"] == 300 * 300
+    health = get(f"{server}/healthz").json()
+    assert health["status"] == "ok" and health["in_flight"] == 0
+    assert get(f"{server}/readyz").json() == {"status": "ready"}
+    page = get(f"{server}/")
+    assert page.status == 200 and b'src="static/app.js"' in page.data  # relative: works under a proxy's sub-path
+    assert get(f"{server}/static/app.js").status == 200 and get(f"{server}/static/style.css").status == 200
+    assert get(f"{server}/static/../../serve.py").status == 404
+    assert b"swagger" in get(f"{server}/docs").data.lower()
+    paths = get(f"{server}/openapi.json").json()["paths"]
+    assert {"/v1/classify", "/v1/features", "/v1/model", "/healthz", "/readyz"} <= set(paths)
+
+
+def _bad_uploads(images: Path, tmp: Path) -> dict[str, tuple[list[tuple[str, bytes]], int, str, str | None]]:
+    """Case name: (uploads, expected status, words of the error, the file it names)."""
+    good = upload(images / "img0.png")
+    truncated = gen.truncated_jpeg(tmp / "cut.jpg")
+    bomb = gen.bomb_png(tmp / "bomb.png")
+    big = tmp / "huge.png"
+    Image.new("RGB", (320, 320), gen.RED).save(big)  # over 300 x 300 pixels, a few bytes
+    return {
+        "not an image": ([good, ("notes.png", b"this is not an image\n")], 422, "not an image", "notes.png"),
+        "truncated": ([upload(truncated)], 422, "truncated", "cut.jpg"),
+        "empty": ([("empty.png", b"")], 422, "empty file", "empty.png"),
+        "decompression bomb": ([upload(bomb)], 413, "too large", "bomb.png"),
+        "too many pixels": ([upload(big)], 413, "too large", "huge.png"),
+        "oversized": ([("big.png", os.urandom(300 * 1024))], 413, "0.25 mb limit", None),
+        "too many files": ([good] * 4, 400, "too many files", None),
+        "no files": ([], 422, "files", None),
+    }
+
+
+def test_every_bad_upload_is_a_4xx_naming_the_file_and_the_service_keeps_serving(server, images, tmp_path):
+    for case, (files, status, words, file) in _bad_uploads(images, tmp_path).items():
+        for endpoint in ("classify", "features"):
+            response = post(f"{server}/v1/{endpoint}", files)
+            assert response.status == status, (case, response.data)
+            body = response.json()
+            assert words in body["error"].lower() and body["file"] == file, (case, body)
+            if file is not None:
+                assert body["error"].startswith(f"{file}: "), body
+            assert "\n" not in body["error"]
+        # the same connection pool and the same service go on answering
+        assert post(f"{server}/v1/classify", [upload(images / "img0.png")]).status == 200, case
+
+
+def test_an_oversized_upload_without_content_length_is_stopped_while_read(server, images):
+    body, content_type = urllib3.encode_multipart_formdata([("files", ("big.png", os.urandom(300 * 1024)))])
+    chunks = (body[i:i + 16384] for i in range(0, len(body), 16384))
+    response = HTTP.request("POST", f"{server}/v1/classify", body=chunks, chunked=True,
+                            headers={"Content-Type": content_type})
+    assert response.status == 413 and "0.25 MB limit" in response.json()["error"]
+    assert post(f"{server}/v1/classify", [upload(images / "img0.png")]).status == 200
+
+
+def test_concurrent_requests_are_batched_and_answer_as_serial(artist_model, images):
+    names = [f"img{i}.png" for i in range(6)]
+    serial = [artist_model.classify(images / name, top_k=3) for name in names]
+    settings = Settings(**LIMITS, max_batch=8, max_wait_ms=400)
+    with serving(create_app(artist_model, settings)) as url, ThreadPoolExecutor(len(names)) as pool:
+        responses = list(pool.map(lambda n: post(f"{url}/v1/classify?top_k=3", [upload(images / n)]), names))
+        health = get(f"{url}/healthz").json()
+    assert [r.status for r in responses] == [200] * len(names)
+    for response, expected in zip(responses, serial, strict=True):
+        assert_same_classification(response.json()["results"][0]["classification"], expected)
+    assert health["images"] == len(names) and health["batches"] < len(names), health
+
+
+def wait_for_in_flight(url: str, count: int) -> None:
+    deadline = time.monotonic() + 20
+    while get(f"{url}/healthz").json()["in_flight"] != count:
+        assert time.monotonic() < deadline, f"in_flight never became {count}"
+        time.sleep(0.01)
+
+
+def test_a_busy_service_answers_429(artist_model, images):
+    with serving(create_app(artist_model, Settings(**LIMITS, max_queue=1))) as url:
+        # A client that sends half of its upload and waits keeps one request in progress.
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as slow:
+            slow.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                         b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
+            wait_for_in_flight(url, 1)
+            busy = post(f"{url}/v1/classify", [upload(images / "img1.png")])
+            assert busy.status == 429 and busy.headers["Retry-After"] == "1"
+            assert "busy" in busy.json()["error"] and get(f"{url}/v1/model").status == 200
+        wait_for_in_flight(url, 0)  # the client went away
+        assert post(f"{url}/v1/classify", [upload(images / "img1.png")]).status == 200
+
+
+def test_api_key_guards_v1_only_and_cors_is_off_unless_asked(artist_model, images, server):
+    settings = Settings(**LIMITS, api_key="s3cret key", cors_origins=("https://example.org",))
+    with serving(create_app(artist_model, settings)) as url:
+        for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0IGtleQ=="}):
+            response = get(f"{url}/v1/model", headers)
+            assert response.status == 401 and response.headers["WWW-Authenticate"] == "Bearer"
+            assert "api key" in response.json()["error"].lower()
+            assert post(f"{url}/v1/classify", [upload(images / "img0.png")], headers).status == 401
+        key = {"Authorization": "Bearer s3cret key"}
+        assert get(f"{url}/v1/model", key).status == 200
+        assert post(f"{url}/v1/classify", [upload(images / "img0.png")], key).status == 200
+        assert get(f"{url}/healthz").status == 200 and get(f"{url}/").status == 200
+        preflight = {"Origin": "https://example.org", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization"}
+        allowed = HTTP.request("OPTIONS", f"{url}/v1/classify", headers=preflight)
+        assert allowed.headers.get("Access-Control-Allow-Origin") == "https://example.org"
+        other = HTTP.request("OPTIONS", f"{url}/v1/classify", headers={**preflight, "Origin": "https://evil.test"})
+        assert "Access-Control-Allow-Origin" not in other.headers
+    default = HTTP.request("OPTIONS", f"{server}/v1/classify", headers=preflight)
+    assert "Access-Control-Allow-Origin" not in default.headers
+    assert "Access-Control-Allow-Origin" not in get(f"{server}/v1/model", {"Origin": "https://example.org"}).headers
+
+
+def test_multilabel_model_answers_as_predict_artist_multilabel(tmp_path, images):
+    folder = write_model_folder(tmp_path / "ml", LABELS, multi_label=True)
+    with serving(create_app(load_model_bundle(folder, device="cpu"), Settings(**LIMITS))) as url:
+        response = post(f"{url}/v1/classify?top_k=3&threshold=0.2", [upload(images / "img3.png")])
+        info = get(f"{url}/v1/model").json()
+    assert response.status == 200 and info["multi_label"] is True
+    result = response.json()["results"][0]
+    assert set(result) == {"file", "labels"}
+    record = predict_artist_multilabel.main(predict_artist_multilabel.get_args_parser().parse_args(
+        ["--checkpoint", str(folder), "--inputs", str(images / "img3.png"), "--output", str(tmp_path / "p.json"),
+         "--top-k", "3", "--threshold", "0.2", "--normalize-ratio", "--device", "cpu", "--num-workers", "0"]))
+    expected = next(iter(record["results"].values()))["labels"]
+    assert [e["label"] for e in result["labels"]] == [e["label"] for e in expected]
+    for key in ("confidence", "ratio"):
+        np.testing.assert_allclose([e[key] for e in result["labels"]], [e[key] for e in expected], rtol=1e-5)
+    assert expected and sum(e["ratio"] for e in result["labels"]) == pytest.approx(1.0)
+
+
+def test_settings_and_addresses_are_checked():
+    with pytest.raises(UserError, match="--max-batch must be at least 1"):
+        Settings(max_batch=0)
+    with pytest.raises(UserError, match="API key is empty"):
+        Settings(api_key=" ")
+    sock = bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(UserError, match="cannot listen on 127.0.0.1"):
+            bind("127.0.0.1", sock.getsockname()[1])
+    finally:
+        sock.close()
+    assert serve.get_args_parser().parse_args(["--checkpoint", "m"]).host == "127.0.0.1"
+
+
+def test_serve_script_takes_the_api_key_from_the_environment(model_dir, images, monkeypatch, capsys):
+    monkeypatch.setenv("ARTIST_API_KEY", "from-env")
+    args = serve.get_args_parser().parse_args(["--checkpoint", str(model_dir), "--port", "0", "--device", "cpu",
+                                               "--log-level", "warning", "--max-files", "2"])
+    with running(*serve.prepare(args)) as url:
+        assert f"serving lsnet_t_artist (3 classes) on {url}/" in capsys.readouterr().out
+        assert get(f"{url}/v1/model").status == 401
+        key = {"Authorization": "Bearer from-env"}
+        assert get(f"{url}/v1/model", key).json()["limits"]["max_files"] == 2
+        response = post(f"{url}/v1/classify", [upload(images / "img0.png")], key)
+        assert response.status == 200 and response.json()["results"][0]["classification"]
+
+
+def test_serve_main_reports_a_missing_model_in_one_line(tmp_path):
+    with pytest.raises(UserError, match="checkpoint not found"):
+        serve.main(serve.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "nothing"), "--port", "0"]))
+
+
+def test_a_failing_model_call_is_a_json_500_and_the_service_keeps_serving(artist_model, images):
+    # Class names that do not fit the head: the batch fails inside the model thread (IndexError in the top-k).
+    broken = ArtistModel(artist_model.model, artist_model.transform, ["only one"], device="cpu",
+                         model_name="lsnet_t_artist", data_config=artist_model.data_config)
+    with serving(create_app(broken, Settings(**LIMITS))) as url:
+        response = post(f"{url}/v1/classify", [upload(images / "img0.png")])
+        assert response.status == 500 and "model failed on this batch (IndexError" in response.json()["error"]
+        assert post(f"{url}/v1/features", [upload(images / "img0.png")]).status == 200
+        assert get(f"{url}/readyz").status == 200

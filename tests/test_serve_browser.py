@@ -1,0 +1,87 @@
+"""The page of serve.py in a real headless Chromium (Selenium): pick an image, read the top artist from the page."""
+
+import shutil
+from collections.abc import Iterator
+
+import imagegen as gen
+import pytest
+from test_serve import CLASSES, serving, write_model_folder
+
+from predictor import load_model_bundle
+from service import Settings, create_app
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed "
+                                "(pip install -r requirements-serve.txt)")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+BROWSER = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    BROWSER is None or DRIVER is None,
+    reason="no Chromium with chromedriver installed (Debian: apt-get install chromium chromium-driver)")
+WAIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory) -> Iterator[tuple[str, object]]:
+    """The service's URL and the loaded model behind it."""
+    model = load_model_bundle(write_model_folder(tmp_path_factory.mktemp("browser") / "model", CLASSES),
+                              device="cpu")
+    with serving(create_app(model, Settings(max_files=4))) as url:
+        yield url, model
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = BROWSER
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1200,900"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
+    driver.set_page_load_timeout(WAIT_S)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _card(browser, file_name: str):
+    """The result card of ``file_name`` once its request has finished."""
+    def finished(driver):
+        for card in driver.find_elements(By.CSS_SELECTOR, f'article.card[data-file="{file_name}"]'):
+            if not card.find_elements(By.CSS_SELECTOR, ".pending"):
+                return card
+        return False
+
+    return WebDriverWait(browser, WAIT_S).until(finished)
+
+
+def test_page_shows_the_top_artist_of_an_uploaded_image(page, browser, tmp_path):
+    url, model = page
+    image = gen.noise_image(tmp_path / "painting.png", (150, 110), seed=7)
+    browser.get(url + "/")
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: "lsnet_t_artist" in d.find_element(By.ID, "model-info").text)
+    browser.find_element(By.ID, "file-input").send_keys(str(image))
+    card = _card(browser, "painting.png")
+    names = [e.text for e in card.find_elements(By.CSS_SELECTOR, ".scores .name")]
+    expected = model.classify(image, top_k=5)
+    assert names == [e["class_name"] for e in expected]
+    assert card.find_element(By.CSS_SELECTOR, ".scores .value").text == f"{expected[0]['probability'] * 100:.1f}%"
+    bar = card.find_element(By.CSS_SELECTOR, ".scores .bar span")
+    assert bar.get_attribute("style").startswith("width:")
+
+
+def test_page_shows_why_a_file_is_refused_and_fits_a_phone(page, browser, tmp_path):
+    url, _ = page
+    broken = gen.text_file(tmp_path / "scan.png")
+    browser.set_window_size(390, 844)
+    browser.get(url + "/")
+    browser.find_element(By.ID, "file-input").send_keys(str(broken))
+    error = _card(browser, "scan.png").find_element(By.CSS_SELECTOR, ".error").text
+    assert error.startswith("scan.png: not an image")
+    assert "could not be classified" in browser.find_element(By.ID, "status").text
+    width = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+    assert width[0] <= width[1], f"the page is wider than a phone: {width}"
