@@ -5,14 +5,11 @@ Example:
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.multilabel import collect_labeled_images, report_unusable_images, write_multilabel_csv  # noqa: E402
-from data.prepare import confirm_overwrite  # noqa: E402
-from utils import UserError, run_cli  # noqa: E402
+from data.multilabel import collect_labeled_images, report_unusable_images, write_multilabel_csv
+from data.prepare import confirm_overwrite
+from utils import UserError, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from utils import UserError, run_cli
 
-from utils import UserError, run_cli  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
