@@ -3,35 +3,23 @@
     python flops.py --model lsnet_t lsnet_s lsnet_b        # 0.3 / 0.5 / 1.3 GFLOPs at 224, as in the paper
     python flops.py --model lsnet_t_artist --resolution 448 --num-classes 100 --by-operator
 
-FLOPs are fvcore's counts, where one multiply-add is one FLOP (the convention of the paper). fvcore traces the model
-with ``torch.jit`` and knows nothing of SKA, a custom autograd Function: :func:`ska_flop_handle` counts it as k*k
-multiply-adds per output element. The model is counted as trained (BatchNorms unfused, as the paper's figures are);
-``--fused`` counts the inference model of ``timm.utils.reparameterize_model`` instead (about 1% fewer FLOPs).
+FLOPs are fvcore's counts, where one multiply-add is one FLOP (the convention of the paper); SKA, a custom autograd
+Function fvcore knows nothing of, is counted as k*k multiply-adds per output element (``perf.flop_count``). The model
+is counted as trained (BatchNorms unfused, as the paper's figures are); ``--fused`` counts the inference model of
+``timm.utils.reparameterize_model`` instead (about 1% fewer FLOPs).
 """
 
 import argparse
-import math
-import warnings
 from collections import Counter
 from typing import Any
 
 import timm
 import torch
 from timm.utils import reparameterize_model
-from torch import nn
 
 import model  # noqa: F401  (registers the LSNet models with timm)
+from perf.flop_count import count_flops, count_params
 from utils import UserError, run_cli
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)  # fvcore compiles a loss with the deprecated torch.jit.script
-    from fvcore.nn import FlopCountAnalysis
-    from fvcore.nn.jit_handles import get_shape
-
-__all__ = ["SKA_OPS", "count_flops", "count_params", "get_args_parser", "main", "ska_flop_handle"]
-
-# Names of the SKA autograd Functions in a torch.jit trace, as fvcore reports them (portable path, Triton kernels).
-SKA_OPS = ("prim::PythonOp._SKAFunction", "prim::PythonOp._SKATritonFunction")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,33 +30,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fused", action="store_true", help="count the BatchNorm-fused inference model")
     parser.add_argument("--by-operator", action="store_true", help="also print the FLOPs of every operator type")
     return parser
-
-
-def ska_flop_handle(inputs: list[Any], outputs: list[Any]) -> int:
-    """FLOPs of one SKA call: x (N, C, H, W) and w (N, G, k*k, H, W) give N*C*H*W*k*k multiply-adds."""
-    return math.prod(get_shape(outputs[0])) * get_shape(inputs[1])[2]
-
-
-def count_flops(net: nn.Module, inputs: tuple[torch.Tensor, ...]) -> FlopCountAnalysis:
-    """fvcore's analysis of ``net(*inputs)`` with the SKA handle registered; evaluated here, so errors surface early.
-
-    Raises:
-        RuntimeError: the trace holds a custom Python op fvcore cannot count (e.g. SKA renamed): the total would
-            silently leave it out.
-    """
-    analysis = FlopCountAnalysis(net, inputs).set_op_handle(**{op: ska_flop_handle for op in SKA_OPS})
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit deprecation and tracer warnings
-        analysis.total()
-    python_ops = sorted(op for op in analysis.unsupported_ops() if op.startswith("prim::PythonOp"))
-    if python_ops:
-        raise RuntimeError(f"fvcore cannot count the custom ops {python_ops}; register a handle for them in flops.py")
-    return analysis
-
-
-def count_params(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
 
 
 def _format_by_operator(by_operator: Counter) -> str:

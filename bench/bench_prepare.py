@@ -8,18 +8,15 @@ and the time to write and read a scan cache of ``--cache-entries`` entries (what
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from data.prepare import prepare_dataset  # noqa: E402
-from data.scan import CACHE_FILE, ScanCache, default_workers, verify_images  # noqa: E402
+from data.prepare import prepare_dataset
+from data.scan import CACHE_FILE, ScanCache, default_workers, verify_images
 
 
 def get_args_parser() -> argparse.ArgumentParser:

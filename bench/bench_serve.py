@@ -27,12 +27,12 @@ import torch
 import urllib3
 from PIL import Image
 
+import model  # noqa: F401  (registers the models)
+from data.class_mapping import write_class_mapping
+from predictor import load_model_bundle
+from utils import UserError, run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import model  # noqa: E402,F401  (registers the models)
-from data.class_mapping import write_class_mapping  # noqa: E402
-from predictor import load_model_bundle  # noqa: E402
-from utils import UserError, run_cli  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -15,59 +15,53 @@ import argparse
 import functools
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.ska import HAS_TRITON, ska  # noqa: E402
-from speed import transient_peak_bytes  # noqa: E402
-
-MIB = 2**20
+from model.ska import HAS_TRITON, ska
+from perf.benchmark import MIB
+from perf.probes import synchronize, transient_peak_bytes
 
 
-def parse_args() -> argparse.Namespace:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--channels", type=int, default=256)
-    parser.add_argument("--size", type=int, default=14, help="height and width")
-    parser.add_argument("--kernel", type=int, default=3)
-    parser.add_argument("--groups", type=int, default=None, help="weight groups G (default: channels // 8)")
+    layer = parser.add_argument_group("the SKA layer",
+                                      "x (batch, channels, size, size), w (batch, groups, kernel^2, size, size)")
+    layer.add_argument("--batch", type=int, default=32)
+    layer.add_argument("--channels", type=int, default=256)
+    layer.add_argument("--size", type=int, default=14, help="height and width")
+    layer.add_argument("--kernel", type=int, default=3)
+    layer.add_argument("--groups", type=int, default=None, help="weight groups G (default: channels // 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--output", type=Path, default=None, help="markdown file to append the table to")
-    return parser.parse_args()
+    return parser
 
 
 def median_ms(fns: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int) -> dict[str, float]:
     """Median wall time of each function; the functions take turns so that load changes hit them alike."""
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            sync()
+            synchronize(device)
             start = time.perf_counter()
             fn()
-            sync()
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def main() -> None:
-    args = parse_args()
+    args = get_args_parser().parse_args()
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

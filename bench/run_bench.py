@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,23 +35,22 @@ from PIL import Image
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import flops  # noqa: E402
-import inference_artist  # noqa: E402
-import speed  # noqa: E402
-from data.class_mapping import write_class_mapping  # noqa: E402
-from data.images import load_image  # noqa: E402
-from model.ska import HAS_TRITON  # noqa: E402
-from predictor import ArtistModel, load_model_bundle  # noqa: E402
-from utils import UserError, run_cli  # noqa: E402
+from data.class_mapping import write_class_mapping
+from data.images import load_image
+from model.ska import HAS_TRITON
+from perf.benchmark import Result, Workload, benchmark, format_table
+from perf.flop_count import count_flops, count_params
+from perf.models import build_model
+from perf.probes import memory_method, quiet_stderr
+from perf.report import Row, parse_markdown_table, spread
+from perf.workloads import describe_run, parse_speed_args, setup
+from predictor import ArtistModel, add_runtime_args, load_model_bundle
+from utils import UserError, run_cli
 
+ROOT = Path(__file__).resolve().parents[1]
 MODEL = "lsnet_t_artist"
 PAPER_GPU_IMAGES_PER_S = {"lsnet_t": 14708, "lsnet_s": 9023, "lsnet_b": 3996}  # RTX 3090, batch 2048, fp16
 PAPER_GFLOPS = {"lsnet_t": 0.3, "lsnet_s": 0.5, "lsnet_b": 1.3}
-# Largest max/min images/s over the repeats of a compared entry for which a verdict is trusted: on an idle machine
-# repeats agree within a few percent; a wider spread means other processes took the CPU during part of the run.
-MAX_SPREAD = 1.5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -61,47 +59,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per entry (medians are reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per entry before timing")
     parser.add_argument("--images", type=int, default=256, help="JPEG files for the directory-inference target")
-    parser.add_argument("--workers", type=int, default=inference_artist.get_args_parser().get_default("num_workers"),
+    workers = add_runtime_args(argparse.ArgumentParser()).get_default("num_workers")
+    parser.add_argument("--workers", type=int, default=workers,
                         help="image-decoding workers for directory inference (default: inference_artist.py's, "
                              "%(default)s here)")
     parser.add_argument("--gpu", action="store_true", help="also measure the GPU rows (CUDA device required)")
     return parser
-
-
-@dataclass
-class Row:
-    """One line of the targets table."""
-
-    target: str
-    description: str
-    measured: str
-    ratio: float
-    required: float
-    command: str
-    at_most: bool = False  # the ratio must stay at or below ``required`` (memory) instead of reaching it
-    why: str = ""  # measured explanation, reported when the target is missed
-    spread: float = 1.0  # largest max/min images/s over the repeats of the compared entries
-
-    @property
-    def passed(self) -> bool:
-        return self.ratio <= self.required if self.at_most else self.ratio >= self.required
-
-    @property
-    def reliable(self) -> bool:
-        return self.spread <= MAX_SPREAD
-
-    @property
-    def verdict(self) -> str:
-        verdict = "pass" if self.passed else f"**miss** ({self.ratio / self.required - 1:+.0%} vs required)"
-        if not self.reliable:
-            verdict = (f"**unreliable** ({verdict} at the medians, but repeats vary up to {self.spread:.1f}x: the "
-                       "machine was busy; rerun on an idle one)")
-        return verdict
-
-    def markdown(self) -> str:
-        bound = "<=" if self.at_most else ">="
-        return (f"| {self.target} | {self.description} | {self.measured} | {self.ratio:.2f}x | {bound} "
-                f"{self.required:.2f}x | {self.verdict} | `{self.command}` |")
 
 
 def log(message: str, start: float) -> None:
@@ -109,16 +72,6 @@ def log(message: str, start: float) -> None:
 
 
 # --------------------------------------------------------------------------------------------- target 1
-
-
-def parse_markdown_table(text: str) -> dict[str, dict[str, str]]:
-    """``{first cell: {column header: cell}}`` of the first markdown table in ``text``."""
-    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
-            for line in text.splitlines() if line.strip().startswith("|")]
-    if len(rows) < 3:
-        raise ValueError(f"no markdown table in:\n{text}")
-    header = rows[0]
-    return {row[0]: dict(zip(header, row, strict=True)) for row in rows[2:]}
 
 
 def ska_targets() -> tuple[list[Row], str]:
@@ -172,7 +125,7 @@ def load_bundle(model_dir: Path, num_classes: int = 1000, compile: bool = False)
 
 
 def directory_workload(bundle: ArtistModel, image_dir: Path, batch_size: int, workers: int,
-                       label: str) -> speed.Workload:
+                       label: str) -> Workload:
     """Classify every image of ``image_dir`` with ``bundle.run_directory`` (decode + preprocess + model)."""
     count = len(list(image_dir.glob("*.jpg")))
 
@@ -181,7 +134,7 @@ def directory_workload(bundle: ArtistModel, image_dir: Path, batch_size: int, wo
         if len(result.names) != count:
             raise RuntimeError(f"directory inference returned {len(result.names)} of {count} images")
 
-    return speed.Workload(label, run, count, memory=False)
+    return Workload(label, run, count, memory=False)
 
 
 def preprocess_cpu_ms(bundle: ArtistModel, image_dir: Path) -> float:
@@ -202,16 +155,11 @@ def convolution_share(net: nn.Module, x: torch.Tensor) -> float:
     """Fraction of the CPU time of ``net(x)`` spent in convolution kernels (one profiled call after a warm-up)."""
     with torch.inference_mode():
         net(x)
-        with speed.quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
             net(x)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     return sum(e.self_cpu_time_total for e in events if "convolution" in e.key) / total
-
-
-def spread(*results: speed.Result) -> float:
-    """Largest max/min images/s over the repeats of ``results``."""
-    return max(max(r.images_per_s) / min(r.images_per_s) for r in results)
 
 
 def speed_command(argv: list[str]) -> str:
@@ -228,8 +176,8 @@ def inference_targets(args: argparse.Namespace, start: float) -> tuple[list[Row]
     argv = ["--compare", f"{MODEL}:compiled,{MODEL}:naive,{MODEL},{MODEL}:unfused", "--batch-size", str(batch),
             "--resolution", "224", "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--iters",
             str(steps)]
-    speed_args = speed.get_args_parser().parse_args(argv)
-    device, workloads = speed.setup(speed_args)
+    settings = parse_speed_args(argv)
+    device, workloads = setup(settings)
     with tempfile.TemporaryDirectory(prefix="lsnet_bench_") as tmp:
         image_dir, model_dir = Path(tmp) / "images", Path(tmp) / "model"
         image_dir.mkdir()
@@ -240,13 +188,13 @@ def inference_targets(args: argparse.Namespace, start: float) -> tuple[list[Row]
         workloads += [directory_workload(bundle, image_dir, batch, args.workers,
                                          f"directory inference, {kind} model (predictor: decode + preprocess + model)")
                       for kind, bundle in bundles.items()]
-        results = speed.benchmark(workloads, device, args.repeats, args.warmup)
+        results = benchmark(workloads, device, args.repeats, args.warmup)
         load_ms = preprocess_cpu_ms(bundles["fused"], image_dir)
     compiled, naive, fused, unfused, directory_compiled, directory_fused = results
-    share = convolution_share(speed.build_model(MODEL), torch.randn(batch, 3, 224, 224))
+    share = convolution_share(build_model(MODEL), torch.randn(batch, 3, 224, 224))
     threads = torch.get_num_threads()
 
-    def loading_bound(model: speed.Result) -> str:
+    def loading_bound(model: Result) -> str:
         model_ms = threads * 1e3 / model.median
         return (f"decoding and preprocessing take {load_ms:.1f} ms of CPU per image and the model {model_ms:.1f} ms "
                 f"({threads} threads x {1e3 / model.median:.1f} ms); the {threads} cores are shared by both, so "
@@ -271,7 +219,7 @@ def inference_targets(args: argparse.Namespace, start: float) -> tuple[list[Row]
             f"{directory_fused.median:.1f} vs {fused.median:.1f} img/s", directory_fused.median / fused.median, 0.8,
             "python bench/run_bench.py", spread=spread(fused, directory_fused), why=loading_bound(fused)),
     ]
-    raw = f"{speed.describe_run(speed_args, device)}\n\n{speed.format_table(results)}\n\n{speed.memory_method(device)}"
+    raw = f"{describe_run(settings, device)}\n\n{format_table(results)}\n\n{memory_method(device)}"
     return rows, raw
 
 
@@ -282,7 +230,7 @@ def training_target(args: argparse.Namespace) -> tuple[list[Row], str]:
     results, raw = run_speed(argv)
     ours, theirs = results
     x = torch.randn(1, 3, 224, 224)
-    our_flops, their_flops = (flops.count_flops(timm.create_model(name).eval(), (x,)).total() / 1e9
+    our_flops, their_flops = (count_flops(timm.create_model(name).eval(), (x,)).total() / 1e9
                               for name in (MODEL, "efficientvit_m3"))
     row = Row("3", f"`{MODEL}` training step (AdamW), batch 16 at 224, vs timm `efficientvit_m3`",
               f"{ours.median:.1f} vs {theirs.median:.1f} img/s", ours.median / theirs.median, 1.0,
@@ -293,14 +241,14 @@ def training_target(args: argparse.Namespace) -> tuple[list[Row], str]:
     return [row], raw
 
 
-def run_speed(argv: list[str]) -> tuple[list[speed.Result], str]:
+def run_speed(argv: list[str]) -> tuple[list[Result], str]:
     """Run speed.py's benchmark for the command-line arguments ``argv``; return the results and the printed text."""
-    speed_args = speed.get_args_parser().parse_args(argv)
-    device, workloads = speed.setup(speed_args)
-    results = speed.benchmark(workloads, device, speed_args.repeats, speed_args.warmup)
-    text = speed.describe_run(speed_args, device) + "\n\n" + speed.format_table(results)
-    if speed_args.memory:
-        text += "\n\n" + speed.memory_method(device)
+    settings = parse_speed_args(argv)
+    device, workloads = setup(settings)
+    results = benchmark(workloads, device, settings.repeats, settings.warmup)
+    text = describe_run(settings, device) + "\n\n" + format_table(results)
+    if settings.memory:
+        text += "\n\n" + memory_method(device)
     return results, text
 
 
@@ -317,8 +265,8 @@ def model_table(args: argparse.Namespace) -> tuple[str, str]:
              "|---|---:|---:|---:|"]
     for name, result in zip(names, results, strict=True):
         net = timm.create_model(name).eval()
-        gflops = flops.count_flops(net, (torch.randn(1, 3, 224, 224),)).total() / 1e9
-        lines.append(f"| {name} | {flops.count_params(net) / 1e6:.2f} | {gflops:.2f} ({PAPER_GFLOPS[name]}) "
+        gflops = count_flops(net, (torch.randn(1, 3, 224, 224),)).total() / 1e9
+        lines.append(f"| {name} | {count_params(net) / 1e6:.2f} | {gflops:.2f} ({PAPER_GFLOPS[name]}) "
                      f"| {result.median:.1f} ({min(result.images_per_s):.1f}-{max(result.images_per_s):.1f}) |")
     lines += ["", f"Command: `{speed_command(argv)}`; GFLOPs: `python flops.py --model {' '.join(names)}`."]
     return "\n".join(lines), raw
@@ -389,28 +337,13 @@ def environment(load_before: float) -> str:
             f"Python {platform.python_version()}")
 
 
-def main(args: argparse.Namespace | None = None) -> str:
-    """Run every target, write the report to ``args.output`` and return it."""
-    args = args if args is not None else get_args_parser().parse_args()
-    if args.gpu and not torch.cuda.is_available():
-        raise UserError("--gpu needs a CUDA device; run without it for the CPU targets")
-    start, load_before = time.perf_counter(), os.getloadavg()[0]
-    log("target 1: bench/bench_ska.py", start)
-    rows, ska_raw = ska_targets()
-    log("targets 2 and 4: inference and directory inference", start)
-    inference_rows, inference_raw = inference_targets(args, start)
-    log("target 3: training", start)
-    training_rows, training_raw = training_target(args)
-    rows += inference_rows[:1] + training_rows + inference_rows[1:]
-    log("model table", start)
-    models, models_raw = model_table(args)
-    gpu = gpu_section(args.gpu)
-    elapsed = time.perf_counter() - start
-    report = "\n".join([
+def render_report(args: argparse.Namespace, rows: list[Row], sections: dict[str, str], header: str) -> str:
+    """The markdown report: the targets table, the misses explained, the model table, the GPU section and the raw
+    output of every measurement (``sections``: "ska", "inference", "training", "models", "models raw", "gpu")."""
+    return "\n".join([
         "# Benchmark results",
         "",
-        f"Written by `python bench/run_bench.py` ({'with --gpu, ' if args.gpu else ''}`make bench`) in "
-        f"{elapsed / 60:.1f} min: {environment(load_before)}.",
+        header,
         "",
         "Every ratio compares two figures measured in the same run: medians of interleaved repeats "
         f"({args.repeats} repeats after {args.warmup} warm-up, steps per repeat as in each command; SKA: "
@@ -429,35 +362,63 @@ def main(args: argparse.Namespace | None = None) -> str:
         "",
         "## Models (CPU)",
         "",
-        models,
+        sections["models"],
         "",
-        gpu,
+        sections["gpu"],
         "",
         "## Raw output",
         "",
         "### Target 1: `python bench/bench_ska.py`",
         "",
-        ska_raw,
+        sections["ska"],
         "",
         "### Targets 2 and 4",
         "",
-        inference_raw,
+        sections["inference"],
         "",
         "### Target 3",
         "",
-        training_raw,
+        sections["training"],
         "",
         "### Models",
         "",
-        models_raw,
+        sections["models raw"],
         "",
     ])
+
+
+def measure(args: argparse.Namespace, start: float) -> tuple[list[Row], dict[str, str]]:
+    """Run every target and the model table (and the GPU rows with ``--gpu``): the target rows, in target order, and
+    the report sections of :func:`render_report`."""
+    sections = {}
+    log("target 1: bench/bench_ska.py", start)
+    rows, sections["ska"] = ska_targets()
+    log("targets 2 and 4: inference and directory inference", start)
+    inference_rows, sections["inference"] = inference_targets(args, start)
+    log("target 3: training", start)
+    training_rows, sections["training"] = training_target(args)
+    log("model table", start)
+    sections["models"], sections["models raw"] = model_table(args)
+    sections["gpu"] = gpu_section(args.gpu)
+    return rows + inference_rows[:1] + training_rows + inference_rows[1:], sections
+
+
+def main(args: argparse.Namespace | None = None) -> str:
+    """Run every target, write the report to ``args.output`` and return it."""
+    args = args if args is not None else get_args_parser().parse_args()
+    if args.gpu and not torch.cuda.is_available():
+        raise UserError("--gpu needs a CUDA device; run without it for the CPU targets")
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
+    rows, sections = measure(args, start)
+    elapsed = time.perf_counter() - start
+    header = (f"Written by `python bench/run_bench.py` ({'with --gpu, ' if args.gpu else ''}`make bench`) in "
+              f"{elapsed / 60:.1f} min: {environment(load_before)}.")
+    report = render_report(args, rows, sections, header)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report, encoding="utf-8")
     print(report)
     log(f"wrote {args.output}", start)
     return report
-
 
 if __name__ == "__main__":
     run_cli(main)

@@ -80,6 +80,27 @@ def prepare_dataset(
         confirm_overwrite(f"{output} already holds a dataset ({', '.join(existing)}).", assume_yes)
 
     candidates, ignored = _discover(source, verbose)
+    valid, rejected = _verify(source, candidates, workers, verbose)
+    splits, skipped = _split(valid, val_ratio, min_images, seed, max_images_per_class)
+    if not splits:
+        raise UserError(
+            f"no artist folder in {source} has at least {min_images} valid images ({len(candidates)} folders, "
+            f"{len(rejected)} files rejected); lower --min-images or check --source-dir"
+        )
+    info = _dataset_info(splits, skipped, rejected, ignored, dict(
+        source_dir=str(source.absolute()), output_dir=str(output.absolute()), val_ratio=val_ratio,
+        min_images=min_images, seed=seed, link=link, max_images_per_class=max_images_per_class, workers=workers,
+    ))
+
+    _build(source, output, splits, info, link, workers, verbose)
+    if verbose:
+        _print_summary(info, output)
+    return info
+
+
+def _verify(source: Path, candidates: dict[str, list[str]], workers: int,
+            verbose: bool) -> tuple[dict[str, list[str]], list[dict]]:
+    """Decode every candidate: the valid files per class, and ``{"path", "reason"}`` of each rejected one."""
     paths = [source / name / rel for name, rels in candidates.items() for rel in rels]
     reasons = iter(verify_images(paths, workers=workers, verbose=verbose, desc="verifying images"))
     valid: dict[str, list[str]] = {}
@@ -92,18 +113,12 @@ def prepare_dataset(
                 valid[name].append(rel)
             else:
                 rejected.append({"path": f"{name}/{Path(rel).as_posix()}", "reason": reason})
+    return valid, rejected
 
-    splits, skipped = _split(valid, val_ratio, min_images, seed, max_images_per_class)
-    if not splits:
-        raise UserError(
-            f"no artist folder in {source} has at least {min_images} valid images ({len(candidates)} folders, "
-            f"{len(rejected)} files rejected); lower --min-images or check --source-dir"
-        )
-    info = _dataset_info(splits, skipped, rejected, ignored, dict(
-        source_dir=str(source.absolute()), output_dir=str(output.absolute()), val_ratio=val_ratio,
-        min_images=min_images, seed=seed, link=link, max_images_per_class=max_images_per_class, workers=workers,
-    ))
 
+def _build(source: Path, output: Path, splits: list[ClassSplit], info: dict, link: str, workers: int,
+           verbose: bool) -> None:
+    """Place the files and write the metadata in a staging folder, then swap it into ``output``."""
     output.mkdir(parents=True, exist_ok=True)
     staging = output / STAGING_DIR
     shutil.rmtree(staging, ignore_errors=True)
@@ -116,9 +131,6 @@ def prepare_dataset(
         _move_into_place(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if verbose:
-        _print_summary(info, output)
-    return info
 
 
 def confirm_overwrite(what: str, assume_yes: bool) -> None:

@@ -1,4 +1,4 @@
-"""Tests for tools/clustering.py: k-means recovers clear blobs, auto-k, errors, and the written outputs."""
+"""Tests for analysis/clustering.py: k-means recovers clear blobs, auto-k, errors, and the written outputs."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from tools.clustering import (
+from analysis.clustering import (
     cluster_features,
     load_features,
     write_cluster_outputs,
@@ -129,7 +129,7 @@ def test_write_outputs_rejects_names_with_line_breaks(tmp_path):
 
 
 def test_minibatch_above_threshold(monkeypatch):
-    import tools.clustering as clustering
+    import analysis.clustering as clustering
 
     monkeypatch.setattr(clustering, "MINIBATCH_THRESHOLD", 50)
     x, truth = _blobs(3, 30)

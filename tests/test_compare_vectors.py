@@ -1,4 +1,4 @@
-"""Tests for tools/compare_vectors.py: cosine ranking, matrices and names, --normalize, JSON and error paths."""
+"""tools/compare_vectors.py and analysis/vectors.py: cosine ranking, matrices and names, --normalize, JSON, errors."""
 
 import json
 import subprocess
@@ -8,15 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools.compare_vectors import (
-    format_table,
-    get_args_parser,
-    load_matrix,
-    load_references,
-    main,
-    rank_by_cosine,
-    read_names,
-)
+from analysis.vectors import format_table, rank_by_cosine
+from tools.compare_vectors import get_args_parser, load_matrix, load_references, main, read_names
 from utils import UserError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "compare_vectors.py"

@@ -1,8 +1,10 @@
-"""flops.py and speed.py: paper FLOPs, the SKA FLOP handle, the benchmark tables, and the benchmarked variants' outputs.
+"""flops.py, speed.py and perf/: paper FLOPs, the SKA FLOP handle, the benchmark tables, the benchmarked variants'
+outputs, and the report rows of bench/run_bench.py.
 
 Correctness only: no test asserts a speed.
 """
 
+import argparse
 import copy
 import subprocess
 import sys
@@ -16,9 +18,14 @@ from torch import nn
 import flops
 import speed
 from model.ska import SKA
+from perf.benchmark import Result
+from perf.flop_count import count_flops
+from perf.models import prepare_model
+from perf.report import Row, parse_markdown_table
+from perf.workloads import SpeedSettings, add_speed_args, parse_speed_args
 from utils import UserError
 
-ROOT = Path(flops.__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 TABLE_HEADER = "| entry | img/s median | img/s min | img/s max | peak memory MiB | ratio to first |"
 
 
@@ -48,7 +55,7 @@ def test_flops_reproduce_paper(capsys):
 @pytest.mark.parametrize(("n", "c", "h", "w", "k", "groups"), [(2, 16, 5, 7, 3, 4), (1, 12, 6, 6, 5, 3)])
 def test_ska_handle_counts_k_squared_per_output(n, c, h, w, k, groups):
     x, weights = torch.randn(n, c, h, w), torch.randn(n, groups, k * k, h, w)
-    analysis = flops.count_flops(SKA(), (x, weights))
+    analysis = count_flops(SKA(), (x, weights))
     assert analysis.total() == n * c * h * w * k * k
     assert set(analysis.by_operator()) == {"PythonOp._SKAFunction"}
 
@@ -70,13 +77,13 @@ class _CustomOpModel(nn.Module):
 
 def test_count_flops_refuses_uncounted_custom_ops():
     with pytest.raises(RuntimeError, match="_Doubler"):
-        flops.count_flops(_CustomOpModel(), (torch.randn(2, 3),))
+        count_flops(_CustomOpModel(), (torch.randn(2, 3),))
 
 
 # --------------------------------------------------------------------------------------------- speed.py
 
 
-def run_speed(argv: list[str], capsys) -> tuple[list[speed.Result], str]:
+def run_speed(argv: list[str], capsys) -> tuple[list[Result], str]:
     results = speed.main(speed.get_args_parser().parse_args(argv))
     return results, capsys.readouterr().out
 
@@ -145,8 +152,8 @@ def test_naive_unfused_and_fused_fast_models_agree(resolution):
     torch.manual_seed(0)
     net = timm.create_model("lsnet_t_artist", num_classes=10)
     randomize_batchnorm(net)
-    naive = speed.prepare_model(copy.deepcopy(net), "naive")
-    fast = speed.prepare_model(copy.deepcopy(net), "fused")
+    naive = prepare_model(copy.deepcopy(net), "naive")
+    fast = prepare_model(copy.deepcopy(net), "fused")
     assert {m.impl for m in naive.modules() if isinstance(m, SKA)} == {"reference"}
     assert {m.impl for m in fast.modules() if isinstance(m, SKA)} == {"auto"}
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.patch_embed.modules())  # fused
@@ -159,8 +166,8 @@ def test_naive_unfused_and_fused_fast_models_agree(resolution):
 def test_training_with_naive_ska_matches_fast_gradients():
     torch.manual_seed(0)
     net = timm.create_model("lsnet_t_artist", num_classes=10)
-    naive = speed.prepare_model(copy.deepcopy(net), "naive", train=True)
-    fast = speed.prepare_model(copy.deepcopy(net), "unfused", train=True)
+    naive = prepare_model(copy.deepcopy(net), "naive", train=True)
+    fast = prepare_model(copy.deepcopy(net), "unfused", train=True)
     x, target = torch.randn(2, 3, 224, 224), torch.tensor([1, 7])
     grads = []
     for m in (naive, fast):
@@ -173,17 +180,34 @@ def test_training_with_naive_ska_matches_fast_gradients():
 
 
 def test_bench_runner_reads_tables_and_judges_rows():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import run_bench
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    table = run_bench.parse_markdown_table(
+    table = parse_markdown_table(
         "SKA x=...\n\n| impl | fwd ms | fwd+bwd peak MiB (ratio) |\n|---|---:|---:|\n"
         "| reference | 66.46 | 226.6 (1.000) |\n| torch | 4.18 | 26.0 (0.115) |\n")
     assert table["torch"] == {"impl": "torch", "fwd ms": "4.18", "fwd+bwd peak MiB (ratio)": "26.0 (0.115)"}
-    row = run_bench.Row("2", "t", "m", ratio=1.5, required=2.0, command="c", why="w")
+    row = Row("2", "t", "m", ratio=1.5, required=2.0, command="c", why="w")
     assert not row.passed and row.verdict == "**miss** (-25% vs required)"
-    assert run_bench.Row("1", "t", "m", ratio=0.1, required=1 / 3, command="c", at_most=True).verdict == "pass"
-    noisy = run_bench.Row("2", "t", "m", ratio=4.0, required=2.0, command="c", spread=3.0)
+    assert Row("1", "t", "m", ratio=0.1, required=1 / 3, command="c", at_most=True).verdict == "pass"
+    noisy = Row("2", "t", "m", ratio=4.0, required=2.0, command="c", spread=3.0)
     assert noisy.passed and not noisy.reliable and noisy.verdict.startswith("**unreliable** (pass")
+
+
+def test_bench_commands_parse_as_speed_py_does():
+    """The bench shows ``python speed.py ARGV`` next to each figure: the settings it measures are speed.py's."""
+    argv = ["--train", "--compare", "lsnet_t_artist, efficientvit_m3", "--batch-size", "16", "--compile-mode",
+            "default", "--no-memory"]
+    settings = parse_speed_args(argv)
+    assert settings == SpeedSettings.from_args(speed.get_args_parser().parse_args(argv))
+    assert settings.entries == ("lsnet_t_artist", "efficientvit_m3")
+    assert settings.compile and settings.train and not settings.memory  # --compile-mode implies compiling
+    assert not parse_speed_args([]).compile
+    with pytest.raises(UserError, match="no entries to measure"):
+        SpeedSettings.from_args(add_speed_args(argparse.ArgumentParser()).parse_args(["--compare", " , "]))
+
+
+def test_bench_ska_runs_as_a_script_and_writes_its_table():
+    """bench/bench_ska.py runs from the repository root without path set-up and prints the table run_bench reads."""
+    proc = subprocess.run([sys.executable, "bench/bench_ska.py", "--batch", "1", "--channels", "8", "--size", "5",
+                           "--repeats", "1", "--warmup", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    table = parse_markdown_table(proc.stdout)
+    assert set(table) >= {"reference", "torch"} and table["reference"]["fwd speed-up"] == "1.0x"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model.ska import HAS_TRITON, SKA, ska, ska_reference
-from speed import transient_peak_bytes
+from perf.probes import transient_peak_bytes
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRET, reason="run by test_triton_interpreter with TRITON_INTERPRET=1")

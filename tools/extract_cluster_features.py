@@ -8,14 +8,11 @@ vectors saved earlier (e.g. by ``inference_artist.py --mode cluster``) without r
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from predictor import add_runtime_args, load_model_bundle  # noqa: E402
-from tools.clustering import ClusterResult, cluster_features, load_features, write_cluster_outputs  # noqa: E402
-from utils import UserError, run_cli  # noqa: E402
+from analysis.clustering import ClusterResult, cluster_features, load_features, write_cluster_outputs
+from predictor import add_runtime_args, load_model_bundle
+from utils import UserError, run_cli
 
 
 def num_clusters_arg(value: str) -> int | str:

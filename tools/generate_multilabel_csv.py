@@ -5,26 +5,20 @@ Example:
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.multilabel import collect_labeled_images, report_unusable_images, write_multilabel_csv  # noqa: E402
-from data.prepare import confirm_overwrite  # noqa: E402
-from utils import UserError, run_cli  # noqa: E402
+from data.multilabel import collect_labeled_images, report_unusable_images, write_multilabel_csv
+from data.prepare import confirm_overwrite
+from tools import add_labeled_images_args
+from utils import UserError, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "generate_multilabel_csv.py", description="Write image_path,labels rows for images that have a .txt label file."
     )
-    parser.add_argument("--input-dir", required=True, help="folder of images, each with a same-named .txt of labels")
+    add_labeled_images_args(parser, replace="an existing --output-csv")
     parser.add_argument("--output-csv", required=True, help="annotation CSV to write")
-    parser.add_argument("--recursive", action="store_true", help="include images in sub-folders")
-    parser.add_argument("--relative-paths", action="store_true",
-                        help="write paths relative to --input-dir (then train with --data-path <input-dir>)")
-    parser.add_argument("--yes", action="store_true", help="replace an existing --output-csv without asking")
     return parser
 
 

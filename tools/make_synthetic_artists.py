@@ -22,7 +22,6 @@ The same seed gives byte-identical files.
 import argparse
 import colorsys
 import csv
-import sys
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,10 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.multilabel import format_labels  # noqa: E402
-from utils import UserError, run_cli  # noqa: E402
+from data.multilabel import format_labels
+from utils import UserError, run_cli
 
 FILLS = ("flat", "hatch", "crosshatch", "halftone", "stipple", "dabs", "mosaic", "waves")
 # Stroke directions live in [0, 90] degrees: a horizontal or vertical flip maps an angle a to 180 - a, so no two

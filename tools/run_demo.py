@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from artifacts.run_folder import LOG_FILE, read_log_records
+from utils import UserError, run_cli
 
-from artifacts.run_folder import LOG_FILE, read_log_records  # noqa: E402
-from utils import UserError, run_cli  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def get_args_parser() -> argparse.ArgumentParser:

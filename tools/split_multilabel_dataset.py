@@ -6,36 +6,30 @@ Example:
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.multilabel import (  # noqa: E402
+from data.multilabel import (
     collect_labeled_images,
     report_unusable_images,
     split_multilabel_rows,
     write_multilabel_csv,
 )
-from data.prepare import confirm_overwrite  # noqa: E402
-from utils import UserError, run_cli  # noqa: E402
+from data.prepare import confirm_overwrite
+from tools import add_labeled_images_args
+from utils import UserError, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "split_multilabel_dataset.py", description="Random train/val split of images with .txt label files."
     )
-    parser.add_argument("--input-dir", required=True, help="folder of images, each with a same-named .txt of labels")
+    add_labeled_images_args(parser, replace="existing CSVs")
     parser.add_argument("--train-csv", required=True, help="training annotation CSV to write")
     parser.add_argument("--val-csv", required=True, help="validation annotation CSV to write")
     parser.add_argument("--val-ratio", type=float, default=0.2, help="share of the images for validation")
     parser.add_argument("--min-label-count", type=int, default=1,
                         help="drop labels seen fewer times over the whole set (rows left without labels are dropped)")
-    parser.add_argument("--relative-paths", action="store_true",
-                        help="write paths relative to --input-dir (then train with --data-path <input-dir>)")
-    parser.add_argument("--recursive", action="store_true", help="include images in sub-folders")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split")
-    parser.add_argument("--yes", action="store_true", help="replace existing CSVs without asking")
     return parser
 
 

@@ -79,6 +79,48 @@ def _silhouette(x: np.ndarray, labels: np.ndarray, seed: int, sample_size: int) 
     return float(silhouette_score(x, labels, sample_size=sample, random_state=seed))
 
 
+def _auto_k(
+    x: np.ndarray, k_range: tuple[int, int], seed: int, sample_size: int
+) -> tuple[tuple[int, np.ndarray, np.ndarray, str], dict[int, float], tuple[int, int]]:
+    """Fit every k of ``k_range`` (capped at N - 1) and keep the best silhouette (the smaller k on ties).
+
+    Returns the best ``(k, labels, centroids, algorithm)``, the silhouette of every k tried and the range searched.
+    """
+    lo, hi = k_range
+    if lo < 2 or hi < lo:
+        raise ValueError(f"k_range {k_range} must satisfy 2 <= low <= high")
+    n = len(x)
+    if n < 3:
+        raise UserError(f"automatic k needs at least 3 vectors, got {n}; pass a number of clusters")
+    searched = (lo, min(hi, n - 1))
+    if searched[0] > searched[1]:
+        raise UserError(f"automatic k searches {lo}..{hi} clusters but there are only {n} vectors; "
+                        "pass a number of clusters")
+    scores, best = {}, None
+    for k in range(searched[0], searched[1] + 1):
+        try:
+            labels, centroids, algorithm = _fit(x, k, seed)
+        except UserError:
+            break  # not enough distinct vectors for k (or more) clusters
+        scores[k] = _silhouette(x, labels, seed, sample_size)
+        if best is None or scores[k] > scores[best[0]]:
+            best = (k, labels, centroids, algorithm)
+    if best is None:
+        raise UserError("the vectors are (nearly) all identical, so they do not form clusters; check the features")
+    return best, scores, searched
+
+
+def _check_num_clusters(k: object, n: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise UserError(f"number of clusters {k!r} must be a whole number or 'auto'")
+    if k < 1:
+        raise UserError(f"number of clusters must be at least 1, got {k}")
+    if k > n:
+        raise UserError(f"asked for {k} clusters but there are only {n} vectors; "
+                        f"use at most {n} clusters (or 'auto')")
+    return int(k)
+
+
 def cluster_features(
     features: np.ndarray,
     num_clusters: int | str,
@@ -101,41 +143,13 @@ def cluster_features(
         raise UserError("features contain NaN or infinite values; re-extract them")
     if l2_normalize:
         x = _l2_normalize(x)
-    n = len(x)
     scores = searched = None
     if num_clusters == "auto":
-        lo, hi = k_range
-        if lo < 2 or hi < lo:
-            raise ValueError(f"k_range {k_range} must satisfy 2 <= low <= high")
-        if n < 3:
-            raise UserError(f"automatic k needs at least 3 vectors, got {n}; pass a number of clusters")
-        searched = (lo, min(hi, n - 1))
-        if searched[0] > searched[1]:
-            raise UserError(f"automatic k searches {lo}..{hi} clusters but there are only {n} vectors; "
-                            "pass a number of clusters")
-        scores, best = {}, None
-        for k in range(searched[0], searched[1] + 1):
-            try:
-                labels, centroids, algorithm = _fit(x, k, seed)
-            except UserError:
-                break  # not enough distinct vectors for k (or more) clusters
-            scores[k] = _silhouette(x, labels, seed, sample_size)
-            if best is None or scores[k] > scores[best[0]]:
-                best = (k, labels, centroids, algorithm)
-        if best is None:
-            raise UserError("the vectors are (nearly) all identical, so they do not form clusters; check the features")
-        k, labels, centroids, algorithm = best
+        (k, labels, centroids, algorithm), scores, searched = _auto_k(x, k_range, seed, sample_size)
         silhouette = scores[k]
     else:
-        k = num_clusters
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise UserError(f"number of clusters {k!r} must be a whole number or 'auto'")
-        if k < 1:
-            raise UserError(f"number of clusters must be at least 1, got {k}")
-        if k > n:
-            raise UserError(f"asked for {k} clusters but there are only {n} vectors; "
-                            f"use at most {n} clusters (or 'auto')")
-        labels, centroids, algorithm = _fit(x, int(k), seed)
+        k = _check_num_clusters(num_clusters, len(x))
+        labels, centroids, algorithm = _fit(x, k, seed)
         silhouette = _silhouette(x, labels, seed, sample_size)
     return ClusterResult(
         labels=labels.astype(np.int64),
