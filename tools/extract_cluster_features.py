@@ -13,8 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from artifacts.outputs import load_features  # noqa: E402
 from predictor import add_runtime_args, load_model_bundle  # noqa: E402
-from tools.clustering import ClusterResult, cluster_features, load_features, write_cluster_outputs  # noqa: E402
+from tools.clustering import ClusterResult, cluster_features, write_cluster_outputs  # noqa: E402
 from utils import UserError, run_cli  # noqa: E402
 
 
