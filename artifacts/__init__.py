@@ -4,4 +4,7 @@
 - :mod:`artifacts.model_folder`: the model folder inference loads (``config.json`` schema, ``class_mapping.csv``
   placement, which checkpoint file), whatever wrote it: own runs, original-fork checkpoints, community folders,
   official LSNet weights.
+- :mod:`artifacts.outputs`: the files inference writes (``batch_results.json``, ``<stem>_result.json``,
+  ``features.npy`` + ``image_names.txt``, multi-label predictions) and their readers.
+- :mod:`artifacts.atomic`: writing a set of files all or nothing, with one-line write errors.
 """

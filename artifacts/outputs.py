@@ -19,6 +19,7 @@ import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -129,7 +130,9 @@ def write_features(out: OutputSet, names: list[str], features: np.ndarray) -> No
         if not name or "\n" in name or "\r" in name:
             raise UserError(f"image name {name!r} is empty or holds a line break; it cannot go in {NAMES_FILE}")
     with out.open(FEATURES_FILE, "wb") as f:
-        np.save(f, features.astype(np.float32, copy=False))
+        # Only ``write``: given a real file, numpy writes the data with C calls whose error drops the reason
+        # ("No space left on device"); through Python's write the OSError keeps it.
+        np.save(SimpleNamespace(write=f.write), features.astype(np.float32, copy=False))
     with out.open(NAMES_FILE) as f:
         f.writelines(f"{name}\n" for name in names)
 

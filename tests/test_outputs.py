@@ -61,30 +61,17 @@ def test_set_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([BATCH_RESULTS_FILE, FEATURES_FILE, NAMES_FILE])
 
 
-class FullDisk(io.RawIOBase):
-    """A real new file on a disk that fills up after ``budget`` bytes: a write beyond it raises ENOSPC, as the kernel's
-    write does. (Not an io.FileIO, so numpy.save writes through ``write`` too instead of straight to the descriptor.)"""
+class FullDisk(io.FileIO):
+    """A real new file on a disk that fills up after ``budget`` bytes: a write beyond it raises ENOSPC like the
+    kernel's write."""
 
     budget = 0
-
-    def __init__(self, path):
-        self.file = open(path, "xb", buffering=0)
-
-    def writable(self):
-        return True
 
     def write(self, data):
         if len(data) > FullDisk.budget:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         FullDisk.budget -= len(data)
-        return self.file.write(data)
-
-    def fileno(self):
-        return self.file.fileno()
-
-    def close(self):
-        self.file.close()
-        super().close()
+        return super().write(data)
 
 
 @pytest.mark.parametrize(("budget", "failing"), [(0, BATCH_RESULTS_FILE), (1000, FEATURES_FILE)])
@@ -93,7 +80,7 @@ def test_full_disk_keeps_the_previous_set(tmp_path, monkeypatch, budget, failing
     write_set(tmp_path, np.ones((2, 8), np.float32), NAMES[:2])
     before = snapshot(tmp_path)
     FullDisk.budget = budget  # batch_results.json (about 200 bytes) fits in 1000, features.npy (3 KB) does not
-    monkeypatch.setattr(atomic, "_create_temp", FullDisk)
+    monkeypatch.setattr(atomic, "_create_temp", lambda path: io.BufferedWriter(FullDisk(path, "x")))
     with pytest.raises(UserError) as info:
         write_set(tmp_path, np.zeros((3, 256), np.float32), NAMES, {name: {} for name in NAMES})
     message = str(info.value)
