@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from artifacts.outputs import finite_results, write_json_file
+from artifacts.outputs import finite_results, prepare_output_dir, write_json_file
 from predictor import ArtistModel, SkippedImage, add_runtime_args, list_images, load_model_bundle, run_batched
 from utils import UserError, run_cli
 
@@ -132,10 +132,7 @@ def _check_args(args: argparse.Namespace) -> Path:
     output = Path(args.output)
     if output.is_dir():
         raise UserError(f"--output {output} is a directory; pass a .json file path")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create {output.parent} ({err.strerror}); pass another --output") from None
+    prepare_output_dir(output.parent)
     return output
 
 
