@@ -11,8 +11,10 @@
 
 Every set of files is written through :class:`artifacts.atomic.OutputSet`: a reader sees the old complete set or the
 new one, and a failed write is one line naming the file. A directory run's set is renamed into place in the order
-``batch_results.json``, ``features.npy``, ``image_names.txt`` (the index of the features last). JSON never holds a bare ``NaN``/``Infinity`` (invalid for
-most parsers): a non-finite number is written as ``null`` and ``num_nonfinite`` counts the images that had any.
+``batch_results.json``, ``features.npy``, ``image_names.txt`` (the index of the features last).
+
+JSON never holds a bare ``NaN``/``Infinity`` (invalid for most parsers): a non-finite number is written as ``null``
+and ``num_nonfinite`` counts the images that had any.
 """
 
 import json
