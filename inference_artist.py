@@ -8,13 +8,12 @@ A single image writes ``<output>/<stem>_result.json`` and prints it. A directory
 (per image, keyed by its path relative to ``--input``, plus the ``skipped`` unreadable files) and, in cluster and
 both modes, ``features.npy`` (float32, N x D) with ``image_names.txt`` (row i of features.npy is line i).
 
-The work is done by :mod:`predictor` (``load_model_bundle`` and ``ArtistModel``), which services import directly.
+The work is done by :mod:`predictor` (``load_model_bundle`` and ``ArtistModel``), which services import directly;
+the files and their guarantees (written as a set, no bare NaN in JSON) are :mod:`artifacts.outputs`'s.
 """
 
 import argparse
-import functools
-import json
-import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,13 +21,20 @@ from typing import Any
 
 import numpy as np
 
+from artifacts.atomic import OutputSet
+from artifacts.outputs import (
+    BATCH_RESULTS_FILE,
+    FEATURES_FILE,
+    NAMES_FILE,
+    prepare_output_dir,
+    result_file_name,
+    write_batch_results,
+    write_features,
+    write_json_file,
+)
 from data import ImageLoadError
 from predictor import MODES, ArtistModel, BatchResult, add_runtime_args, load_model_bundle
 from utils import UserError, run_cli
-
-BATCH_RESULTS_FILE = "batch_results.json"
-FEATURES_FILE = "features.npy"
-NAMES_FILE = "image_names.txt"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,26 +72,18 @@ def _metadata(artist_model: ArtistModel, mode: str, input_path: Path) -> dict[st
             "input": str(input_path), "input_size": artist_model.input_size}
 
 
-def write_batch_results(
-    path: Path, result: BatchResult, metadata: dict[str, Any], include_features: bool = True
-) -> None:
-    """Write ``batch_results.json`` one image at a time, so a million images never build one huge string."""
-    dump = functools.partial(json.dumps, ensure_ascii=False)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("{\n")
-        for key, value in {**metadata, "num_images": len(result.names), "num_skipped": len(result.skipped)}.items():
-            f.write(f"  {dump(key)}: {dump(value)},\n")
-        f.write('  "results": {')
-        for i, (name, entry) in enumerate(result.entries(include_features)):
-            f.write(f"{',' if i else ''}\n    {dump(name)}: {dump(entry)}")
-        f.write("\n  },\n")
-        f.write(f'  "skipped": {json.dumps([asdict(s) for s in result.skipped], ensure_ascii=False, indent=4)}\n}}\n')
-
-
-def write_features(output_dir: Path, names: list[str], features: np.ndarray) -> None:
-    """``features.npy`` (float32, N x D) and ``image_names.txt`` (line i names row i)."""
-    np.save(output_dir / FEATURES_FILE, features.astype(np.float32, copy=False))
-    (output_dir / NAMES_FILE).write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+def save_batch(output_dir: Path, result: BatchResult, metadata: dict[str, Any], include_features: bool) -> list[str]:
+    """Write ``batch_results.json`` and, with features, ``features.npy`` + ``image_names.txt`` as one set (a reader
+    sees the previous complete set or this one); returns the file names. Warns about non-finite outputs."""
+    with OutputSet(output_dir) as out:
+        nonfinite = write_batch_results(out, metadata, result.entries(include_features), len(result.names),
+                                        [asdict(s) for s in result.skipped])
+        if result.features is not None:
+            write_features(out, result.names, result.features)
+    if nonfinite:
+        print(f"warning: {nonfinite} images have NaN or infinite outputs, written as null (num_nonfinite in "
+              f"{BATCH_RESULTS_FILE})", file=sys.stderr)
+    return [BATCH_RESULTS_FILE] + ([FEATURES_FILE, NAMES_FILE] if result.features is not None else [])
 
 
 def run_single(artist_model: ArtistModel, args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
@@ -106,8 +104,9 @@ def run_single(artist_model: ArtistModel, args: argparse.Namespace, output_dir: 
         features = prediction["features"]
         record["features"] = features.tolist()
         print(f"features: {features.size} values, L2 norm {np.linalg.norm(features):.4f}")
-    out_path = output_dir / f"{image.stem}_result.json"
-    out_path.write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    out_path = output_dir / result_file_name(image)
+    if write_json_file(out_path, record):
+        print("warning: NaN or infinite outputs, written as null", file=sys.stderr)
     print(f"result written to {out_path}")
     return record
 
@@ -120,12 +119,7 @@ def run_batch(artist_model: ArtistModel, args: argparse.Namespace, output_dir: P
         batch_size=args.batch_size, num_workers=args.num_workers, progress=True,
     )
     elapsed = time.perf_counter() - start
-    write_batch_results(output_dir / BATCH_RESULTS_FILE, result, _metadata(artist_model, args.mode, Path(args.input)),
-                        include_features=args.json_features)
-    written = [BATCH_RESULTS_FILE]
-    if result.features is not None:
-        write_features(output_dir, result.names, result.features)
-        written += [FEATURES_FILE, NAMES_FILE]
+    written = save_batch(output_dir, result, _metadata(artist_model, args.mode, Path(args.input)), args.json_features)
     print(f"{len(result.names)} images in {elapsed:.1f}s ({len(result.names) / max(elapsed, 1e-9):.1f} img/s), "
           f"{len(result.skipped)} skipped; wrote {', '.join(written)} to {output_dir}")
     if args.mode == "cluster":
@@ -139,13 +133,7 @@ def main(args: argparse.Namespace | None = None) -> dict[str, Any] | BatchResult
     input_path = Path(args.input)
     if not input_path.exists():
         raise UserError(f"input not found: {input_path}; pass an image file or a directory of images")
-    output_dir = Path(args.output)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create {output_dir} ({err.strerror}); pass another --output") from None
-    if not os.access(output_dir, os.W_OK):
-        raise UserError(f"output directory {output_dir} is not writable; pass another --output")
+    output_dir = prepare_output_dir(args.output)
     artist_model = load_model_bundle(
         args.checkpoint, args.model, args.class_csv, device=args.device, input_size=args.input_size,
         num_classes=args.num_classes, feature_dim=args.feature_dim, amp=args.amp,

@@ -14,7 +14,7 @@ Loading, preprocessing, batching and the progress bar are those of ``inference_a
 """
 
 import argparse
-import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from artifacts.outputs import finite_results, prepare_output_dir, write_json_file
 from predictor import ArtistModel, SkippedImage, add_runtime_args, list_images, load_model_bundle, run_batched
 from utils import UserError, run_cli
 
@@ -75,10 +76,11 @@ def collect_images(inputs: list[str], recursive: bool) -> tuple[list[str], list[
 
 def select_labels(confidences: torch.Tensor, class_names: list[str], top_k: int, threshold: float,
                   normalize_ratio: bool) -> list[dict[str, Any]]:
-    """The ``{"label", "confidence"[, "ratio"]}`` of one image's top-k labels at or above ``threshold``."""
+    """The ``{"label", "confidence"[, "ratio"]}`` of one image's top-k labels at or above ``threshold`` (a NaN
+    confidence is kept, so its image shows up as non-finite instead of as "no label")."""
     values, indices = confidences.topk(min(top_k, confidences.numel()))
     kept = [{"label": class_names[i], "confidence": c}
-            for c, i in zip(values.tolist(), indices.tolist(), strict=True) if c >= threshold]
+            for c, i in zip(values.tolist(), indices.tolist(), strict=True) if c >= threshold or math.isnan(c)]
     if normalize_ratio:
         total = sum(entry["confidence"] for entry in kept)
         for entry in kept:
@@ -108,15 +110,19 @@ def predict(artist_model: ArtistModel, paths: list[str], names: list[str], args:
     return results
 
 
+def _number(value: float | None) -> str:
+    return "NaN" if value is None else f"{value:.3f}"  # None: a NaN written as null
+
+
 def _describe(labels: list[dict[str, Any]]) -> str:
     if not labels:
         return "no label reaches the threshold"
-    return ", ".join(f"{e['label']} {e['confidence']:.3f}" + (f" (ratio {e['ratio']:.3f})" if "ratio" in e else "")
-                     for e in labels)
+    return ", ".join(f"{e['label']} {_number(e['confidence'])}"
+                     + (f" (ratio {_number(e['ratio'])})" if "ratio" in e else "") for e in labels)
 
 
-def main(args: argparse.Namespace | None = None) -> dict[str, Any]:
-    args = args if args is not None else get_args_parser().parse_args()
+def _check_args(args: argparse.Namespace) -> Path:
+    """Validate the numeric flags and prepare the output's folder; returns the output path."""
     for flag, value, minimum in (("--top-k", args.top_k, 1), ("--batch-size", args.batch_size, 1),
                                  ("--num-workers", args.num_workers, 0)):
         if value < minimum:
@@ -126,11 +132,11 @@ def main(args: argparse.Namespace | None = None) -> dict[str, Any]:
     output = Path(args.output)
     if output.is_dir():
         raise UserError(f"--output {output} is a directory; pass a .json file path")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create {output.parent} ({err.strerror}); pass another --output") from None
-    paths, names = collect_images(args.inputs, args.recursive)
+    prepare_output_dir(output.parent)
+    return output
+
+
+def _load(args: argparse.Namespace) -> ArtistModel:
     artist_model = load_model_bundle(args.checkpoint, args.model, args.class_mapping, device=args.device,
                                      input_size=args.input_size, amp=args.amp, compile=args.compile)
     if artist_model.class_names is None:
@@ -139,19 +145,25 @@ def main(args: argparse.Namespace | None = None) -> dict[str, Any]:
     if not artist_model.config.get("multi_label"):
         print(f"warning: {artist_model.checkpoint} does not come from train_artist_multilabel.py: a single-label "
               "model's sigmoid confidences are not per-label probabilities", file=sys.stderr)
+    return artist_model
 
+
+def main(args: argparse.Namespace | None = None) -> dict[str, Any]:
+    args = args if args is not None else get_args_parser().parse_args()
+    output = _check_args(args)
+    paths, names = collect_images(args.inputs, args.recursive)
+    artist_model = _load(args)
     skipped: list[SkippedImage] = []
-    results = predict(artist_model, paths, names, args, skipped)
+    results, nonfinite = finite_results(predict(artist_model, paths, names, args, skipped))
     record = {
         "model": artist_model.model_name, "checkpoint": str(artist_model.checkpoint),
         "input_size": artist_model.input_size, "threshold": args.threshold, "top_k": args.top_k,
         "normalize_ratio": args.normalize_ratio, "num_images": len(results), "num_skipped": len(skipped),
-        "results": results, "skipped": [asdict(item) for item in skipped],
+        "num_nonfinite": nonfinite, "results": results, "skipped": [asdict(item) for item in skipped],
     }
-    try:
-        output.write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"cannot write {output} ({err.strerror}); pass another --output") from None
+    write_json_file(output, record)  # replaced atomically: a failed write keeps the previous file
+    if nonfinite:
+        print(f"warning: {nonfinite} images have NaN or infinite confidences, written as null", file=sys.stderr)
     if len(results) == 1:
         name, entry = next(iter(results.items()))
         print(f"{name}: {_describe(entry['labels'])}")

@@ -15,7 +15,6 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 
-from tools.compare_vectors import load_matrix, read_names
 from utils import UserError
 
 MINIBATCH_THRESHOLD = 50_000  # above this many vectors use MiniBatchKMeans
@@ -37,15 +36,6 @@ class ClusterResult:
     algorithm: str  # "kmeans" or "minibatch_kmeans"
     l2_normalize: bool
     seed: int
-
-
-def load_features(features_path: str | os.PathLike, names_path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
-    """Load saved features (N x D ``.npy``) and their names file, checking that they agree line for line."""
-    features, names = load_matrix(features_path), read_names(names_path)
-    if len(names) != len(features):
-        raise UserError(f"{features_path} has {len(features)} vectors but {names_path} has {len(names)} names; "
-                        "they must match line for line (pass the two files written together)")
-    return features, names
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -6,4 +6,7 @@
   official LSNet weights.
 - :mod:`artifacts.run_folder`: the training run folder (checkpoint keys, ``args.json``, ``train_log.txt`` records,
   TensorBoard, and the placement of ``class_mapping.csv`` and ``config.json``).
+- :mod:`artifacts.outputs`: the files inference writes (``batch_results.json``, ``<stem>_result.json``,
+  ``features.npy`` + ``image_names.txt``, multi-label predictions) and their readers.
+- :mod:`artifacts.atomic`: writing a set of files all or nothing, with one-line write errors.
 """

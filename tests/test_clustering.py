@@ -8,9 +8,9 @@ from sklearn.metrics import adjusted_rand_score
 
 from analysis.clustering import (
     cluster_features,
-    load_features,
     write_cluster_outputs,
 )
+from artifacts.outputs import load_features
 from utils import UserError
 
 
@@ -135,12 +135,3 @@ def test_minibatch_above_threshold(monkeypatch):
     x, truth = _blobs(3, 30)
     result = cluster_features(x, 3, seed=0)
     assert result.algorithm == "minibatch_kmeans" and adjusted_rand_score(truth, result.labels) == 1.0
-
-
-def test_load_features_checks_lengths_and_files(tmp_path):
-    np.save(tmp_path / "f.npy", np.ones((3, 4), np.float32))
-    (tmp_path / "names.txt").write_text("a\nb\n", encoding="utf-8")
-    with pytest.raises(UserError, match="has 3 vectors but .* has 2 names"):
-        load_features(tmp_path / "f.npy", tmp_path / "names.txt")
-    with pytest.raises(UserError, match="does not exist"):
-        load_features(tmp_path / "missing.npy", tmp_path / "names.txt")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from analysis.vectors import format_table, rank_by_cosine
-from tools.compare_vectors import get_args_parser, load_matrix, load_references, main, read_names
+from tools.compare_vectors import get_args_parser, load_references, main
 from utils import UserError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "compare_vectors.py"
@@ -120,32 +120,6 @@ def test_normalize_with_one_reference_is_an_error(refs):
     _, vectors = refs
     with pytest.raises(UserError, match="at least 2 references"):
         rank_by_cosine(vectors[:1], vectors[:1], 1, ["q"], ["r"], normalize=True)
-
-
-@pytest.mark.parametrize("content, message", [
-    (np.array(["a", "b"]), "not real numbers"),
-    (np.ones((2, 3, 4)), "expected one vector"),
-    (np.zeros((0, 4)), "expected one vector"),
-    (np.array([[1.0, np.inf]]), "row 0 contains NaN or infinite"),
-])
-def test_load_matrix_rejects_bad_arrays(tmp_path, content, message):
-    np.save(tmp_path / "v.npy", content)
-    with pytest.raises(UserError, match=message):
-        load_matrix(tmp_path / "v.npy")
-
-
-def test_load_matrix_rejects_non_npy(tmp_path):
-    (tmp_path / "v.npy").write_text("not numpy")
-    with pytest.raises(UserError, match="cannot read"):
-        load_matrix(tmp_path / "v.npy")
-
-
-def test_read_names_handles_bom_crlf_and_rejects_gaps(tmp_path):
-    (tmp_path / "crlf.txt").write_bytes("\ufeffé\r\nb c\r\n".encode())
-    assert read_names(tmp_path / "crlf.txt") == ["é", "b c"]
-    (tmp_path / "gap.txt").write_text("a\n\nc\n", encoding="utf-8")
-    with pytest.raises(UserError, match="line 2 is empty"):
-        read_names(tmp_path / "gap.txt")
 
 
 def _cli_case(tmp_path: Path, case: str) -> tuple[list[str], str]:

@@ -304,6 +304,48 @@ def test_original_training_checkpoint(tmp_path):
 # ------------------------------------------------------------------------------------------- error paths
 
 
+def diverged_checkpoint(path: Path, net: torch.nn.Module, **extra) -> Path:
+    """The weights of a diverged run: finite but about 1e15 times too large, so the outputs are NaN."""
+    state = {k: v * 1e15 if k.endswith(".weight") and v.is_floating_point() else v for k, v in net.state_dict().items()}
+    torch.save({"model": state, "args": {"model": "lsnet_t_artist", "input_size": SIZE}, **extra}, path)
+    return path
+
+
+def test_diverged_model_is_refused_before_writing(env, tmp_path):
+    checkpoint = diverged_checkpoint(tmp_path / "diverged.pth", env.net)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"diverged\.pth gives NaN or infinite outputs on the first batch .*"
+                                        r"use an earlier checkpoint"):
+        run("--checkpoint", checkpoint, "--input", env.images, "--output", out, "--mode", "cluster")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_failed_write_keeps_the_previous_outputs(env, tmp_path):
+    """A real failing write (the kernel refuses to grow a file past RLIMIT_FSIZE, as a full disk refuses to): one
+    error line naming the file, and the folder keeps the previous run's complete set."""
+    import resource
+
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    torch.save({"model": make_model(feature_dim=256).state_dict()}, folder / "model_best.pth")
+    (folder / "config.json").write_text(json.dumps({"model": "lsnet_t_artist", "input_size": SIZE}))
+    out = tmp_path / "out"
+    run("--checkpoint", env.run_dir, "--input", env.images, "--output", out, "--mode", "both")  # the previous run
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    limit = 2048  # batch_results.json without features fits, features.npy (5 x 256 float32) does not
+    proc = subprocess.run(
+        [sys.executable, "inference_artist.py", "--checkpoint", str(folder), "--input", str(env.images), "--output",
+         str(out), "--mode", "cluster", "--no-json-features", "--device", "cpu", "--num-workers", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.fullmatch(rf"error: cannot write {re.escape(str(out / 'features.npy'))} \(File too large\); .*"
+                        r"\(existing files there were left unchanged\)", proc.stderr.strip().splitlines()[-1])
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
 def assert_one_line_error(code: int, stderr: str, expected: str) -> None:
     assert code == 2, stderr
     assert "Traceback" not in stderr

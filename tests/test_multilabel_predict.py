@@ -1,6 +1,8 @@
 """predict_artist_multilabel.py: confidences, threshold, top-k, ratios, debug output, inputs, skipped files, errors."""
 
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +10,10 @@ from pathlib import Path
 import imagegen as gen
 import pytest
 import torch
-from test_inference import make_model, preprocess
+from test_inference import diverged_checkpoint, make_model, preprocess
+from test_outputs import FullDisk
 
+import artifacts.atomic as atomic
 from data import load_image, write_class_mapping
 from predict_artist_multilabel import get_args_parser, main
 from predictor import load_model_bundle
@@ -134,6 +138,29 @@ def test_single_label_model_gets_a_warning(env, capsys):
     run("--checkpoint", tmp / "single.pth", "--class-mapping", run_dir / "class_mapping.csv", "--inputs",
         images / "top.jpg", "--output", tmp / "single.json")
     assert "does not come from train_artist_multilabel.py" in capsys.readouterr().err
+
+
+def test_diverged_model_is_refused(env):
+    tmp, run_dir, images, _ = env
+    checkpoint = diverged_checkpoint(tmp / "diverged.pth", make_model(num_classes=len(LABELS), feature_dim=16))
+    with pytest.raises(UserError, match=r"diverged\.pth gives NaN or infinite outputs on the first batch"):
+        run("--checkpoint", checkpoint, "--class-mapping", run_dir / "class_mapping.csv", "--inputs", images,
+            "--output", tmp / "diverged.json")
+    assert not (tmp / "diverged.json").exists()
+
+
+def test_failed_write_keeps_the_previous_file(env, monkeypatch):
+    """A full disk while writing the predictions: one-line error naming the file, the previous file intact."""
+    tmp, run_dir, images, _ = env
+    output = tmp / "rewritten.json"
+    run("--checkpoint", run_dir, "--inputs", images / "top.jpg", "--output", output)
+    before = output.read_bytes()
+    FullDisk.budget = 100
+    monkeypatch.setattr(atomic, "_create_temp", lambda path: io.BufferedWriter(FullDisk(path, "x")))
+    with pytest.raises(UserError, match=rf"cannot write {re.escape(str(output))} \(No space left on device\)"):
+        run("--checkpoint", run_dir, "--inputs", images, "--output", output)
+    assert output.read_bytes() == before
+    assert not [path for path in tmp.iterdir() if path.name.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("case, message", [

@@ -19,49 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from analysis.vectors import format_table, rank_by_cosine
+from artifacts.outputs import load_matrix, read_names
 from utils import UserError, run_cli
-
-
-def load_matrix(path: str | os.PathLike) -> np.ndarray:
-    """Load a ``.npy`` of one vector (D) or several (N x D) as a float N x D matrix; clear errors for bad files."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"vector file {path} does not exist; pass a .npy file")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise UserError(f"cannot read {path} as a .npy array ({err}); save vectors with numpy.save") from None
-    if not isinstance(arr, np.ndarray):
-        raise UserError(f"{path} is an .npz archive, not a single array; save one array per .npy file")
-    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-        raise UserError(f"{path} holds {arr.dtype} values, not real numbers; save float feature vectors")
-    if arr.ndim not in (1, 2) or arr.size == 0:
-        raise UserError(f"{path} has shape {arr.shape}; expected one vector (D) or a non-empty N x D matrix")
-    if arr.ndim == 1:
-        arr = arr[None]
-    arr = arr.astype(np.result_type(arr.dtype, np.float32), copy=False)
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        raise UserError(f"{path} row {int(np.argmax(bad))} contains NaN or infinite values; re-extract the features")
-    return arr
-
-
-def read_names(path: str | os.PathLike) -> list[str]:
-    """Read a UTF-8 names file, one name per line (row i of a matrix <-> line i); empty lines are errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"names file {path} does not exist; pass the image_names.txt written with the features")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"names file {path} is not UTF-8 text; save it as UTF-8") from None
-    names = [line.removesuffix("\r") for line in text.split("\n")]
-    if names and names[-1] == "":
-        names.pop()
-    for i, name in enumerate(names):
-        if not name:
-            raise UserError(f"names file {path} line {i + 1} is empty; every line must name one vector")
-    return names
 
 
 def _row_names(label: str, count: int) -> list[str]:

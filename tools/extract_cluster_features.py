@@ -10,7 +10,8 @@ vectors saved earlier (e.g. by ``inference_artist.py --mode cluster``) without r
 import argparse
 from pathlib import Path
 
-from analysis.clustering import ClusterResult, cluster_features, load_features, write_cluster_outputs
+from analysis.clustering import ClusterResult, cluster_features, write_cluster_outputs
+from artifacts.outputs import load_features
 from predictor import add_runtime_args, load_model_bundle
 from utils import UserError, run_cli
 

@@ -1,0 +1,75 @@
+"""Load an artist model once, ready for inference: a model folder or checkpoint file -> :class:`ArtistModel`."""
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image
+from timm.data import resolve_data_config
+from timm.utils import reparameterize_model
+from torch import nn
+
+from artifacts.model_folder import read_model_spec
+from data.transforms import build_inference_transform
+from inference.artist_model import ArtistModel
+from utils import resolve_device
+
+
+def build_eval_transform(
+    model: nn.Module, input_size: int | None = None, config: dict[str, Any] | None = None
+) -> tuple[Callable[[Image.Image], torch.Tensor], dict[str, Any]]:
+    """The eval preprocessing of the model's timm ``pretrained_cfg`` at ``input_size``, and its data config.
+
+    Resize the short side to ``int(input_size / crop_pct)`` (bicubic) and center crop, as one resample, to a uint8
+    tensor; :func:`data.transforms.normalize_batch` with the config's ``mean``/``std`` completes it on whole
+    batches (:meth:`ArtistModel.run_model` does). A ``config.json``'s ``crop_pct``/``crop_mode``/``mean``/``std``/
+    ``interpolation`` override the model's defaults (a model fine-tuned with ``crop_mode="squash"`` is evaluated
+    that way).
+    """
+    config = config or {}
+    args = {key: config.get(key) for key in ("crop_pct", "crop_mode", "mean", "std", "interpolation")}
+    if input_size is not None:
+        args["input_size"] = (3, input_size, input_size)
+    data_config = resolve_data_config(args=args, model=model)
+    return build_inference_transform(data_config), data_config
+
+
+def load_model_bundle(
+    checkpoint: str | os.PathLike,
+    model_name: str | None = None,
+    class_csv: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    input_size: int | None = None,
+    num_classes: int | None = None,
+    feature_dim: int | None = None,
+    amp: bool = False,
+    require_class_names: bool = False,
+    compile: bool = False,
+) -> ArtistModel:
+    """Load an artist model (checkpoint file or model folder) ready for inference: eval mode, BN fused.
+
+    Args:
+        checkpoint: a ``.pth`` file, or a folder with ``model_best.pth``/``best_checkpoint.pth``/``checkpoint.pth``,
+            ``class_mapping.csv`` and an optional ``config.json`` naming the architecture under ``model``.
+        model_name: architecture; default: the folder's ``config.json``, else the config or training arguments
+            stored in the checkpoint.
+        class_csv: the ``class_mapping.csv`` from training (default: the folder's); needed to classify.
+        device: default cuda when available, else cpu.
+        input_size: default the checkpoint's training size, else the config's, else the model's.
+        num_classes, feature_dim: optional checks; detected from the weights and the class mapping.
+        amp: autocast (float16 on CUDA, bfloat16 on CPU).
+        require_class_names: fail early (before reading the weights) when no class mapping is available.
+        compile: run the model through :func:`utils.compile_for_inference` (the first batch compiles it).
+
+    Raises:
+        UserError: missing files, unknown or wrong architecture, or class count / feature size disagreements.
+    """
+    device = resolve_device(device)
+    spec = read_model_spec(checkpoint, class_csv, model_name=model_name, num_classes=num_classes,
+                           feature_dim=feature_dim, require_class_names=require_class_names)
+    net = reparameterize_model(spec.build().eval(), inplace=True).to(device)
+    transform, data_config = build_eval_transform(net, spec.input_size if input_size is None else input_size,
+                                                 spec.config)
+    return ArtistModel(net, transform, spec.class_names, device=device, amp=amp, model_name=spec.name,
+                       data_config=data_config, checkpoint=spec.checkpoint.path, config=spec.config, compile=compile)
