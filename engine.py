@@ -525,7 +525,7 @@ def model_config(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     """``config.json``: what inference needs to rebuild the model and its preprocessing."""
     cfg = model.pretrained_cfg
     return {
-        "model": args.model, "num_classes": model.num_classes, "feature_dim": model.feature_dim,
+        "model": args.model, "num_classes": model.num_classes, "feature_dim": model.head_hidden_size,
         "use_projection": model.use_projection, "distillation": model.distillation, "input_size": args.input_size,
         "mean": list(cfg["mean"]), "std": list(cfg["std"]),
         "crop_pct": 1.0 if args.finetune else EVAL_CROP_PCT, "crop_mode": "squash" if args.finetune else "center",
@@ -564,8 +564,8 @@ def _check_fits(ckpt: utils.Checkpoint, model: nn.Module) -> None:
         raise UserError(f"{ckpt.path} {state} a distillation head (head_dist): {hint}")
     if utils.guess_architecture(ckpt.state_dict) != utils.guess_architecture(model.state_dict()):
         return
-    if ckpt.feature_dim is not None and ckpt.feature_dim != model.feature_dim:
-        raise UserError(f"{ckpt.path} has feature_dim {ckpt.feature_dim}, the model {model.feature_dim}: "
+    if ckpt.feature_dim is not None and ckpt.feature_dim != model.head_hidden_size:
+        raise UserError(f"{ckpt.path} has feature_dim {ckpt.feature_dim}, the model {model.head_hidden_size}: "
                         f"pass --feature-dim {ckpt.feature_dim}")
     if ckpt.num_classes is not None and ckpt.num_classes != model.num_classes:
         raise UserError(f"{ckpt.path} has {ckpt.num_classes} classes, the dataset {model.num_classes}: use the "

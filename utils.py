@@ -240,17 +240,12 @@ def save_checkpoint_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None
 def replace_batchnorm(net: nn.Module) -> nn.Module:
     """Fuse Conv-BN, BN-Linear and RepVGGDW branches in place for inference (call on an eval-mode model).
 
-    Unlike the original helper, a BatchNorm that cannot be folded into a neighbour (after SKA) is kept,
-    so fused and unfused models give the same outputs.
+    timm's ``reparameterize_model`` (what ``LSNet.fuse()`` runs). Unlike the original helper, a BatchNorm that
+    cannot be folded into a neighbour (after SKA) is kept, so fused and unfused models give the same outputs.
     """
-    for name, child in net.named_children():
-        if hasattr(child, "fuse"):
-            fused = child.fuse()
-            setattr(net, name, fused)
-            replace_batchnorm(fused)
-        else:
-            replace_batchnorm(child)
-    return net
+    from timm.utils import reparameterize_model
+
+    return reparameterize_model(net, inplace=True)
 
 
 # --------------------------------------------------------------------------------------------- devices, distributed
