@@ -5,12 +5,15 @@ Written for this project (not a copy of timm's file): forward, backward, default
 TorchScript, and FX (forward, backward, TorchScript of the traced graph). Every name runs with its own widths, heads,
 image size, head type and empty-or-not first stage, but with few blocks (``SHALLOW``: every block type -- RepVGG+SE,
 LS convolution, attention -- and every downsampling stays) and on 96x64 inputs, so the module stays cheap on a 2-core
-CPU; tests/test_model.py covers the full-depth models. Also here: the official pretrained
+CPU; tests/test_model.py covers the full-depth models. ``make test`` runs one name per kind (``QUICK``: the empty first
+stage of lsnet_t, a distilled model, an artist model with its own input size); ``LSNET_CONFORMANCE_ALL=1`` runs every
+registered name (about 5 CPU-minutes). Also here: the official pretrained
 weights through a pre-filled, offline Hugging Face cache and a local file, and ``fuse()``.
 """
 
 import copy
 import math
+import os
 
 import huggingface_hub.constants
 import pytest
@@ -25,14 +28,31 @@ from model.lsnet import MODEL_ARGS, BN_Linear
 from model.lsnet_artist import ARTIST_MODEL_ARGS
 from utils import UserError
 
-NAMES = timm.list_models("lsnet*")
+REGISTERED = timm.list_models("lsnet*")
+QUICK = ["lsnet_t", "lsnet_s_distill", "lsnet_xl_artist_448"]
+NAMES = REGISTERED if os.environ.get("LSNET_CONFORMANCE_ALL") == "1" else QUICK
 ARCH_ARGS = {**MODEL_ARGS, **{f"{n}_distill": a for n, a in MODEL_ARGS.items()}, **ARTIST_MODEL_ARGS}
-SHALLOW = {name: (min(ARCH_ARGS[name]["depth"][0], 1), 2, 0, 2) for name in NAMES}
+SHALLOW = {name: (min(ARCH_ARGS[name]["depth"][0], 1), 2, 0, 2) for name in REGISTERED}
 BATCH, HEIGHT, WIDTH = 2, 96, 64
 MAP_SIZE = (math.ceil(HEIGHT / 64), math.ceil(WIDTH / 64))  # the last map: stride 64, rounded up
 
 
 _BUILT: dict[tuple, torch.nn.Module] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread wastes less CPU than two spinning on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_selection_covers_every_kind():
+    assert set(QUICK) <= set(REGISTERED) and len(REGISTERED) == 12
+    kinds = {("distill" in n, "artist" in n) for n in REGISTERED}
+    assert kinds == {("distill" in n, "artist" in n) for n in QUICK}
 
 
 def create(name: str, **kwargs) -> torch.nn.Module:
