@@ -52,7 +52,7 @@ def build_config(model_name: str, model: nn.Module, input_size: int, squash: boo
     """
     cfg = model.pretrained_cfg
     return {
-        "model": model_name, "num_classes": model.num_classes, "feature_dim": model.feature_dim,
+        "model": model_name, "num_classes": model.num_classes, "feature_dim": model.head_hidden_size,
         "use_projection": model.use_projection, "distillation": model.distillation, "input_size": input_size,
         "mean": list(cfg["mean"]), "std": list(cfg["std"]),
         "crop_pct": 1.0 if squash else EVAL_CROP_PCT, "crop_mode": "squash" if squash else "center",

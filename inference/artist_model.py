@@ -127,7 +127,7 @@ class ArtistModel:
     @property
     def feature_dim(self) -> int:
         """Size of the style feature vector (the one place that reads the network's attribute)."""
-        return int(self.model.feature_dim)
+        return int(self.model.head_hidden_size)
 
     def autocast(self) -> torch.autocast:
         """The model's mixed-precision context: float16 on CUDA, bfloat16 on the CPU; a no-op unless ``amp``."""

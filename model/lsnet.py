@@ -1,22 +1,39 @@
 """LSNet: "See Large, Focus Small" (CVPR 2025), in timm's model-file style.
 
 Parameter and buffer names follow the official release so its checkpoints load with ``strict=True``.
-Every block with fusable BatchNorms has a ``fuse()`` used by ``timm.utils.reparameterize_model`` for inference.
+The models follow timm's contract (``forward_features`` / ``forward_head`` / ``global_pool`` / ``feature_info`` /
+``forward_intermediates``, ``features_only=True``, TorchScript, FX); ``fuse()`` folds the BatchNorms for inference.
 """
 
 import itertools
+import os
+import pickle
 from functools import lru_cache
+from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SqueezeExcite, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint_seq,
+    clean_state_dict,
+    generate_default_cfgs,
+    load_pretrained,
+    register_model,
+)
+from timm.models._features import feature_take_indices
+from timm.utils import reparameterize_model
 from torch import nn
 
 from .ska import SKA
 
-__all__ = ["LSNet", "Conv2d_BN", "BN_Linear", "checkpoint_filter_fn", "MODEL_ARGS"]
+__all__ = ["LSNet", "Conv2d_BN", "BN_Linear", "checkpoint_filter_fn", "backbone_filter_fn",
+           "load_pretrained_backbone", "MODEL_ARGS", "HEAD_PREFIXES"]
+
+HEAD_PREFIXES = ("head.", "head_dist.", "projection.")  # what a backbone initialisation leaves fresh
 
 
 class Conv2d_BN(nn.Sequential):
@@ -124,8 +141,8 @@ class LKP(nn.Module):
         self.act = nn.ReLU()
         self.cv2 = Conv2d_BN(dim // 2, dim // 2, ks=lks, pad=(lks - 1) // 2, groups=dim // 2)
         self.cv3 = Conv2d_BN(dim // 2, dim // 2)
-        self.cv4 = nn.Conv2d(dim // 2, sks**2 * dim // groups, kernel_size=1)
-        self.norm = nn.GroupNorm(num_groups=dim // groups, num_channels=sks**2 * dim // groups)
+        self.cv4 = nn.Conv2d(dim // 2, sks * sks * dim // groups, kernel_size=1)
+        self.norm = nn.GroupNorm(num_groups=dim // groups, num_channels=sks * sks * dim // groups)
         self.sks = sks
         self.groups = groups
         self.dim = dim
@@ -134,7 +151,7 @@ class LKP(nn.Module):
         x = self.act(self.cv3(self.cv2(self.act(self.cv1(x)))))
         w = self.norm(self.cv4(x))
         n, _, h, width = w.shape
-        return w.view(n, self.dim // self.groups, self.sks**2, h, width)
+        return w.view(n, self.dim // self.groups, self.sks * self.sks, h, width)
 
 
 class LSConv(nn.Module):
@@ -150,17 +167,44 @@ class LSConv(nn.Module):
         return self.bn(self.ska(x, self.lkp(x))) + x
 
 
+def offset_index(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+    """(H*W, H*W) index of |dy| * W + |dx| between every pair of positions of an H x W grid (row-major)."""
+    ys = torch.arange(height, device=device).repeat_interleave(width)
+    xs = torch.arange(width, device=device).repeat(height)
+    return (ys[:, None] - ys[None, :]).abs() * width + (xs[:, None] - xs[None, :]).abs()
+
+
 @lru_cache(maxsize=64)
 def relative_offset_index(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
-    """(H*W, H*W) index of |dy| * W + |dx| between every pair of grid positions (cached per size and device).
+    """:func:`offset_index`, cached per size and device.
 
     Built outside inference mode, so a cached index first made during inference also serves training.
     """
     with torch.inference_mode(False):
-        ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device),
-                                indexing="ij")
-        ys, xs = ys.flatten(), xs.flatten()
-        return (ys[:, None] - ys[None, :]).abs() * width + (xs[:, None] - xs[None, :]).abs()
+        return offset_index(height, width, device)
+
+
+def attention_bias(biases: torch.Tensor, bias_idxs: torch.Tensor, resolution: int, height: int,
+                   width: int) -> torch.Tensor:
+    """(num_heads, H*W, H*W) bias for an H x W grid from the (num_heads, R*R) table of a ``resolution`` grid.
+
+    The table is indexed by (|dy|, |dx|); for another grid it is resized (bicubic) to (H, W) first. At the stored
+    size the index equals ``bias_idxs`` (the official buffer). A plain function so FX records it as one call.
+    """
+    if height == resolution and width == resolution:
+        return biases[:, bias_idxs]
+    num_heads = biases.shape[0]
+    table = biases.view(1, num_heads, resolution, resolution).float()
+    table = F.interpolate(table, size=(height, width), mode="bicubic", align_corners=False)
+    table = table.to(biases.dtype).view(num_heads, height * width)
+    if torch.jit.is_scripting():
+        index = offset_index(height, width, table.device)
+    else:
+        index = relative_offset_index(height, width, table.device)
+    return table[:, index]
+
+
+torch.fx.wrap("attention_bias")
 
 
 class Attention(nn.Module):
@@ -194,17 +238,8 @@ class Attention(nn.Module):
         self.register_buffer("attention_bias_idxs", torch.LongTensor(idxs).view(len(points), len(points)))
 
     def attention_bias(self, height: int, width: int) -> torch.Tensor:
-        """(num_heads, H*W, H*W) bias for an H x W grid.
-
-        The stored table is indexed by (|dy|, |dx|) on the ``resolution`` grid; for another grid it is resized
-        (bicubic) to (H, W) first. At the stored size the index equals ``attention_bias_idxs``.
-        """
-        if (height, width) == (self.resolution, self.resolution):
-            return self.attention_biases[:, self.attention_bias_idxs]
-        table = self.attention_biases.view(1, self.num_heads, self.resolution, self.resolution).float()
-        table = F.interpolate(table, size=(height, width), mode="bicubic", align_corners=False)
-        table = table.to(self.attention_biases.dtype).view(self.num_heads, height * width)
-        return table[:, relative_offset_index(height, width, table.device)]
+        """(num_heads, H*W, H*W) bias for an H x W grid (see :func:`attention_bias`)."""
+        return attention_bias(self.attention_biases, self.attention_bias_idxs, self.resolution, height, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -242,7 +277,12 @@ class Block(nn.Module):
 
 
 class LSNet(nn.Module):
-    """LSNet backbone with a BN+Linear classifier (and an optional distillation head averaged in eval)."""
+    """LSNet backbone with a BN+Linear classifier (and an optional distillation head averaged in eval).
+
+    ``global_pool='avg'`` (default) pools the last map for the head; ``''`` returns the map itself (needs
+    ``num_classes=0``). ``forward_features`` returns the last (N, C, H/64, W/64) map, ``forward_head(x, True)`` the
+    pooled vector of ``head_hidden_size``. ``fuse()`` folds the BatchNorms for inference.
+    """
 
     def __init__(
         self,
@@ -257,11 +297,13 @@ class LSNet(nn.Module):
         distillation: bool = False,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
     ):
         super().__init__()
         self.num_classes = num_classes
         self.distillation = distillation
         self.drop_rate = drop_rate
+        self.global_pool = _check_pool(global_pool, num_classes)
         self.num_features = self.head_hidden_size = embed_dim[-1]
         self.grad_checkpointing = False
         self.patch_embed = nn.Sequential(
@@ -283,13 +325,35 @@ class LSNet(nn.Module):
                 stages[i + 1].append(Conv2d_BN(dim, embed_dim[i + 1], ks=1, stride=1, pad=0))
                 resolution = (resolution - 1) // 2 + 1
         self.blocks1, self.blocks2, self.blocks3, self.blocks4 = stages
-        self.head = BN_Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # An empty first stage (lsnet_t) passes the stem's output through: name the stem as that feature's module.
+        self.feature_info = [
+            dict(num_chs=dim, reduction=patch_size * 2**i, module=f"blocks{i + 1}" if len(stage) else "patch_embed")
+            for i, (dim, stage) in enumerate(zip(embed_dim, stages, strict=True))
+        ]
+        self.head, head_dist = self._new_heads(num_classes)
         if distillation:
-            self.head_dist = BN_Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            self.head_dist = head_dist
+        # The pre-logits layer (LSNetArtist's style projection), registered after the heads as in its checkpoints.
+        self.projection: nn.Module = nn.Identity()
+
+    def _new_heads(self, num_classes: int) -> tuple[nn.Module, nn.Module]:
+        """Fresh classifier and distillation heads on ``head_hidden_size`` (Identity for 0 classes), in this
+        model's device, dtype and train/eval mode."""
+        ref = next(self.parameters())
+        heads = []
+        for _ in range(2):
+            head = BN_Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+            heads.append(head.to(device=ref.device, dtype=ref.dtype).train(self.training))
+        return heads[0], heads[1]
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {name for name, _ in self.named_parameters() if "attention_biases" in name}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay: the stem, then stages (coarse) or blocks."""
+        return dict(stem=r"^patch_embed", blocks=r"^blocks(\d+)" if coarse else [(r"^blocks(\d+)\.(\d+)", None)])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -300,74 +364,185 @@ class LSNet(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier head(s) with fresh ones for ``num_classes`` (0 removes them)."""
+        """Replace the classifier head(s) with fresh ones for ``num_classes`` (0 removes them).
+
+        ``global_pool`` ('avg' or '' for no pooling) changes the pooling when given. The new heads are in the
+        model's current train/eval mode, device and dtype.
+        """
+        self.global_pool = _check_pool(self.global_pool if global_pool is None else global_pool, num_classes)
         self.num_classes = num_classes
-        device = next(self.parameters()).device
-        self.head = BN_Linear(self.num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
+        self.head, head_dist = self._new_heads(num_classes)
         if self.distillation:
-            self.head_dist = BN_Linear(self.num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
+            self.head_dist = head_dist
 
-    def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem and the four stages: the (N, C, H/64, W/64) feature map before pooling."""
+    def stages(self) -> list[nn.Module]:
+        """The four stages in order (``blocks1`` ... ``blocks4``)."""
+        return [self.blocks1, self.blocks2, self.blocks3, self.blocks4]
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stage outputs selected by ``indices`` (last n if an int, all if None), and the last map.
+
+        timm's semantics: returns ``(last_map, intermediates)``, or only the intermediates with
+        ``intermediates_only``; ``stop_early`` skips the stages after the last one asked for. ``norm`` has no effect
+        (LSNet has no final norm).
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(4, indices)
+        intermediates = []
         x = self.patch_embed(x)
-        for stage in (self.blocks1, self.blocks2, self.blocks3, self.blocks4):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                from timm.models import checkpoint_seq
+        stages = self.stages()[:max_index + 1] if stop_early or intermediates_only else self.stages()
+        for i, stage in enumerate(stages):
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing else stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
 
-                x = checkpoint_seq(stage, x)
-            else:
-                x = stage(x)
-        return x
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the head, projection and pooling when
+        ``prune_head`` or when stages were dropped); returns the absolute indices kept."""
+        take_indices, max_index = feature_take_indices(4, indices)
+        for i in range(max_index + 1, 4):
+            setattr(self, f"blocks{i + 1}", nn.Sequential())
+        if prune_head or max_index < 3:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            self.projection = nn.Identity()
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_backbone(x)
+        """Stem and the four stages: the last (N, C, H/64, W/64) feature map."""
+        x = self.patch_embed(x)
+        if not torch.jit.is_scripting() and self.grad_checkpointing:
+            for stage in self.stages():
+                x = checkpoint_seq(stage, x)
+        else:
+            x = self.blocks4(self.blocks3(self.blocks2(self.blocks1(x))))
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if x.ndim == 4:
-            x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        """Logits from the last feature map; the pooled (and projected) vector with ``pre_logits``."""
+        if self.global_pool == "avg":
+            x = self.projection(F.adaptive_avg_pool2d(x, 1).flatten(1))
         if pre_logits:
             return x
-        x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return self._classify(x)
+        return self._logits(x)
 
-    def _classify(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Apply the head(s); with distillation, training returns both outputs and eval their mean."""
-        if not self.distillation:
+    def _logits(self, x: torch.Tensor):
+        """Dropout and the head(s); with distillation, training returns both outputs and eval their mean."""
+        x = F.dropout(x, p=self.drop_rate, training=self.training)
+        if not hasattr(self, "head_dist"):
             return self.head(x)
         out, out_dist = self.head(x), self.head_dist(x)
-        if self.training and not torch.jit.is_scripting():
+        if not torch.jit.is_scripting() and self.training:
             return out, out_dist
         return (out + out_dist) / 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def fuse(self) -> "LSNet":
+        """Fold every foldable BatchNorm into its neighbour for inference, in place (call in eval mode).
+
+        Uses timm's ``reparameterize_model`` (children with ``fuse()``); the BatchNorm after SKA stays, so outputs
+        are equal. Returns the model.
+        """
+        return reparameterize_model(self, inplace=True)
+
+
+def _check_pool(global_pool: str, num_classes: int) -> str:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+    if not global_pool and num_classes > 0:
+        raise ValueError("global_pool='' (no pooling) needs num_classes=0: the classifier works on pooled vectors")
+    return global_pool
 
 
 CHECKPOINT_STATE_KEYS = ("model", "model_ema", "state_dict", "state_dict_ema")
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None, prefer_ema: bool = False) -> dict:
     """Return the bare state_dict of a checkpoint (official LSNet or artist scripts) with wrapper prefixes removed.
 
     Accepts a bare state_dict or a dict holding it under ``model``, ``model_ema`` or ``state_dict``;
-    strips ``module.`` (DDP/DataParallel) and ``_orig_mod.`` (torch.compile) prefixes, however nested.
+    strips ``module.`` (DDP/DataParallel) and ``_orig_mod.`` (torch.compile) prefixes (timm's ``clean_state_dict``).
+    The official distilled weights loaded into a model without a distillation head lose ``head_dist.*``.
     """
     keys = ("model_ema", "model", "state_dict_ema", "state_dict") if prefer_ema else CHECKPOINT_STATE_KEYS
     for key in keys:
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
             break
-    cleaned = {}
-    for name, value in state_dict.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in WRAPPER_PREFIXES:
-                if name.startswith(prefix):
-                    name, stripped = name[len(prefix):], True
-        cleaned[name] = value
-    return cleaned
+    state_dict = clean_state_dict(state_dict)
+    if model is not None and not hasattr(model, "head_dist"):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head_dist.")}
+    return state_dict
+
+
+def backbone_filter_fn(state_dict: dict, model: nn.Module) -> dict:
+    """:func:`checkpoint_filter_fn` without the heads and projection, checked to hold all of ``model``'s backbone.
+
+    The pretrained filter of the artist models: their heads and projection always start fresh.
+    """
+    state_dict = {k: v for k, v in checkpoint_filter_fn(state_dict).items() if not k.startswith(HEAD_PREFIXES)}
+    own = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [k for k in own if k in state_dict and state_dict[k].shape != own[k]]
+    if missing or unexpected or mismatched:
+        arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+        raise ValueError(f"the weights are not an LSNet backbone of {arch}: {len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, {len(mismatched)} mismatched keys "
+                         f"(first: {(missing + unexpected + mismatched)[0]})")
+    return state_dict
+
+
+def load_pretrained_backbone(model: LSNet, path: str | os.PathLike | None = None) -> None:
+    """Initialise ``model``'s stem and stages from the official ImageNet weights of its size; the heads and
+    projection stay fresh.
+
+    ``path``: a local copy of the weights (e.g. ``lsnet_t.pth`` from https://huggingface.co/jameslahm/lsnet); None
+    loads them through timm from the Hugging Face Hub (``model.pretrained_cfg['hf_hub_id']``, cached in the usual
+    Hugging Face cache; ``HF_HUB_OFFLINE=1`` uses only the cache). Problems are one-line ``UserError``s.
+    """
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from utils import UserError
+
+    cfg = dict(model.pretrained_cfg)
+    arch = cfg.get("architecture", "this model")
+    if path is not None:
+        if not os.path.isfile(path):
+            raise UserError(f"pretrained weights not found: {path}; pass the path of e.g. lsnet_t.pth")
+        cfg.update(file=os.fspath(path), hf_hub_id=None, url=None)
+    elif not cfg.get("hf_hub_id"):
+        raise UserError(f"{arch} has no official pretrained weights; use lsnet_t/s/b(_artist), or --pretrained-path")
+    try:
+        load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, filter_fn=backbone_filter_fn,
+                        strict=False)
+    except LocalEntryNotFoundError:
+        hub_id = cfg["hf_hub_id"]
+        raise UserError(f"the official weights of {arch} are not in the Hugging Face cache and the Hub cannot be "
+                        f"reached: run `huggingface-cli download {hub_id}` where there is network (or copy the "
+                        "HF cache), or download the .pth from https://huggingface.co/jameslahm/lsnet and pass "
+                        "--pretrained-path FILE") from None
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds pickled objects other than weights and was not loaded; re-save it as a "
+                        "plain state_dict") from None
+    except ValueError as err:
+        raise UserError(f"{path or cfg.get('hf_hub_id')}: {err}") from None
 
 
 def _cfg(**kwargs) -> dict:
@@ -379,13 +554,14 @@ def _cfg(**kwargs) -> dict:
     }
 
 
+# The official weights (https://github.com/THU-MIG/lsnet): one Hub repository per variant.
+OFFICIAL_HUB_IDS = {name: f"jameslahm/{name}" for name in
+                    ("lsnet_t", "lsnet_s", "lsnet_b", "lsnet_t_distill", "lsnet_s_distill", "lsnet_b_distill")}
+
 default_cfgs = generate_default_cfgs({
-    "lsnet_t.in1k": _cfg(),
-    "lsnet_s.in1k": _cfg(),
-    "lsnet_b.in1k": _cfg(),
-    "lsnet_t_distill.in1k": _cfg(classifier=("head.l", "head_dist.l")),
-    "lsnet_s_distill.in1k": _cfg(classifier=("head.l", "head_dist.l")),
-    "lsnet_b_distill.in1k": _cfg(classifier=("head.l", "head_dist.l")),
+    **{f"{name}.in1k": _cfg(hf_hub_id=OFFICIAL_HUB_IDS[name]) for name in ("lsnet_t", "lsnet_s", "lsnet_b")},
+    **{f"{name}.in1k": _cfg(hf_hub_id=OFFICIAL_HUB_IDS[name], classifier=("head.l", "head_dist.l"))
+       for name in ("lsnet_t_distill", "lsnet_s_distill", "lsnet_b_distill")},
 })
 
 MODEL_ARGS = {
@@ -396,7 +572,8 @@ MODEL_ARGS = {
 
 
 def _create_lsnet(variant: str, pretrained: bool = False, **kwargs) -> LSNet:
-    return build_model_with_cfg(LSNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_model_with_cfg(LSNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs)
 
 
 @register_model

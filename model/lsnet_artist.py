@@ -4,17 +4,20 @@ Key names match models saved by the original artist training scripts (``projecti
 """
 
 import torch
-import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from .lsnet import MODEL_ARGS, BN_Linear, LSNet, _cfg, checkpoint_filter_fn
+from .lsnet import MODEL_ARGS, OFFICIAL_HUB_IDS, BN_Linear, LSNet, _cfg, backbone_filter_fn
 
 __all__ = ["LSNetArtist", "ARTIST_MODELS"]
 
 
 class LSNetArtist(LSNet):
-    """LSNet whose pooled feature is (optionally) projected to ``feature_dim`` for clustering and comparison.
+    """LSNet whose pooled feature is (optionally) projected to a style-feature space for clustering and comparison.
+
+    ``head_hidden_size`` is the size of the style vector that ``forward_head(x, pre_logits=True)`` returns;
+    ``num_features`` stays the last feature map's channel count.
 
     Args:
         feature_dim: size of the style feature vector (default: the last stage's embed dim, i.e. no projection).
@@ -25,47 +28,28 @@ class LSNetArtist(LSNet):
     def __init__(self, num_classes: int = 1000, feature_dim: int | None = None, use_projection: bool = True,
                  **kwargs):
         super().__init__(num_classes=num_classes, **kwargs)
-        backbone_dim = self.num_features
-        feature_dim = feature_dim or backbone_dim
-        if feature_dim != backbone_dim and not use_projection:
+        feature_dim = feature_dim or self.num_features
+        if feature_dim != self.num_features and not use_projection:
             raise ValueError(
-                f"feature_dim={feature_dim} differs from the backbone's {backbone_dim} channels and needs the "
-                f"projection: drop --no-projection or use --feature-dim {backbone_dim}"
+                f"feature_dim={feature_dim} differs from the backbone's {self.num_features} channels and needs the "
+                f"projection: drop --no-projection or use --feature-dim {self.num_features}"
             )
-        self.backbone_dim = backbone_dim
-        self.use_projection = feature_dim != backbone_dim
+        self.use_projection = feature_dim != self.num_features
         if self.use_projection:
-            self.projection = nn.Sequential(BN_Linear(backbone_dim, feature_dim), nn.ReLU())
-        else:
-            self.projection = nn.Identity()
-        self.feature_dim = self.num_features = self.head_hidden_size = feature_dim
-        if feature_dim != backbone_dim:
+            self.projection = nn.Sequential(BN_Linear(self.num_features, feature_dim), nn.ReLU())
+            self.head_hidden_size = feature_dim
             self.reset_classifier(num_classes)
 
-    def pool_and_project(self, feature_map: torch.Tensor) -> torch.Tensor:
-        """Global average pool of the last stage's map, then the projection: the style feature vector."""
-        return self.projection(F.adaptive_avg_pool2d(feature_map, 1).flatten(1))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Style feature vectors (N, feature_dim) used for clustering and comparison."""
-        return self.pool_and_project(self.forward_backbone(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Logits from feature vectors (or from a last-stage feature map, pooled and projected first)."""
-        if x.ndim == 4:
-            x = self.pool_and_project(x)
-        if pre_logits:
-            return x
-        x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return self._classify(x)
-
     def forward(self, x: torch.Tensor, return_features: bool = False, return_both: bool = False):
-        """Logits; the feature vectors with ``return_features``; ``(features, logits)`` with ``return_both``."""
-        features = self.forward_features(x)
-        if return_features:
-            return features
-        logits = self.forward_head(features)
-        return (features, logits) if return_both else logits
+        """Logits. For code written against the original fork (eager Python only; TorchScript and FX see the
+        logits path): the style vectors with ``return_features``, ``(features, logits)`` with ``return_both``."""
+        x = self.forward_features(x)
+        if not torch.jit.is_scripting():
+            # Under FX the flags are graph inputs, not bools: the traced graph is the logits path.
+            if not is_fx_symbolic_tracing() and (return_features or return_both):
+                features = self.forward_head(x, pre_logits=True)
+                return features if return_features else (features, self._logits(features))
+        return self.forward_head(x)
 
 
 ARTIST_MODEL_ARGS = {
@@ -79,16 +63,20 @@ ARTIST_MODEL_ARGS = {
 }
 ARTIST_MODELS = tuple(ARTIST_MODEL_ARGS)
 
+# t/s/b: pretrained=True initialises the backbone from the official ImageNet weights of that size (heads fresh).
 default_cfgs = generate_default_cfgs({
-    **{f"{name}.untrained": _cfg() for name in ARTIST_MODELS if name != "lsnet_xl_artist_448"},
+    **{f"lsnet_{size}_artist.in1k": _cfg(hf_hub_id=OFFICIAL_HUB_IDS[f"lsnet_{size}"]) for size in "tsb"},
+    "lsnet_l_artist.untrained": _cfg(),
+    "lsnet_xl_artist.untrained": _cfg(),
     "lsnet_xl_artist_448.untrained": _cfg(input_size=(3, 448, 448), pool_size=(7, 7)),
 })
 
 
 def _create_artist(variant: str, pretrained: bool = False, **kwargs) -> LSNetArtist:
     model_args = {**ARTIST_MODEL_ARGS[variant], **kwargs}
-    return build_model_with_cfg(LSNetArtist, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                **model_args)
+    return build_model_with_cfg(LSNetArtist, variant, pretrained, pretrained_filter_fn=backbone_filter_fn,
+                                pretrained_strict=False,
+                                feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **model_args)
 
 
 @register_model

@@ -10,6 +10,8 @@ Implementations, chosen with ``ska(x, w, impl=...)`` (or ``SKA(impl=...)``):
   multiply-adds on shifted views, so neither a k*k copy of x nor a per-channel copy of w is ever built; float16 and
   bfloat16 are computed in float32.
 * ``"triton"``: Triton kernels (:mod:`model.ska_triton`); CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``.
+* ``"plain"``: :func:`ska_plain`, standard tensor ops only (pad, slice, multiply, add) with PyTorch's own autograd:
+  the path TorchScript compiles (a scripted :class:`SKA` always takes it) and the one for export (ONNX).
 * ``"reference"``: :func:`ska_reference`, the naive unfold version (tests and benchmarks only).
 * ``"auto"`` (default): ``"triton"`` for CUDA tensors when Triton is installed, else ``"torch"``.
 """
@@ -19,14 +21,16 @@ import math
 from collections.abc import Iterator
 
 import torch
+import torch.fx
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["HAS_TRITON", "IMPLS", "SKA", "ska", "ska_reference"]
+__all__ = ["HAS_TRITON", "IMPLS", "SKA", "ska", "ska_plain", "ska_reference"]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-IMPLS = ("auto", "torch", "triton", "reference")
+IMPLS = ("auto", "torch", "triton", "plain", "reference")
 
 
 def ska_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -40,6 +44,26 @@ def ska_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     cols = F.unfold(x, kernel_size=k, padding=(k - 1) // 2).view(n, c, kk, h, width)
     w_full = w.repeat(1, c // groups, 1, 1, 1)
     return (cols * w_full).sum(dim=2)
+
+
+def ska_plain(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """SKA from standard tensor ops (zero pad, slices, multiply, add); TorchScript-compatible and exportable.
+
+    Autograd is PyTorch's own; computes in the inputs' dtype and keeps one product per tap alive at a time.
+    """
+    n, c, h, width = x.shape
+    groups, kk = w.shape[1], w.shape[2]
+    k = 1
+    while k * k < kk:
+        k += 2
+    p = (k - 1) // 2
+    xp = F.pad(x, [p, p, p, p]).reshape(n, c // groups, groups, h + 2 * p, width + 2 * p)
+    wg = w.unsqueeze(1)  # (N, 1, G, k*k, H, W): broadcasts over the C // G channels of each group
+    out = xp[:, :, :, :h, :width] * wg[:, :, :, 0]
+    for tap in range(1, kk):
+        a, b = tap // k, tap % k
+        out = out + xp[:, :, :, a:a + h, b:b + width] * wg[:, :, :, tap]
+    return out.reshape(n, c, h, width)
 
 
 def _shifts(k: int) -> Iterator[tuple[int, int, int]]:
@@ -156,13 +180,21 @@ def ska(x: torch.Tensor, w: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         return _SKAFunction.apply(x, w)
     if impl == "triton":
         return _ska_triton(x, w)
+    if impl == "plain":
+        return ska_plain(x, w)
     if impl == "reference":
         return ska_reference(x, w)
     raise ValueError(f"unknown SKA impl {impl!r}, expected one of {IMPLS}")
 
 
+# Plain torch.fx tracing records these calls as graph nodes instead of tracing their shape checks and loops.
+torch.fx.wrap("ska")
+torch.fx.wrap("ska_plain")
+
+
+@register_notrace_module  # a leaf for timm's FX feature extraction (and the graphs its tests script)
 class SKA(nn.Module):
-    """Module wrapper of :func:`ska`: ``forward(x, w)``; no parameters."""
+    """Module wrapper of :func:`ska`: ``forward(x, w)``; no parameters. TorchScript compiles the plain path."""
 
     def __init__(self, impl: str = "auto") -> None:
         super().__init__()
@@ -171,7 +203,11 @@ class SKA(nn.Module):
         self.impl = impl
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return ska(x, w, self.impl)
+        if torch.jit.is_scripting() or self.impl == "plain":
+            out = ska_plain(x, w)
+        else:
+            out = ska(x, w, self.impl)
+        return out
 
     def extra_repr(self) -> str:
         return f"impl={self.impl!r}"

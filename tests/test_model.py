@@ -65,7 +65,8 @@ def test_parameter_counts_match_paper(name, millions):
 def test_large_artist_variants_build(name):
     net = timm.create_model(name, num_classes=7, feature_dim=128).eval()
     embed = {"lsnet_l_artist": 640}.get(name, 768)
-    assert net.backbone_dim == embed and net.feature_dim == 128 and net.num_classes == 7
+    assert net.num_features == embed and net.head_hidden_size == 128 and net.num_classes == 7
+    assert not hasattr(net, "feature_dim")  # timm reads model.feature_dim as the channel axis
     expected_size = 448 if name.endswith("448") else 224
     assert net.pretrained_cfg["input_size"] == (3, expected_size, expected_size)
     with torch.no_grad():
@@ -157,7 +158,7 @@ def test_distillation_heads_train_and_eval():
     assert out.shape == out_dist.shape == (2, 4)
     net.eval()
     with torch.no_grad():
-        features = net.forward_features(x)
+        features = net.forward_head(net.forward_features(x), pre_logits=True)
         expected = (net.head(features) + net.head_dist(features)) / 2
         assert torch.allclose(net(x), expected)
 
@@ -166,14 +167,20 @@ def test_timm_head_api():
     net = timm.create_model("lsnet_t_artist", num_classes=3, feature_dim=32).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        feature_map = net.forward_backbone(x)
-        assert feature_map.shape[1] == 384
+        feature_map = net.forward_features(x)
+        assert feature_map.shape == (2, 384, 1, 1)
         features = net.forward_head(feature_map, pre_logits=True)
-        assert torch.allclose(features, net(x, return_features=True))
+        assert features.shape == (2, 32)
+        logits = net(x)
+        assert torch.allclose(logits, net.forward_head(feature_map))
+        # The original fork's flags keep working in eager Python.
+        assert torch.equal(features, net(x, return_features=True))
+        both = net(x, return_both=True)
+        assert torch.equal(both[0], features) and torch.equal(both[1], logits)
         assert net.get_classifier() is net.head
         net.reset_classifier(9)
         assert net(x).shape == (2, 9) and net.num_classes == 9
-    assert net.num_features == 32
+    assert net.num_features == 384 and net.head_hidden_size == 32
 
 
 def test_no_projection_with_other_feature_dim_is_an_error():

@@ -31,8 +31,8 @@ def check_fits(ckpt: Checkpoint, model: nn.Module) -> None:
         raise UserError(f"{ckpt.path} {state} a distillation head (head_dist): {hint}")
     if guess_architecture(ckpt.state_dict) != guess_architecture(model.state_dict()):
         return
-    if ckpt.feature_dim is not None and ckpt.feature_dim != model.feature_dim:
-        raise UserError(f"{ckpt.path} has feature_dim {ckpt.feature_dim}, the model {model.feature_dim}: "
+    if ckpt.feature_dim is not None and ckpt.feature_dim != model.head_hidden_size:
+        raise UserError(f"{ckpt.path} has feature_dim {ckpt.feature_dim}, the model {model.head_hidden_size}: "
                         f"pass --feature-dim {ckpt.feature_dim}")
     if ckpt.num_classes is not None and ckpt.num_classes != model.num_classes:
         raise UserError(f"{ckpt.path} has {ckpt.num_classes} classes, the dataset {model.num_classes}: use the "
