@@ -8,6 +8,11 @@ A single image writes ``<output>/<stem>_result.json`` and prints it. A directory
 (per image, keyed by its path relative to ``--input``, plus the ``skipped`` unreadable files) and, in cluster and
 both modes, ``features.npy`` (float32, N x D) with ``image_names.txt`` (row i of features.npy is line i).
 
+With ``--gallery`` (from ``tools/build_gallery.py``) images are also identified by cosine similarity of their
+L2-normalised style vectors to the gallery's artist prototypes, so models whose head does not know those artists
+work too: ``gallery`` entries (top-k artists with scores, and ``unknown`` when the best score is below the gallery's
+calibrated threshold or ``--unknown-threshold``) go into the single-image JSON or ``gallery_results.json``.
+
 The work is done by :mod:`predictor` (``load_model_bundle`` and ``ArtistModel``), which services import directly.
 """
 
@@ -24,9 +29,12 @@ import numpy as np
 
 from data import ImageLoadError
 from predictor import MODES, ArtistModel, BatchResult, add_runtime_args, load_model_bundle
+from retrieval.gallery import Gallery, load_gallery, model_identity
+from retrieval.index import l2_normalize
 from utils import UserError, run_cli
 
 BATCH_RESULTS_FILE = "batch_results.json"
+GALLERY_RESULTS_FILE = "gallery_results.json"
 FEATURES_FILE = "features.npy"
 NAMES_FILE = "image_names.txt"
 
@@ -58,7 +66,35 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="optional check: feature vector size (default: detected from the checkpoint)")
     parser.add_argument("--no-json-features", dest="json_features", action="store_false",
                         help="leave feature vectors out of batch_results.json (features.npy keeps them)")
+    parser.add_argument("--gallery", default=None,
+                        help="identify artists by similarity to this gallery (tools/build_gallery.py); "
+                             "works without --class-csv")
+    parser.add_argument("--unknown-threshold", type=float, default=None,
+                        help="with --gallery: best cosine below which an image is 'unknown' (default: the gallery's "
+                             "calibrated threshold, none if it has none)")
     return add_runtime_args(parser)
+
+
+def identify_with_gallery(gallery: Gallery, features: np.ndarray, top_k: int,
+                          threshold: float | None) -> list[dict[str, Any]]:
+    """Per image: ``{"artists": [{"artist", "score"}...], "unknown": bool}`` from cosine scores to the prototypes."""
+    scores, ids = gallery.identify(l2_normalize(features, "style vector"), top_k)
+    return [{"artists": [{"artist": gallery.artist_names[i], "score": float(s)} for s, i in zip(row_s, row_i,
+                                                                                                strict=True)],
+             "unknown": bool(threshold is not None and row_s[0] < threshold)}
+            for row_s, row_i in zip(scores, ids, strict=True)]
+
+
+def _with_gallery(args: argparse.Namespace, artist_model: ArtistModel) -> tuple[Gallery | None, float | None]:
+    """Load ``--gallery`` (checked against the model); its features are needed, so classify becomes both."""
+    if not args.gallery:
+        return None, None
+    gallery = load_gallery(args.gallery)
+    gallery.check_model(model_identity(artist_model), args.gallery)
+    if args.mode == "classify":
+        args.mode = "both" if artist_model.class_names is not None else "cluster"
+    threshold = args.unknown_threshold if args.unknown_threshold is not None else gallery.unknown_threshold
+    return gallery, threshold
 
 
 def _metadata(artist_model: ArtistModel, mode: str, input_path: Path) -> dict[str, Any]:
@@ -106,6 +142,12 @@ def run_single(artist_model: ArtistModel, args: argparse.Namespace, output_dir: 
         features = prediction["features"]
         record["features"] = features.tolist()
         print(f"features: {features.size} values, L2 norm {np.linalg.norm(features):.4f}")
+    if getattr(args, "gallery_obj", None) is not None:
+        record["gallery"] = identify_with_gallery(args.gallery_obj, features[None], args.top_k,
+                                                  args.gallery_threshold)[0]
+        best = record["gallery"]["artists"][0]
+        print(f"gallery: {'unknown, ' if record['gallery']['unknown'] else ''}closest {best['artist']} "
+              f"(cosine {best['score']:.4f})")
     out_path = output_dir / f"{image.stem}_result.json"
     out_path.write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(f"result written to {out_path}")
@@ -128,6 +170,14 @@ def run_batch(artist_model: ArtistModel, args: argparse.Namespace, output_dir: P
         written += [FEATURES_FILE, NAMES_FILE]
     print(f"{len(result.names)} images in {elapsed:.1f}s ({len(result.names) / max(elapsed, 1e-9):.1f} img/s), "
           f"{len(result.skipped)} skipped; wrote {', '.join(written)} to {output_dir}")
+    if getattr(args, "gallery_obj", None) is not None:
+        matches = identify_with_gallery(args.gallery_obj, result.features, args.top_k, args.gallery_threshold)
+        report = {"gallery": args.gallery, "metric": "cosine", "normalized": True,
+                  "unknown_threshold": args.gallery_threshold, "results": dict(zip(result.names, matches, strict=True))}
+        (output_dir / GALLERY_RESULTS_FILE).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n",
+                                                        encoding="utf-8")
+        print(f"gallery: {sum(m['unknown'] for m in matches)} of {len(matches)} images unknown; wrote "
+              f"{GALLERY_RESULTS_FILE}")
     if args.mode == "cluster":
         print(f"cluster them: python tools/extract_cluster_features.py --features {output_dir / FEATURES_FILE} "
               f"--names {output_dir / NAMES_FILE} --num-clusters auto --output-dir {output_dir / 'clusters'}")
@@ -149,8 +199,9 @@ def main(args: argparse.Namespace | None = None) -> dict[str, Any] | BatchResult
     artist_model = load_model_bundle(
         args.checkpoint, args.model, args.class_csv, device=args.device, input_size=args.input_size,
         num_classes=args.num_classes, feature_dim=args.feature_dim, amp=args.amp,
-        require_class_names=args.mode != "cluster", compile=args.compile,
+        require_class_names=args.mode != "cluster" and not args.gallery, compile=args.compile,
     )
+    args.gallery_obj, args.gallery_threshold = _with_gallery(args, artist_model)
     if input_path.is_dir():
         return run_batch(artist_model, args, output_dir)
     return run_single(artist_model, args, output_dir)
