@@ -9,10 +9,10 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # Reinstall only when a requirements or constraints file changed (a second run reuses the venv).
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-retrieval.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-retrieval.txt -r requirements-dev.txt -c constraints.txt
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -32,9 +32,9 @@ def l2_normalize(vectors: np.ndarray, what: str = "vector") -> np.ndarray:
 
 
 def ivf_parameters(count: int) -> dict[str, Any]:
-    """IVF parameters for ``count`` vectors: about sqrt(count) lists, 1/32 of them visited (at least 16)."""
+    """IVF parameters for ``count`` vectors: about sqrt(count) lists, a tenth of them visited (at least 16)."""
     nlist = max(1, int(round(math.sqrt(count))))
-    return {"type": "ivf_flat_ip", "nlist": nlist, "nprobe": min(nlist, max(MIN_NPROBE, nlist // 32)),
+    return {"type": "ivf_flat_ip", "nlist": nlist, "nprobe": min(nlist, max(MIN_NPROBE, nlist // 10)),
             "train_size": min(count, nlist * TRAIN_POINTS_PER_LIST)}
 
 
