@@ -55,7 +55,6 @@ def model_identity(artist_model: Any) -> dict[str, Any]:
     preprocessing = {key: artist_model.data_config.get(key) for key in PREPROCESSING_KEYS}
     return json.loads(json.dumps({
         "architecture": artist_model.model_name,
-        "checkpoint": Path(artist_model.checkpoint).name,
         "checkpoint_sha256": file_sha256(artist_model.checkpoint),
         "feature_dim": artist_model.feature_dim,
         "preprocessing": preprocessing,
