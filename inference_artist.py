@@ -10,12 +10,17 @@ both modes, ``features.npy`` (float32, N x D) with ``image_names.txt`` (row i of
 
 The work is done by :mod:`predictor` (``load_model_bundle`` and ``ArtistModel``), which services import directly;
 the files and their guarantees (written as a set, no bare NaN in JSON) are :mod:`artifacts.outputs`'s.
+
+With ``--gallery`` (from ``tools/build_gallery.py``) images are also identified by cosine similarity of their
+L2-normalised style vectors to the gallery's artist prototypes, so models whose head does not know those artists
+work too: ``gallery`` entries (top-k artists with scores, and ``unknown`` when the best score is below the gallery's
+calibrated threshold or ``--unknown-threshold``) go into the single-image JSON or ``gallery_results.json``.
 """
 
 import argparse
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +35,27 @@ from artifacts.outputs import (
     result_file_name,
     write_batch_results,
     write_features,
+    write_json,
     write_json_file,
 )
 from data import ImageLoadError
 from predictor import MODES, ArtistModel, BatchResult, add_runtime_args, load_model_bundle
+from retrieval.gallery import Gallery, load_gallery, model_identity
 from utils import UserError, run_cli
+
+GALLERY_RESULTS_FILE = "gallery_results.json"
+
+
+@dataclass(frozen=True)
+class GalleryMatcher:
+    """``--gallery`` loaded and checked against the model, with the unknown threshold that applies."""
+
+    gallery: Gallery
+    threshold: float | None
+    path: str
+
+    def match(self, features: np.ndarray, top_k: int) -> list[dict[str, Any]]:
+        return self.gallery.match(features, top_k, self.threshold)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -64,7 +85,30 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="optional check: feature vector size (default: detected from the checkpoint)")
     parser.add_argument("--no-json-features", dest="json_features", action="store_false",
                         help="leave feature vectors out of batch_results.json (features.npy keeps them)")
+    parser.add_argument("--gallery", default=None,
+                        help="identify artists by similarity to this gallery (tools/build_gallery.py); "
+                             "works without --class-csv")
+    parser.add_argument("--unknown-threshold", type=float, default=None,
+                        help="with --gallery: best cosine below which an image is 'unknown' (default: the gallery's "
+                             "calibrated threshold, none if it has none)")
     return add_runtime_args(parser)
+
+
+def load_matcher(args: argparse.Namespace, artist_model: ArtistModel) -> GalleryMatcher | None:
+    """``--gallery`` checked against the model (a gallery built with another model is refused), or None."""
+    if not args.gallery:
+        return None
+    gallery = load_gallery(args.gallery)
+    gallery.check_model(model_identity(artist_model), args.gallery)
+    threshold = args.unknown_threshold if args.unknown_threshold is not None else gallery.unknown_threshold
+    return GalleryMatcher(gallery, threshold, args.gallery)
+
+
+def effective_mode(mode: str, matcher: GalleryMatcher | None, artist_model: ArtistModel) -> str:
+    """A gallery needs the style vectors: classify becomes both (cluster for a model without class names)."""
+    if matcher is None or mode != "classify":
+        return mode
+    return "both" if artist_model.class_names is not None else "cluster"
 
 
 def _metadata(artist_model: ArtistModel, mode: str, input_path: Path) -> dict[str, Any]:
@@ -72,28 +116,43 @@ def _metadata(artist_model: ArtistModel, mode: str, input_path: Path) -> dict[st
             "input": str(input_path), "input_size": artist_model.input_size}
 
 
-def save_batch(output_dir: Path, result: BatchResult, metadata: dict[str, Any], include_features: bool) -> list[str]:
-    """Write ``batch_results.json`` and, with features, ``features.npy`` + ``image_names.txt`` as one set (a reader
-    sees the previous complete set or this one); returns the file names. Warns about non-finite outputs."""
+def save_batch(output_dir: Path, result: BatchResult, metadata: dict[str, Any], include_features: bool,
+               gallery_report: dict[str, Any] | None = None) -> list[str]:
+    """Write ``batch_results.json`` and, with features, ``features.npy`` + ``image_names.txt`` (and
+    ``gallery_results.json`` when given) as one set: a reader sees the previous complete set or this one. Returns the
+    file names; warns about non-finite outputs."""
     with OutputSet(output_dir) as out:
         nonfinite = write_batch_results(out, metadata, result.entries(include_features), len(result.names),
                                         [asdict(s) for s in result.skipped])
         if result.features is not None:
             write_features(out, result.names, result.features)
+        if gallery_report is not None:
+            write_json(out, GALLERY_RESULTS_FILE, gallery_report)
     if nonfinite:
         print(f"warning: {nonfinite} images have NaN or infinite outputs, written as null (num_nonfinite in "
               f"{BATCH_RESULTS_FILE})", file=sys.stderr)
-    return [BATCH_RESULTS_FILE] + ([FEATURES_FILE, NAMES_FILE] if result.features is not None else [])
+    return ([BATCH_RESULTS_FILE] + ([FEATURES_FILE, NAMES_FILE] if result.features is not None else [])
+            + ([GALLERY_RESULTS_FILE] if gallery_report is not None else []))
 
 
-def run_single(artist_model: ArtistModel, args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
+def gallery_report(matcher: GalleryMatcher, result: BatchResult, top_k: int) -> dict[str, Any]:
+    """``gallery_results.json``: per image, the closest gallery artists and the unknown decision."""
+    matches = matcher.match(result.features, top_k)
+    print(f"gallery: {sum(m['unknown'] for m in matches)} of {len(matches)} images unknown")
+    return {"gallery": matcher.path, "metric": "cosine", "normalized": True, "unknown_threshold": matcher.threshold,
+            "results": dict(zip(result.names, matches, strict=True))}
+
+
+def run_single(artist_model: ArtistModel, args: argparse.Namespace, output_dir: Path,
+               matcher: GalleryMatcher | None = None) -> dict[str, Any]:
     """Classify / extract one image; write ``<stem>_result.json`` and print the result."""
     image = Path(args.input)
+    mode = effective_mode(args.mode, matcher, artist_model)
     try:
-        prediction = artist_model.predict(image, args.mode, top_k=args.top_k, threshold=args.threshold)
+        prediction = artist_model.predict(image, mode, top_k=args.top_k, threshold=args.threshold)
     except ImageLoadError as err:
         raise UserError(f"cannot read {image} ({err.reason}); pass an image file") from None
-    record = _metadata(artist_model, args.mode, image)
+    record = _metadata(artist_model, mode, image)
     for rank, entry in enumerate(prediction.get("classification", []), start=1):
         print(f"{rank}. {entry['class_name']} (class {entry['class_id']}): {entry['probability']:.4f}")
     if "classification" in prediction:
@@ -104,6 +163,11 @@ def run_single(artist_model: ArtistModel, args: argparse.Namespace, output_dir: 
         features = prediction["features"]
         record["features"] = features.tolist()
         print(f"features: {features.size} values, L2 norm {np.linalg.norm(features):.4f}")
+    if matcher is not None:
+        record["gallery"] = matcher.match(prediction["features"][None], args.top_k)[0]
+        best = record["gallery"]["artists"][0]
+        print(f"gallery: {'unknown, ' if record['gallery']['unknown'] else ''}closest {best['artist']} "
+              f"(cosine {best['score']:.4f})")
     out_path = output_dir / result_file_name(image)
     if write_json_file(out_path, record):
         print("warning: NaN or infinite outputs, written as null", file=sys.stderr)
@@ -111,18 +175,22 @@ def run_single(artist_model: ArtistModel, args: argparse.Namespace, output_dir: 
     return record
 
 
-def run_batch(artist_model: ArtistModel, args: argparse.Namespace, output_dir: Path) -> BatchResult:
+def run_batch(artist_model: ArtistModel, args: argparse.Namespace, output_dir: Path,
+              matcher: GalleryMatcher | None = None) -> BatchResult:
     """Run a directory; write ``batch_results.json`` and, with features, ``features.npy`` + ``image_names.txt``."""
     start = time.perf_counter()
+    mode = effective_mode(args.mode, matcher, artist_model)
     result = artist_model.run_directory(
-        args.input, args.mode, recursive=args.recursive, top_k=args.top_k, threshold=args.threshold,
+        args.input, mode, recursive=args.recursive, top_k=args.top_k, threshold=args.threshold,
         batch_size=args.batch_size, num_workers=args.num_workers, progress=True,
     )
     elapsed = time.perf_counter() - start
-    written = save_batch(output_dir, result, _metadata(artist_model, args.mode, Path(args.input)), args.json_features)
+    report = gallery_report(matcher, result, args.top_k) if matcher is not None else None
+    written = save_batch(output_dir, result, _metadata(artist_model, mode, Path(args.input)), args.json_features,
+                         report)
     print(f"{len(result.names)} images in {elapsed:.1f}s ({len(result.names) / max(elapsed, 1e-9):.1f} img/s), "
           f"{len(result.skipped)} skipped; wrote {', '.join(written)} to {output_dir}")
-    if args.mode == "cluster":
+    if mode == "cluster":
         print(f"cluster them: python tools/extract_cluster_features.py --features {output_dir / FEATURES_FILE} "
               f"--names {output_dir / NAMES_FILE} --num-clusters auto --output-dir {output_dir / 'clusters'}")
     return result
@@ -137,11 +205,12 @@ def main(args: argparse.Namespace | None = None) -> dict[str, Any] | BatchResult
     artist_model = load_model_bundle(
         args.checkpoint, args.model, args.class_csv, device=args.device, input_size=args.input_size,
         num_classes=args.num_classes, feature_dim=args.feature_dim, amp=args.amp,
-        require_class_names=args.mode != "cluster", compile=args.compile,
+        require_class_names=args.mode != "cluster" and not args.gallery, compile=args.compile,
     )
+    matcher = load_matcher(args, artist_model)
     if input_path.is_dir():
-        return run_batch(artist_model, args, output_dir)
-    return run_single(artist_model, args, output_dir)
+        return run_batch(artist_model, args, output_dir, matcher)
+    return run_single(artist_model, args, output_dir, matcher)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Build, extend or shrink an artist gallery, and calibrate its unknown-artist threshold.
+
+    python tools/build_gallery.py --checkpoint runs/t --images refs --output-dir gallery
+    python tools/build_gallery.py --checkpoint runs/t --images more_refs --output-dir gallery --add
+    python tools/build_gallery.py --output-dir gallery --remove "Some Artist"
+    python tools/build_gallery.py --checkpoint runs/t --output-dir gallery --calibrate val --target-false-unknown 0.05
+
+``--images`` holds one folder per artist (any number of images, nested folders allowed). ``--calibrate`` takes
+held-out images of enrolled artists in the same layout and stores the threshold below which a best score means
+"unknown artist", chosen so that ``--target-false-unknown`` of those images would be marked unknown.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from predictor import ArtistModel, add_runtime_args, load_model_bundle  # noqa: E402
+from retrieval.gallery import (  # noqa: E402
+    GALLERY_FILE,
+    Gallery,
+    calibrate_threshold,
+    load_gallery,
+    model_identity,
+    save_gallery,
+)
+from retrieval.index import EXACT_LIMIT  # noqa: E402
+from retrieval.references import artist_images, artist_of, embed_images  # noqa: E402
+from utils import UserError, run_cli  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="model folder or checkpoint file (needed except for --remove)")
+    parser.add_argument("--model", default=None, help="architecture (default: recorded with the checkpoint)")
+    parser.add_argument("--images", help="reference images: one sub-folder per artist")
+    parser.add_argument("--output-dir", required=True, help="the gallery folder (written atomically)")
+    parser.add_argument("--add", action="store_true",
+                        help="append the artists/images of --images to the existing gallery (old vectors are kept)")
+    parser.add_argument("--remove", action="append", default=[], metavar="ARTIST",
+                        help="remove an artist from the gallery (repeatable)")
+    parser.add_argument("--calibrate", metavar="VAL_DIR",
+                        help="held-out images of enrolled artists (one sub-folder per artist) to pick the threshold")
+    parser.add_argument("--target-false-unknown", type=float, default=0.05,
+                        help="share of enrolled artists' images allowed to fall below the threshold (default 0.05)")
+    parser.add_argument("--exact-limit", type=int, default=EXACT_LIMIT,
+                        help=f"exact search up to this many vectors, IVF above (default {EXACT_LIMIT})")
+    parser.add_argument("--batch-size", type=int, default=32)
+    return add_runtime_args(parser, precision=False)
+
+
+def _model(args: argparse.Namespace, needed_for: str) -> ArtistModel:
+    if not args.checkpoint:
+        raise UserError(f"{needed_for} needs the model: pass --checkpoint")
+    return load_model_bundle(args.checkpoint, args.model, device=args.device)
+
+
+def enroll(gallery: Gallery | None, artist_model: ArtistModel, args: argparse.Namespace) -> Gallery:
+    """``gallery`` (or a new one) plus the images of ``--images`` it does not hold yet."""
+    names = artist_images(args.images)
+    known = set(gallery.paths) if gallery is not None else set()
+    paths = {name: os.path.abspath(os.path.join(args.images, name)) for name in names}
+    names = [name for name in names if paths[name] not in known]
+    if gallery is not None and not names:
+        print(f"all images of {args.images} are in the gallery already")
+        return gallery
+    kept, vectors = embed_images(artist_model, args.images, names, args.batch_size, args.num_workers)
+    artists = [artist_of(name, args.images) for name in kept]
+    new_paths = [paths[name] for name in kept]
+    print(f"enrolled {len(kept)} images of {len(set(artists))} artists")
+    if gallery is None:
+        return Gallery(vectors, artists, new_paths, model_identity(artist_model), exact_limit=args.exact_limit)
+    return gallery.extended(vectors, artists, new_paths)
+
+
+def calibrate(gallery: Gallery, artist_model: ArtistModel, args: argparse.Namespace) -> Gallery:
+    """Store the threshold that marks ``--target-false-unknown`` of the enrolled artists' held-out images unknown."""
+    names = artist_images(args.calibrate)
+    enrolled = [name for name in names if artist_of(name, args.calibrate) in set(gallery.artist_names)]
+    if len(enrolled) < len(names):
+        print(f"calibration: ignoring {len(names) - len(enrolled)} images of artists not in the gallery")
+    kept, vectors = embed_images(artist_model, args.calibrate, enrolled, args.batch_size, args.num_workers)
+    best = gallery.identify(vectors, 1)[0][:, 0]
+    threshold = calibrate_threshold(best, args.target_false_unknown)
+    gallery.unknown_threshold = threshold
+    gallery.calibration = {"images": len(kept), "folder": os.path.abspath(args.calibrate),
+                           "target_false_unknown": args.target_false_unknown,
+                           "false_unknown_rate": float((best < threshold).mean())}
+    print(f"unknown threshold {threshold:.4f}: {gallery.calibration['false_unknown_rate']:.1%} of {len(kept)} "
+          f"held-out images of enrolled artists score below it")
+    return gallery
+
+
+def main(args: argparse.Namespace | None = None) -> Gallery:
+    args = args if args is not None else get_args_parser().parse_args()
+    out = Path(args.output_dir)
+    exists = (out / GALLERY_FILE).is_file()
+    if not (args.images or args.remove or args.calibrate):
+        raise UserError("nothing to do: pass --images, --remove or --calibrate")
+    if args.images and exists and not args.add:
+        raise UserError(f"{out} already holds a gallery; pass --add to extend it or another --output-dir")
+    if (args.add or args.remove or (args.calibrate and not args.images)) and not exists:
+        raise UserError(f"{out} holds no gallery to change; build one first with --images")
+    gallery = load_gallery(out) if exists else None
+    artist_model = _model(args, "--images/--calibrate") if (args.images or args.calibrate) else None
+    if gallery is not None and artist_model is not None:
+        gallery.check_model(model_identity(artist_model), str(out))
+    for artist in args.remove:
+        gallery = gallery.removed(artist)
+        print(f"removed {artist}")
+    if args.images:
+        gallery = enroll(gallery, artist_model, args)
+    if args.calibrate:
+        gallery = calibrate(gallery, artist_model, args)
+    elif gallery.unknown_threshold is not None and (args.images or args.remove):
+        print("note: the gallery changed since --calibrate; run --calibrate again to refresh its threshold")
+    save_gallery(gallery, out)
+    print(f"gallery: {len(gallery.artist_names)} artists, {len(gallery.paths)} vectors -> {out}")
+    return gallery
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Evaluate style vectors as people in artist retrieval do: Recall@k, mAP@R, MRR, identification and open set.
+
+    python tools/evaluate_retrieval.py --features out/features.npy --names out/image_names.txt
+    python tools/evaluate_retrieval.py --gallery gallery --queries test_images --checkpoint runs/t
+
+Retrieval: every image of ``--features`` queries all the others (its own image excluded); labels are the top
+folder of each line of ``--names`` (``artist/file.jpg``). Identification: the images of ``--queries`` (one
+sub-folder per artist) are matched to the gallery's artist prototypes; top-1/top-5 over artists in the gallery,
+and with the gallery's calibrated threshold (or ``--unknown-threshold``) the share of enrolled artists' images
+marked unknown (false unknown) and of other artists' images marked unknown (unknown detection).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from predictor import add_runtime_args, load_model_bundle  # noqa: E402
+from retrieval.gallery import load_gallery, model_identity  # noqa: E402
+from retrieval.metrics import identification_metrics, retrieval_metrics  # noqa: E402
+from retrieval.references import artist_images, artist_of, embed_images  # noqa: E402
+from tools.clustering import load_features  # noqa: E402
+from utils import UserError, run_cli  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--features", help="features.npy (N x D) written by inference_artist.py --mode cluster")
+    parser.add_argument("--names", help="image_names.txt of the features; the top folder of a name is its artist")
+    parser.add_argument("--gallery", help="a gallery folder from tools/build_gallery.py")
+    parser.add_argument("--queries", help="query images, one sub-folder per artist (with --gallery)")
+    parser.add_argument("--checkpoint", help="the gallery's model (with --queries)")
+    parser.add_argument("--unknown-threshold", type=float, default=None,
+                        help="cosine below which a query is unknown (default: the gallery's calibrated one)")
+    parser.add_argument("--output", default="retrieval_metrics.json", help="JSON report (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    return add_runtime_args(parser, precision=False)
+
+
+def evaluate_features(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.names:
+        raise UserError("--features needs --names (the image_names.txt written with it) for the artist labels")
+    features, names = load_features(args.features, args.names)
+    return retrieval_metrics(features, [artist_of(name, args.names) for name in names])
+
+
+def evaluate_gallery(args: argparse.Namespace) -> dict[str, Any]:
+    if not (args.queries and args.checkpoint):
+        raise UserError("--gallery needs --queries (images, one sub-folder per artist) and --checkpoint")
+    gallery = load_gallery(args.gallery)
+    artist_model = load_model_bundle(args.checkpoint, device=args.device)
+    gallery.check_model(model_identity(artist_model), args.gallery)
+    kept, vectors = embed_images(artist_model, args.queries, artist_images(args.queries), args.batch_size,
+                                 args.num_workers)
+    scores, ids = gallery.identify(vectors, 5)
+    predicted = [[gallery.artist_names[i] for i in row] for row in ids]
+    threshold = args.unknown_threshold if args.unknown_threshold is not None else gallery.unknown_threshold
+    truth = [artist_of(name, args.queries) for name in kept]
+    return identification_metrics(predicted, scores, truth, set(gallery.artist_names), threshold)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Two columns, metric and value, one section per evaluation."""
+    lines = []
+    for section, values in report.items():
+        lines.append(f"{section}:")
+        for key, value in values.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"  {key:<24} {shown}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace | None = None) -> dict[str, Any]:
+    args = args if args is not None else get_args_parser().parse_args()
+    if not (args.features or args.gallery):
+        raise UserError("nothing to evaluate: pass --features/--names and/or --gallery/--queries/--checkpoint")
+    report: dict[str, Any] = {}
+    if args.features:
+        report["retrieval"] = evaluate_features(args)
+    if args.gallery:
+        report["identification"] = evaluate_gallery(args)
+    print(format_table(report))
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {output}")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)

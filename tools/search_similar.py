@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Find the works closest in style to a query: nearest reference images of a gallery, with scores and paths.
+
+    python tools/search_similar.py --gallery gallery --checkpoint runs/t --query image.jpg --top-k 10
+    python tools/search_similar.py --gallery gallery --query out/features.npy --names out/image_names.txt \
+        --output similar.csv
+
+The query is an image, a folder of images (with ``--checkpoint``: the gallery's model), or a ``.npy`` of style
+vectors from that model. Scores are cosine similarities of L2-normalised vectors, from the gallery's Faiss index
+(exact for small galleries, IVF above its size limit). ``--output`` ends in ``.json`` or ``.csv``.
+"""
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from predictor import add_runtime_args, load_model_bundle  # noqa: E402
+from retrieval.gallery import Gallery, load_gallery, model_identity  # noqa: E402
+from retrieval.index import search  # noqa: E402
+from retrieval.references import load_queries  # noqa: E402
+from utils import UserError, run_cli  # noqa: E402
+
+FIELDS = ("query", "rank", "score", "artist", "path")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gallery", required=True, help="a gallery folder from tools/build_gallery.py")
+    parser.add_argument("--query", required=True, help="an image, a folder of images, or a .npy of style vectors")
+    parser.add_argument("--names", help="names of the rows of a .npy query, one per line (image_names.txt)")
+    parser.add_argument("--checkpoint", help="the gallery's model (needed for image queries)")
+    parser.add_argument("--top-k", type=int, default=10, help="works per query (default 10)")
+    parser.add_argument("--output", help="write the results to a .json or .csv file")
+    parser.add_argument("--batch-size", type=int, default=32)
+    return add_runtime_args(parser, precision=False)
+
+
+def nearest_works(gallery: Gallery, names: list[str], queries: Any, top_k: int) -> list[dict[str, Any]]:
+    """Records ``{"query", "rank", "score", "artist", "path"}``, ``top_k`` per query, most similar first."""
+    index, _ = gallery.index()
+    scores, ids = search(index, queries, top_k)
+    return [{"query": names[q], "rank": rank, "score": float(score), "artist": gallery.artists[i],
+             "path": gallery.paths[i]}
+            for q in range(len(names))
+            for rank, (score, i) in enumerate(((s, i) for s, i in zip(scores[q], ids[q], strict=True) if i >= 0), 1)]
+
+
+def write_results(path: Path, records: list[dict[str, Any]], gallery: Gallery) -> None:
+    """JSON (with the index parameters and the note that scores are cosines of unit vectors) or CSV."""
+    if path.suffix.lower() not in (".json", ".csv"):
+        raise UserError(f"--output {path} must end in .json or .csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, FIELDS)
+            writer.writeheader()
+            writer.writerows(records)
+        return
+    report = {"metric": "cosine", "normalized": True, "index": gallery.index()[1], "results": records}
+    path.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def main(args: argparse.Namespace | None = None) -> list[dict[str, Any]]:
+    args = args if args is not None else get_args_parser().parse_args()
+    if args.output and Path(args.output).suffix.lower() not in (".json", ".csv"):
+        raise UserError(f"--output {args.output} must end in .json or .csv")
+    gallery = load_gallery(args.gallery)
+    artist_model = None
+    if args.checkpoint:
+        artist_model = load_model_bundle(args.checkpoint, device=args.device)
+        gallery.check_model(model_identity(artist_model), args.gallery)
+    names, queries = load_queries(args.query, artist_model, args.names, batch_size=args.batch_size,
+                                  num_workers=args.num_workers)
+    if queries.shape[1] != gallery.vectors.shape[1]:
+        raise UserError(f"query vectors have {queries.shape[1]} values but gallery {args.gallery} holds "
+                        f"{gallery.vectors.shape[1]}; use vectors from the gallery's model")
+    records = nearest_works(gallery, names, queries, args.top_k)
+    for record in records:
+        if record["rank"] == 1:
+            print(f"query: {record['query']}")
+        print(f"{record['rank']:>5}  {record['score']:.4f}  {record['artist']}  {record['path']}")
+    if args.output:
+        write_results(Path(args.output), records, gallery)
+        print(f"wrote {args.output}")
+    return records
+
+
+if __name__ == "__main__":
+    run_cli(main)
