@@ -147,6 +147,7 @@ class MultiLabelConfig:
     label_delimiter: str = ","
     threshold: float = 0.4
     max_pos_weight: float = 10.0
+    allow_outside_root: bool = False
 
 
 # Config field -> flag (namespace attribute) where the names differ.

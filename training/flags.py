@@ -222,6 +222,8 @@ def add_multilabel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="confidence at which a label counts as predicted (precision, recall, F1)")
     group.add_argument("--max-pos-weight", type=float, default=10.0,
                        help="upper clip of the per-label positive weight (negatives / positives) of the loss")
+    group.add_argument("--allow-outside-root", action="store_true",
+                       help="use CSV rows whose image lies outside --data-path (otherwise they are left out)")
     # Mixup / cutmix mix the targets too: off unless asked for. Label smoothing only acts through them.
     parser.set_defaults(mixup=0.0, cutmix=0.0, smoothing=0.0)
     return parser
