@@ -151,7 +151,8 @@ def test_multilabel_rows_outside_the_root_or_not_images_are_left_out_once(labell
     csv_path = tmp_path / "train.csv"
     csv_path.write_text("image_path,labels\na.png,cat\nb.png,\"cat,dog\"\nc.png,dog\n"
                         "../../../../../etc/passwd,=evil\n"
-                        f"{tmp_path / 'outside.png'},rare\nlink.png,rare\nfake.jpg,\"cat,rare\"\n/proc/self/environ,x\n")
+                        f"{tmp_path / 'outside.png'},rare\nlink.png,rare\nfake.jpg,\"cat,rare\"\n"
+                        "/proc/self/environ,x\n")
     dataset = MultiLabelImageDataset(csv_path, labelled)
     assert dataset.classes == ["cat", "dog"] and len(dataset) == 3
     out = capsys.readouterr().out
