@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import NO_AUG, make_dataset, read_log, run_main, train_artist_style
+from test_train import NO_AUG, make_dataset, run_main, train_artist_style
 
 from artifacts.checkpoint import load_checkpoint_file, save_checkpoint_atomic
 from artifacts.run_folder import append_log_record
@@ -173,10 +173,3 @@ def test_an_image_passed_as_a_checkpoint_is_not_a_checkpoint(tmp_path):
     image = noise_image(tmp_path / "photo.jpg")
     with pytest.raises(UserError, match=r"photo.jpg is not a checkpoint \(not a PyTorch .pth file\)"):
         load_checkpoint_file(image)
-
-
-def test_train_log_of_a_normal_run_is_strict_json(tiny_data, tmp_path):
-    run_main("--data-path", str(tiny_data), "--output-dir", str(tmp_path), "--epochs", "1", *COMMON)
-    assert [r["epoch"] for r in read_log(tmp_path)] == [1]
-    for line in (tmp_path / "train_log.txt").read_text().splitlines():
-        strict_json(line)
