@@ -175,3 +175,13 @@ def test_an_image_passed_as_a_checkpoint_is_not_a_checkpoint(tmp_path):
     image = noise_image(tmp_path / "photo.jpg")
     with pytest.raises(UserError, match=r"photo.jpg is not a checkpoint \(not a PyTorch .pth file\)"):
         load_checkpoint_file(image)
+
+
+def test_every_numeric_training_flag_has_a_range():
+    import train_artist_multilabel
+    from training.flags import FLAG_RANGES
+
+    for script in (train_artist_style, train_artist_multilabel):
+        numeric = {action.dest for action in script.get_args_parser()._actions if action.type in (int, float)}
+        assert numeric <= FLAG_RANGES.keys(), f"add {sorted(numeric - FLAG_RANGES.keys())} to FLAG_RANGES"
+        assert len(numeric) > 30
