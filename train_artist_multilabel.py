@@ -58,14 +58,16 @@ def label_statistics(dataset: MultiLabelImageDataset) -> tuple[np.ndarray, np.nd
 
 def write_label_stats(path: Path, classes: list[str], positives: np.ndarray, target_sums: np.ndarray,
                       pos_weight: torch.Tensor) -> None:
-    """``label,positives,share,mean_weight,pos_weight``: a row per label in class id order."""
+    """``label,positives,share,mean_weight,pos_weight``: a row per label in class id order (a label starting with
+    ``= + - @`` gets a ``'`` in front, so a spreadsheet shows it as text)."""
     total = max(int(positives.sum()), 1)
     with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["label", "positives", "share", "mean_weight", "pos_weight"])
         for name, count, target_sum, weight in zip(classes, positives, target_sums, pos_weight.tolist(), strict=True):
             mean = target_sum / count if count else 0.0
-            writer.writerow([name, int(count), f"{count / total:.6g}", f"{mean:.6g}", f"{weight:.6g}"])
+            writer.writerow([utils.spreadsheet_safe(name), int(count), f"{count / total:.6g}", f"{mean:.6g}",
+                             f"{weight:.6g}"])
 
 
 def report_pos_weight(classes: list[str], pos_weight: torch.Tensor, max_weight: float) -> None:
@@ -83,11 +85,12 @@ def load_datasets(cfg: TrainConfig, verbose: bool) -> tuple[MultiLabelImageDatas
     """Training and validation sets; the training CSV defines the labels, also for ``--eval`` (the checkpoint's
     labels are checked against them)."""
     ml = cfg.multilabel
+    common = dict(label_delimiter=ml.label_delimiter, verbose=verbose, allow_outside_root=ml.allow_outside_root,
+                  workers=cfg.run.num_workers, cache_dir=cfg.run.output_dir)
     train = MultiLabelImageDataset(ml.train_ann, cfg.run.data_path, transform=build_transform(True, cfg.transform),
-                                   label_delimiter=ml.label_delimiter, verbose=verbose)
+                                   **common)
     val = MultiLabelImageDataset(ml.val_ann, cfg.run.data_path, classes=train.classes,
-                                 transform=build_transform(False, cfg.transform), label_delimiter=ml.label_delimiter,
-                                 verbose=verbose)
+                                 transform=build_transform(False, cfg.transform), **common)
     return train, val
 
 

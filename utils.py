@@ -1,11 +1,14 @@
 """Shared helpers with no project imports: user-facing errors, devices, distributed set-up, random state, progress."""
 
+import argparse
 import datetime
+import math
 import random
 import sys
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +30,57 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+# --------------------------------------------------------------------------------------------- flags
+
+
+@dataclass(frozen=True)
+class NumberRange:
+    """A numeric flag's allowed values: an argparse ``type`` (``type=NumberRange(int, 1)``) that also checks values
+    from elsewhere (:meth:`problem`). ``low_open`` / ``high_open`` exclude the bound; NaN and infinity are refused."""
+
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not allowed ("must be at least 1, got 0"), or None."""
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (self.kind is int and not isinstance(value, int)):
+            return f"must be {'an integer' if self.kind is int else 'a number'}, got {value!r}"
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return f"must be {self.describe()}, got {value}" if below or above else None
+
+    def describe(self) -> str:
+        """``at least 1``, ``above 0``, ``in [0, 1)``..."""
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        return f"{'below' if self.high_open else 'at most'} {self.high:g}"
+
+    def __call__(self, text: str) -> int | float:
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if self.kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        problem = self.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+
+def spreadsheet_safe(text: str) -> str:
+    """``text`` for a CSV cell that people open in a spreadsheet: a leading ``= + - @`` (or tab / CR) gets a ``'``
+    in front, so it is shown as text and never run as a formula. Machine-read files keep exact names."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 # --------------------------------------------------------------------------------------------- inference

@@ -7,6 +7,7 @@ other keys a training checkpoint holds is :mod:`artifacts.run_folder`'s business
 """
 
 import argparse
+import errno
 import os
 import pickle
 import tempfile
@@ -72,6 +73,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}; check the path (a .pth file or a model folder)")
+    _check_checkpoint_format(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -86,6 +88,18 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(obj, dict) or not obj:
         raise UserError(f"{path} does not contain a state_dict (found {type(obj).__name__})")
     return obj
+
+
+def _check_checkpoint_format(path: Path) -> None:
+    """Refuse a file that is neither a ``torch.save`` zip archive nor a (legacy) pickle: an image, a text..."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}; check its permissions") from None
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise UserError(f"{path} is not a checkpoint (not a PyTorch .pth file); pass a checkpoint saved by training "
+                        "(model_best.pth, checkpoint.pth) or its model folder")
 
 
 def checkpoint_from_dict(obj: dict[str, Any], path: str | os.PathLike, prefer_ema: bool = False) -> Checkpoint:
@@ -193,22 +207,63 @@ def load_checkpoint(
     return ckpt
 
 
+# Write errors that a user fixes (full disk, quota, permissions, read-only filesystem): reported in one line.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def write_error(path: str | os.PathLike, err: OSError, kept: str = "") -> UserError:
+    """The one-line error for a failed write of ``path`` (``kept``: what is still intact, e.g. the previous file)."""
+    reason = (err.strerror or os.strerror(err.errno)) if err.errno else str(err)
+    hint = "free some space or choose another --output-dir" if err.errno in (errno.ENOSPC, errno.EDQUOT) else \
+        "check that the folder is writable or choose another --output-dir"
+    return UserError(f"cannot write {path}: {reason}; {hint}" + (f" ({kept})" if kept else ""))
+
+
+class _RecordingFile:
+    """A binary file whose failed writes are remembered: ``torch.save`` turns them into a RuntimeError."""
+
+    def __init__(self, fh: Any):
+        self.fh, self.error = fh, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def save_checkpoint_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, flush it to disk, then rename over ``path``.
 
-    A crash at any moment leaves either the previous file or the new one, never a truncated file.
+    A crash at any moment leaves either the previous file or the new one, never a truncated file. A full disk or
+    an unwritable folder is a one-line :class:`UserError` naming ``path``; the previous file is kept.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    kept = f"the previous {path.name} is intact" if path.is_file() else "nothing was written"
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            recording = _RecordingFile(fh)
+            try:
+                torch.save(obj, recording)
+            except RuntimeError:
+                if recording.error is None:
+                    raise
+                raise recording.error from None
             fh.flush()
             os.fsync(fh.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions of a new file
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+            raise write_error(path, err, kept) from None
         raise

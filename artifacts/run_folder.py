@@ -10,10 +10,14 @@ resume by :func:`read_resume_point` and for ``--eval`` by :func:`read_eval_weigh
 import json
 import math
 import os
+import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from artifacts.checkpoint import (
     BEST_FILE,
@@ -22,14 +26,16 @@ from artifacts.checkpoint import (
     checkpoint_from_dict,
     load_checkpoint_file,
     save_checkpoint_atomic,
+    write_error,
 )
 from artifacts.model_folder import write_config, write_json_atomic
 from data.class_mapping import CLASS_MAPPING_FILE, compare_class_mappings, read_class_mapping, write_class_mapping
 from utils import UserError
 
 __all__ = ["ARGS_FILE", "LOG_FILE", "SCHEDULE_ARGS", "TENSORBOARD_DIR", "Best", "ResumePoint", "RunFolder",
-           "args_record", "best_checkpoint", "epoch_checkpoint_name", "read_eval_weights", "read_log_records",
-           "read_resume_point", "tensorboard_tag", "training_checkpoint"]
+           "args_record", "best_checkpoint", "checkpoint_sizes", "epoch_checkpoint_name", "find_resume_checkpoint",
+           "json_safe", "read_eval_weights", "read_log_records", "read_resume_point", "tensorboard_tag",
+           "training_checkpoint"]
 
 LOG_FILE = "train_log.txt"
 ARGS_FILE = "args.json"
@@ -53,9 +59,22 @@ class Best:
         return {"metric": self.metric, "source": self.source, "epoch": self.epoch}
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, Infinity) replaced by None: strict JSON writes it as ``null``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def _plain(value: Any) -> Any:
-    """A JSON / ``weights_only`` friendly copy of a setting's value."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+    """A JSON / ``weights_only`` friendly copy of a setting's value (a non-finite float becomes None)."""
+    if isinstance(value, float):
+        return json_safe(value)
+    if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
@@ -89,6 +108,37 @@ def best_checkpoint(state: dict[str, Any], source: str) -> dict[str, Any]:
 def epoch_checkpoint_name(epoch: int) -> str:
     """``checkpoint_epochN.pth`` for 1-based epoch N."""
     return f"checkpoint_epoch{epoch}.pth"
+
+
+def find_resume_checkpoint(folder: str | os.PathLike) -> tuple[Path, str]:
+    """The newest loadable training checkpoint of a run folder: ``checkpoint.pth``, else the highest
+    ``checkpoint_epochN.pth``; returns it and a note saying why another one was passed over ("" when none was)."""
+    folder = Path(folder)
+    numbered = sorted((int(match.group(1)), path) for path in folder.glob("checkpoint_epoch*.pth")
+                      if (match := re.fullmatch(r"checkpoint_epoch(\d+)\.pth", path.name)))
+    candidates = [folder / CHECKPOINT_FILE] + [path for _, path in reversed(numbered)]
+    passed_over = []
+    for path in candidates:
+        if not path.is_file():
+            passed_over.append(f"{path.name} is missing")
+            continue
+        try:
+            load_checkpoint_file(path)
+        except UserError as err:
+            passed_over.append(str(err))
+            continue
+        return path, "; ".join(passed_over)
+    raise UserError(f"{folder} holds no loadable training checkpoint ({'; '.join(passed_over)}); pass the run's "
+                    "--output-dir, or start a new run without --resume")
+
+
+def checkpoint_sizes(model: nn.Module, ema: bool, optimizer_slots: int = 2) -> tuple[int, int]:
+    """Estimated bytes of ``checkpoint.pth`` and ``model_best.pth`` of ``model``: its weights, ``optimizer_slots``
+    tensors per trainable parameter (AdamW keeps 2), the EMA copy, plus 1% and 1 MB for everything else."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    full = weights * (2 if ema else 1) + trainable * optimizer_slots
+    return int(full * 1.01) + 2**20, int(weights * 1.01) + 2**20
 
 
 def _checkpoint_classes(raw: dict[str, Any], path: Path) -> list[str] | None:
@@ -164,9 +214,12 @@ def read_eval_weights(path: str | os.PathLike, class_names: Sequence[str]) -> di
 
 
 def append_log_record(folder: Path, record: dict[str, Any]) -> None:
-    """Add one epoch's record to ``train_log.txt`` (a JSON object per line)."""
-    with open(folder / LOG_FILE, "a", encoding="utf-8") as log:
-        log.write(json.dumps(record) + "\n")
+    """Add one epoch's record to ``train_log.txt`` (a strict JSON object per line: NaN / Infinity become null)."""
+    try:
+        with open(folder / LOG_FILE, "a", encoding="utf-8") as log:
+            log.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+    except OSError as err:
+        raise write_error(folder / LOG_FILE, err, "the checkpoints of this epoch are saved") from None
 
 
 def read_log_records(folder: str | os.PathLike) -> list[dict[str, Any]]:
@@ -183,6 +236,10 @@ def tensorboard_tag(key: str) -> str:
         if key.startswith(prefix):
             return f"{prefix[:-1]}/{key[len(prefix):]}"
     return f"train/{key}"
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.0f} MB"
 
 
 class RunFolder:
@@ -212,6 +269,24 @@ class RunFolder:
             (self.path / LOG_FILE).unlink(missing_ok=True)
         write_json_atomic(self.path / ARGS_FILE, args)
         write_config(self.path, config)
+
+    def check_free_space(self, checkpoint_bytes: int, best_bytes: int) -> None:
+        """Stop (one line) when the folder cannot hold one epoch's checkpoints; warn when it holds less than two
+        checkpoints' worth (each save writes the new file beside the old one, then replaces it)."""
+        if self.path is None:
+            return
+        free = shutil.disk_usage(self.path).free
+        existing = sum(f.stat().st_size for f in (self.path / CHECKPOINT_FILE, self.path / BEST_FILE) if f.is_file())
+        once = checkpoint_bytes + best_bytes
+        steady = 2 * once - existing
+        if free < once:
+            raise UserError(f"{self.path} has {_mb(free)} free, but saving an epoch needs about {_mb(once)} "
+                            f"({CHECKPOINT_FILE} {_mb(checkpoint_bytes)} + {BEST_FILE} {_mb(best_bytes)}): free some "
+                            "space or choose another --output-dir")
+        if free < steady:
+            print(f"warning: {self.path} has {_mb(free)} free, less than the {_mb(steady)} that two checkpoints need "
+                  "(a save writes the new file before replacing the old one): a later save may fail, keeping the "
+                  "previous checkpoint", flush=True)
 
     def _write_class_mapping(self, class_names: Sequence[str], resuming: bool) -> None:
         path = self.path / CLASS_MAPPING_FILE

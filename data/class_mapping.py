@@ -6,12 +6,14 @@ Format: UTF-8, header ``class_id,class_name``, one row per class, ids 0..n-1 (th
 
 import csv
 import os
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
 from utils import UserError
 
-__all__ = ["CLASS_MAPPING_FILE", "compare_class_mappings", "read_class_mapping", "write_class_mapping"]
+__all__ = ["CLASS_MAPPING_FILE", "compare_class_mappings", "control_characters", "read_class_mapping",
+           "write_class_mapping"]
 
 CLASS_MAPPING_FILE = "class_mapping.csv"
 HEADER = ["class_id", "class_name"]
@@ -93,11 +95,20 @@ def compare_class_mappings(
     return differences
 
 
+def control_characters(name: str) -> list[str]:
+    """The control characters (newline, tab, ...) in a class name, escaped (``["\\n"]``); such names break the
+    line-based files and listings of a run, so they are refused."""
+    return sorted({repr(c)[1:-1] for c in name if unicodedata.category(c) == "Cc"})
+
+
 def _check_names(names: list[str], source: str) -> None:
     seen: set[str] = set()
     for class_id, name in enumerate(names):
         if not name.strip():
             raise UserError(f"{source}: class {class_id} has an empty name; every class needs a name")
+        if control_characters(name):
+            raise UserError(f"{source}: class name {name!r} contains control characters "
+                            f"({' '.join(control_characters(name))}); rename the folder / label")
         if name in seen:
             raise UserError(f"{source}: class name {name!r} appears twice; class names must be unique")
         seen.add(name)

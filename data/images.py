@@ -3,7 +3,7 @@
 import os
 import warnings
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,6 +22,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 
 # Background that transparent pixels are composited onto.
 BACKGROUND = (255, 255, 255)
+
+# Larger images are verified with bounded memory (see verify_image); smaller ones exactly as they are loaded.
+VERIFY_FULL_PIXELS = 16_000_000
 
 # How many following samples a dataset tries when an image cannot be read during an epoch.
 MAX_SUBSTITUTE_TRIES = 32
@@ -51,6 +54,13 @@ def load_image(path_or_file: str | os.PathLike | BinaryIO) -> Image.Image:
     Raises:
         ImageLoadError: the file is missing, empty, not an image, truncated, corrupt or too large.
     """
+    return cast(Image.Image, _decode(path_or_file, bounded=False))
+
+
+def _decode(path_or_file: str | os.PathLike | BinaryIO, bounded: bool) -> Image.Image | None:
+    """:func:`load_image`; with ``bounded``, an image over :data:`VERIFY_FULL_PIXELS` is only checked (returns
+    None), decoding at most one copy in its stored mode: JPEGs at 1/8 scale (``draft``: every coefficient is still
+    decoded), the others in full, their conversion to RGB tried on a corner."""
     name = os.fspath(path_or_file) if isinstance(path_or_file, (str, os.PathLike)) else repr(path_or_file)
     try:
         with warnings.catch_warnings():
@@ -60,6 +70,12 @@ def load_image(path_or_file: str | os.PathLike | BinaryIO) -> Image.Image:
             warnings.simplefilter("ignore", UserWarning)
             with Image.open(path_or_file) as img:
                 _check_pixel_limit(img)
+                if bounded and img.width * img.height > VERIFY_FULL_PIXELS:
+                    if img.format == "JPEG":
+                        img.draft(None, (img.width // 8, img.height // 8))
+                    img.load()
+                    _to_rgb(img.crop((0, 0, min(img.width, 64), min(img.height, 64))))
+                    return None
                 img.load()
                 _make_upright(img)
                 return _to_rgb(img)
@@ -77,9 +93,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def verify_image(path: str | os.PathLike) -> str | None:
-    """Fully decode ``path`` with :func:`load_image`; return the rejection reason, or None when it loads."""
+    """Decode ``path`` as :func:`load_image` does; return the rejection reason, or None when it loads.
+
+    Memory is bounded: an image over :data:`VERIFY_FULL_PIXELS` is decoded once in its stored mode (a JPEG at 1/8
+    scale) instead of also being converted to RGB, so a near-limit image costs one copy (at most 4 bytes a pixel).
+    """
     try:
-        load_image(path)
+        _decode(path, bounded=True)
     except ImageLoadError as err:
         return err.reason
     return None

@@ -21,7 +21,7 @@ from utils import UserError
 
 from .images import is_image_file, load_first_readable
 from .prepare import val_count
-from .scan import walk_files
+from .scan import ScanCache, verify_images, walk_files
 
 __all__ = [
     "CSV_HEADER",
@@ -144,13 +144,18 @@ class MultiLabelImageDataset(Dataset):
     Args:
         annotations: the ``image_path,labels`` CSV.
         root: folder that relative image paths start from.
-        classes: the label set in id order. Default: the sorted labels of this CSV (do so for the training set,
-            then pass ``train_set.classes`` to the validation set). Labels outside it are reported and ignored.
+        classes: the label set in id order. Default: the sorted labels of this CSV's usable rows (do so for the
+            training set, then pass ``train_set.classes`` to the validation set). Labels outside it are reported
+            and ignored.
         transform: applied to the RGB ``PIL.Image``.
         label_delimiter: separator of the labels inside the ``labels`` field.
-        verbose: print warnings about missing images and unknown labels.
+        verbose: print warnings about left-out rows and unknown labels.
+        allow_outside_root: use images whose path (symlinks resolved) lies outside ``root``.
+        workers: processes that verify the images; ``cache_dir``: where the scan cache goes when ``root`` is
+            read-only (see :func:`~data.scan.verify_images`).
 
-    Listed images that do not exist are reported and left out; images that fail to load during an epoch are
+    Rows whose image lies outside ``root`` (unless allowed), does not exist or is not a readable image are
+    reported once and left out (so they count in no statistic); images that fail to load during an epoch are
     reported once and replaced by the next sample.
     """
 
@@ -162,35 +167,27 @@ class MultiLabelImageDataset(Dataset):
         transform: Callable | None = None,
         label_delimiter: str = ",",
         verbose: bool = True,
+        allow_outside_root: bool = False,
+        workers: int = 0,
+        cache_dir: str | os.PathLike | None = None,
     ):
         rows = read_multilabel_csv(annotations, label_delimiter)
         if not rows:
             raise UserError(f"{annotations} has no rows; add 'image_path,labels' rows")
+        rows = _usable_rows(rows, annotations, root, allow_outside_root, workers, cache_dir, verbose)
         self.classes = list(classes) if classes is not None else sorted({name for _, labels in rows for name in labels})
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.transform = transform
         self.unknown_labels: Counter[str] = Counter()
         self.samples: list[tuple[str, tuple[int, ...], tuple[float, ...]]] = []
-        missing, no_known_label = [], 0
-        for image_path, labels in rows:
-            path = os.path.join(root, image_path)
-            if not os.path.isfile(path):
-                missing.append(path)
-                continue
+        no_known_label = 0
+        for path, labels in rows:
             known = {self.class_to_idx[name]: weight for name, weight in labels.items() if name in self.class_to_idx}
             self.unknown_labels.update(name for name in labels if name not in self.class_to_idx)
             no_known_label += not known
             top = max(known.values(), default=1.0)
             self.samples.append((path, tuple(known), tuple(weight / top for weight in known.values())))
-        if not self.samples:
-            raise UserError(
-                f"none of the {len(rows)} images listed in {annotations} exist (first: {missing[0]}); relative "
-                f"image paths start from {root}: check --data-path"
-            )
         self._warned: set[str] = set()
-        if verbose and missing:
-            print(f"warning: {annotations}: {len(missing)} listed images do not exist and are left out, e.g. "
-                  + ", ".join(missing[:3]))
         if verbose and self.unknown_labels:
             shown = ", ".join(f"{name} ({n} rows)" for name, n in self.unknown_labels.most_common(10))
             print(f"warning: {annotations}: {len(self.unknown_labels)} labels are not in the training classes and are "
@@ -207,6 +204,41 @@ class MultiLabelImageDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, target
+
+
+def _inside(path: str, root: str) -> bool:
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _usable_rows(rows: list[Row], annotations: str | os.PathLike, root: str | os.PathLike, allow_outside_root: bool,
+                 workers: int, cache_dir: str | os.PathLike | None, verbose: bool) -> list[Row]:
+    """The rows (image path joined to ``root``) whose image is inside ``root`` (unless allowed), exists and
+    decodes; the others are reported once per kind. No usable row at all is a :class:`UserError`."""
+    outside, missing, candidates = [], [], []
+    for image_path, labels in rows:
+        path = os.path.join(root, image_path)
+        if not allow_outside_root and not _inside(path, os.fspath(root)):
+            outside.append(image_path)
+        elif not os.path.isfile(path):
+            missing.append(path)
+        else:
+            candidates.append((path, labels))
+    reasons = verify_images([path for path, _ in candidates], workers=workers, verbose=False,
+                            cache=ScanCache.for_dataset(root, cache_dir)) if candidates else []
+    unreadable = [f"{path} ({reason})" for (path, _), reason in zip(candidates, reasons, strict=True) if reason]
+    usable = [row for row, reason in zip(candidates, reasons, strict=True) if reason is None]
+    problems = [(outside, "lie outside --data-path (pass --allow-outside-root to use them)"),
+                (missing, "do not exist"), (unreadable, "are not readable images")]
+    if not usable:
+        first = next(items[0] for items, _ in problems if items)
+        raise UserError(f"none of the {len(rows)} images listed in {annotations} is usable (first: {first}); relative "
+                        f"image paths start from {root}: check --data-path")
+    for items, what in problems:
+        if verbose and items:
+            print(f"warning: {annotations}: {len(items)} listed images {what} and are left out (also of the label "
+                  "statistics), e.g. " + ", ".join(items[:3]))
+    return usable
 
 
 def read_label_file(path: str | os.PathLike) -> dict[str, float]:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from utils import UserError
 
-from .class_mapping import CLASS_MAPPING_FILE, write_class_mapping
+from .class_mapping import CLASS_MAPPING_FILE, control_characters, write_class_mapping
 from .images import is_image_file
 from .scan import CACHE_FILE, ScanCache, default_workers, verify_images, walk_files
 
@@ -35,6 +35,7 @@ STAGING_DIR = ".prepare_dataset.tmp"
 # The command printed at the end; {data_path} is the (shell-quoted) output dir.
 NEXT_COMMAND = "python train_artist_style.py --data-path {data_path} --model lsnet_t_artist --output-dir runs/artist"
 PREVIEW = 10  # how many rejected files / skipped classes are listed on screen
+DESTINATION_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 @dataclass
@@ -87,6 +88,9 @@ def prepare_dataset(
             f"no artist folder in {source} has at least {min_images} valid images ({len(candidates)} folders, "
             f"{len(rejected)} files rejected); lower --min-images or check --source-dir"
         )
+    if len(splits) == 1:
+        print(f"warning: only one class ({splits[0].name!r}) is usable: training needs at least two classes; add "
+              "another artist folder to --source-dir (or lower --min-images)", flush=True)
     info = _dataset_info(splits, skipped, rejected, ignored, dict(
         source_dir=str(source.absolute()), output_dir=str(output.absolute()), val_ratio=val_ratio,
         min_images=min_images, seed=seed, link=link, max_images_per_class=max_images_per_class, workers=workers,
@@ -129,6 +133,8 @@ def _build(source: Path, output: Path, splits: list[ClassSplit], info: dict, lin
         if cache_error and verbose:
             print(f"note: could not write the image scan cache ({cache_error}); training will verify the images")
         _move_into_place(staging, output)
+    except OSError as err:
+        raise _write_error(err.filename or staging, err) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -201,6 +207,11 @@ def _split(
     splits, skipped = [], []
     for name in sorted(valid):
         files = sorted(valid[name])
+        control = control_characters(name)
+        if control:
+            skipped.append({"class_name": name, "valid_images": len(files), "reason": "the folder name contains "
+                            f"control characters ({' '.join(control)}): rename the folder"})
+            continue
         if len(files) < min_images:
             skipped.append({"class_name": name, "valid_images": len(files),
                             "reason": f"{len(files)} valid images, fewer than --min-images {min_images}"})
@@ -249,20 +260,29 @@ def _place_files(source: Path, staging: Path, splits: list[ClassSplit], link: st
         os.makedirs(parent, exist_ok=True)
 
     place = {"copy": shutil.copy2, "hardlink": os.link, "symlink": os.symlink}[link]
-    try:
-        with ThreadPool(max(1, min(32, 2 * workers))) as pool, \
-                tqdm(total=len(jobs), desc=f"{link}ing images", unit="img", disable=not verbose) as bar:
-            for _ in pool.imap_unordered(lambda job: place(*job), jobs, chunksize=64):
-                bar.update()
-    except OSError as err:
-        if link == "hardlink" and err.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise UserError(
-                f"cannot hard-link into {staging.parent} ({err.strerror}): hard links need the source and output "
-                "on the same filesystem; use --symlink or copy (the default)"
-            ) from None
-        raise UserError(f"cannot write {err.filename or staging}: {err.strerror or err}; check free space and "
-                        "permissions of the output dir (the previous output was left as it was)") from None
+
+    def place_one(job: tuple[str, str]) -> None:
+        try:
+            place(*job)
+        except OSError as err:
+            if link == "hardlink" and err.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise UserError(
+                    f"cannot hard-link into {staging.parent} ({err.strerror}): hard links need the source and "
+                    "output on the same filesystem; use --symlink or copy (the default)"
+                ) from None
+            # a full or read-only output disk is the destination's problem, whatever file the error names
+            raise _write_error(job[1] if err.errno in DESTINATION_ERRNOS else err.filename or job[1], err) from None
+
+    with ThreadPool(max(1, min(32, 2 * workers))) as pool, \
+            tqdm(total=len(jobs), desc=f"{link}ing images", unit="img", disable=not verbose) as bar:
+        for _ in pool.imap_unordered(place_one, jobs, chunksize=64):
+            bar.update()
     return [dest for _, dest in jobs]
+
+
+def _write_error(path: str | os.PathLike, err: OSError) -> UserError:
+    return UserError(f"cannot write {path}: {err.strerror or err}; check the free space and permissions of the "
+                     "output dir (the previous output was left as it was)")
 
 
 def _dataset_info(splits, skipped, rejected, ignored, arguments) -> dict:
@@ -313,10 +333,16 @@ def _split_report(info: dict) -> str:
     ]
     lines += [f"{c['class_id']}\t{c['train']}\t{c['val']}\t{name}" for name, c in info["classes"].items()]
     if info["skipped_classes"]:
-        lines += ["", "Skipped classes:"] + [f"{s['class_name']}: {s['reason']}" for s in info["skipped_classes"]]
+        lines += ["", "Skipped classes:"] + [f"{_shown(s['class_name'])}: {s['reason']}"
+                                             for s in info["skipped_classes"]]
     if info["rejected_files"]:
         lines += ["", "Rejected files:"] + [f"{r['path']}: {r['reason']}" for r in info["rejected_files"]]
     return "\n".join(lines) + "\n"
+
+
+def _shown(name: str) -> str:
+    """A class name for line-based listings: quoted with escapes when it holds control characters."""
+    return repr(name) if control_characters(name) else name
 
 
 def _move_into_place(staging: Path, output: Path) -> None:
@@ -343,9 +369,8 @@ def _print_summary(info: dict, output: Path) -> None:
         if totals["rejected_files"] > PREVIEW:
             print("  ...")
     if info["skipped_classes"]:
-        print(f"Skipped {totals['skipped_classes']} classes with fewer than {info['arguments']['min_images']} "
-              "valid images: " + ", ".join(f"{s['class_name']} ({s['valid_images']})"
-                                           for s in info["skipped_classes"][:PREVIEW])
+        print(f"Skipped {totals['skipped_classes']} classes: " + ", ".join(
+            f"{_shown(s['class_name'])} ({s['reason']})" for s in info["skipped_classes"][:PREVIEW])
               + (" ..." if totals["skipped_classes"] > PREVIEW else ""))
     if totals["ignored_files"]:
         print(f"Ignored {totals['ignored_files']} files without an image extension")

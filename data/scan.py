@@ -20,14 +20,41 @@ from tqdm import tqdm
 
 from .images import verify_image
 
-__all__ = ["CACHE_FILE", "ScanCache", "default_workers", "verify_images", "walk_files"]
+__all__ = ["CACHE_FILE", "WORKER_MEMORY", "ScanCache", "available_memory", "default_workers", "memory_workers",
+           "verify_images", "walk_files"]
 
 CACHE_FILE = ".image_scan_cache.sqlite"
+# Peak memory of one verifying process on a near-limit image (89 MP at 4 bytes a pixel, plus the interpreter and
+# Pillow): see bench/bench_verify.py.
+WORKER_MEMORY = 512 * 2**20
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new processes (``MemAvailable`` of /proc/meminfo, else the free pages), or
+    None when the system does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def memory_workers() -> int | None:
+    """How many verifying processes the available memory holds (at least 1), or None when it is unknown."""
+    memory = available_memory()
+    return None if memory is None else max(1, memory // WORKER_MEMORY)
 
 
 def default_workers() -> int:
-    """CPU cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """CPU cores this process may use, no more than the available memory holds verifying processes."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, memory_workers() or cores)
 
 
 def walk_files(directory: str | os.PathLike, recursive: bool = True) -> Iterator[Path]:
@@ -169,10 +196,16 @@ def verify_images(
 
 
 def _run_verification(paths: list, workers: int) -> Iterator[str | None]:
-    if workers <= 1 or len(paths) < 2:
+    """Verify ``paths`` in up to ``workers`` processes, no more than the available memory holds."""
+    workers = min(workers, len(paths))
+    by_memory = memory_workers()
+    if workers > 1 and by_memory is not None and by_memory < workers:
+        print(f"note: verifying with {by_memory} processes instead of {workers}: the available memory holds "
+              f"{by_memory} (each may need {WORKER_MEMORY // 2**20} MB for a large image)", flush=True)
+        workers = by_memory
+    if workers <= 1:
         yield from map(verify_image, paths)
         return
-    workers = min(workers, len(paths))
     chunksize = max(1, min(64, len(paths) // (workers * 8)))
     with multiprocessing.Pool(workers) as pool:
         yield from pool.imap(verify_image, paths, chunksize=chunksize)

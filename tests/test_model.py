@@ -286,8 +286,11 @@ def test_pickled_code_is_refused_and_not_run(tmp_path):
 def test_not_a_checkpoint_and_missing_file(tmp_path):
     text = tmp_path / "notes.pth"
     text.write_text("hello")
-    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(UserError, match=r"notes.pth is not a checkpoint \(not a PyTorch .pth file\)"):
         read_checkpoint(text)
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 a zip cut short")
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+        read_checkpoint(tmp_path / "cut.pth")
     with pytest.raises(UserError, match="not found"):
         read_checkpoint(tmp_path / "missing.pth")
 

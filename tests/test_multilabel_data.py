@@ -170,7 +170,7 @@ def test_generate_multilabel_csv(labelled, tmp_path, capsys):
     generate_multilabel_csv.main(["--input-dir", str(labelled), "--output-csv", str(out), "--recursive", "--yes"])
     rows = read_multilabel_csv(out)
     assert len(rows) == 6 and Path(rows[-1][0]) == labelled / "sub" / "e.png"
-    assert len(MultiLabelImageDataset(out, tmp_path / "anywhere")) == 6  # absolute paths ignore the root
+    assert len(MultiLabelImageDataset(out, tmp_path / "anywhere", allow_outside_root=True)) == 6  # absolute paths
 
 
 def test_split_multilabel_dataset(labelled, tmp_path, capsys):

@@ -312,7 +312,7 @@ def test_csv_tools_feed_training_and_prediction(small_data, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (["--data-path", ""], r"--data-path is required: the folder the image paths of the CSVs start from"),
-    (["--threshold", "1.5"], r"--threshold is a confidence between 0 and 1, got 1.5"),
+    (["--threshold", "1.5"], r"--threshold must be in \(0, 1\), got 1.5"),
     (["--max-pos-weight", "0.5"], r"--max-pos-weight must be at least 1"),
     (["--num-classes", "9"], r"--num-classes 9 but .* has 4 classes"),
     (["--eval"], r"--eval needs --resume PATH"),

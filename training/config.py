@@ -8,16 +8,18 @@ import argparse
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 from timm.models import get_pretrained_cfg
 
 import utils
-from artifacts.checkpoint import CHECKPOINT_FILE, MODEL_FOLDER_FILES, find_checkpoint
+from artifacts.checkpoint import MODEL_FOLDER_FILES, find_checkpoint
+from artifacts.run_folder import find_resume_checkpoint
 from data.datasets import TransformConfig
 from model.lsnet_artist import ARTIST_MODELS
-from training.flags import EXPLICIT
+from training.flags import EXPLICIT, FLAG_RANGES
 from utils import UserError
 
 __all__ = ["AugmentConfig", "DistillConfig", "EmaConfig", "ModelConfig", "MultiLabelConfig", "OptimConfig",
@@ -145,6 +147,7 @@ class MultiLabelConfig:
     label_delimiter: str = ","
     threshold: float = 0.4
     max_pos_weight: float = 10.0
+    allow_outside_root: bool = False
 
 
 # Config field -> flag (namespace attribute) where the names differ.
@@ -189,8 +192,7 @@ class TrainConfig:
         values = {key: value for key, value in vars(args).items() if key != EXPLICIT}
         _check_flags(values)
         if values["resume"]:  # fail before the dataset scan; a folder resolves to the checkpoint file in it
-            names = MODEL_FOLDER_FILES if values["eval"] else (CHECKPOINT_FILE,)
-            values["resume"] = str(find_checkpoint(values["resume"], names))
+            values["resume"] = _resolve_resume(values["resume"], values["eval"])
         device = utils.resolve_device(values["device"])
         if values["input_size"] is None:
             values["input_size"] = int(get_pretrained_cfg(values["model"]).input_size[-1])
@@ -215,6 +217,16 @@ class TrainConfig:
         )
 
 
+def _resolve_resume(path: str, eval_only: bool) -> str:
+    """``--resume``: a file as given; a folder: its best weights (``--eval``) or its newest loadable training
+    checkpoint (said when it is not ``checkpoint.pth``)."""
+    if eval_only or not Path(path).is_dir():
+        return str(find_checkpoint(path, MODEL_FOLDER_FILES if eval_only else ()))
+    found, passed_over = find_resume_checkpoint(path)
+    utils.print_main(f"--resume {path}: continuing from {found}" + (f" ({passed_over})" if passed_over else ""))
+    return str(found)
+
+
 def _check_flags(values: Mapping[str, Any]) -> None:
     """One clear error for the first flag that cannot work (before any data are read)."""
     if "train_ann" in values:
@@ -223,21 +235,24 @@ def _check_flags(values: Mapping[str, Any]) -> None:
         raise UserError(f"unknown --model {values['model']!r}; use one of {', '.join(ARTIST_MODELS)}")
     if not values["data_path"]:
         raise UserError("--data-path is required: the folder with train/ and val/ made by prepare_dataset.py")
-    for name, minimum in (("batch_size", 1), ("epochs", 1), ("accumulation_steps", 1), ("eval_every", 1),
-                          ("save_every", 0), ("num_workers", 0)):
-        if values[name] < minimum:
-            raise UserError(f"--{name.replace('_', '-')} must be at least {minimum}, got {values[name]}")
+    _check_ranges(values)
     if values["pretrained"] and values["finetune_from"]:
         raise UserError("--pretrained and --finetune-from both initialise the weights; pass only one")
     if values["eval"] and not values["resume"]:
         raise UserError("--eval needs --resume PATH: the checkpoint (or model folder) to evaluate")
 
 
+def _check_ranges(values: Mapping[str, Any]) -> None:
+    """Every numeric setting within its :data:`~training.flags.FLAG_RANGES` (also the values of a --config file)."""
+    for name, allowed in FLAG_RANGES.items():
+        value = values.get(name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            problem = None if item is None else allowed.problem(item)
+            if problem:
+                raise UserError(f"--{name.replace('_', '-')} {problem}")
+
+
 def _check_multilabel_flags(values: Mapping[str, Any]) -> None:
     if not values["data_path"]:
         raise UserError("--data-path is required: the folder the image paths of the CSVs start from (. for the "
                         "current folder)")
-    if not 0.0 < values["threshold"] < 1.0:
-        raise UserError(f"--threshold is a confidence between 0 and 1, got {values['threshold']}")
-    if values["max_pos_weight"] < 1:
-        raise UserError(f"--max-pos-weight must be at least 1, got {values['max_pos_weight']}")

@@ -23,7 +23,11 @@ __all__ = ["build_mixup", "build_optimizer", "build_scheduler", "create_model", 
 
 
 def resolve_num_classes(requested: int | None, dataset_classes: int, data_path: str) -> int:
-    """``--num-classes`` when given (it must match the dataset), else the dataset's class count."""
+    """``--num-classes`` when given (it must match the dataset), else the dataset's class count (at least 2)."""
+    if dataset_classes < 2:
+        raise UserError(f"{data_path} has {dataset_classes} class: a classifier needs at least 2 (with one, every "
+                        "image is trivially that class); add another artist's images (prepare_dataset.py) or "
+                        "another label (multi-label CSV)")
     if requested is not None and requested != dataset_classes:
         raise UserError(f"--num-classes {requested} but {data_path} has {dataset_classes} classes; drop "
                         "--num-classes (it is detected from the dataset)")

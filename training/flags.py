@@ -13,14 +13,34 @@ import yaml
 
 from losses import DISTILLATION_TYPES
 from model.lsnet_artist import ARTIST_MODELS
+from utils import NumberRange
 
 # ``--pretrained`` without a path: the official weights through the Hugging Face Hub (cache).
 HUB_WEIGHTS = "hub"
 
-__all__ = ["EXPLICIT", "TrainArgumentParser", "add_common_args", "add_distillation_args", "add_multilabel_args"]
+__all__ = ["EXPLICIT", "FLAG_RANGES", "TrainArgumentParser", "add_common_args", "add_distillation_args",
+           "add_multilabel_args"]
 
 EXPLICIT = "explicit_flags"  # the namespace attribute holding the names of the settings the user gave
 BOOL = argparse.BooleanOptionalAction
+_COUNT, _SIZE, _SHARE = NumberRange(int, 0), NumberRange(int, 1), NumberRange(float, 0, 1)
+_POSITIVE, _NON_NEGATIVE = NumberRange(float, 0, low_open=True), NumberRange(float, 0)
+_BELOW_ONE = NumberRange(float, 0, 1, high_open=True)
+# The allowed values of every numeric setting (flag or --config entry), checked before anything is read.
+FLAG_RANGES: dict[str, NumberRange] = {
+    "input_size": _SIZE, "feature_dim": _SIZE, "num_classes": _SIZE, "drop_path": _BELOW_ONE,
+    "batch_size": _SIZE, "epochs": _SIZE, "accumulation_steps": _SIZE, "opt_eps": _NON_NEGATIVE,
+    "opt_betas": _BELOW_ONE, "momentum": _SHARE, "weight_decay": _NON_NEGATIVE,
+    "clip_grad": _NON_NEGATIVE, "lr": _POSITIVE, "min_lr": _NON_NEGATIVE, "warmup_lr": _NON_NEGATIVE,
+    "warmup_epochs": _COUNT, "cooldown_epochs": _COUNT, "decay_epochs": _POSITIVE, "decay_rate": _NON_NEGATIVE,
+    "lr_noise": _NON_NEGATIVE, "lr_noise_pct": _SHARE, "lr_noise_std": _NON_NEGATIVE,
+    "color_jitter": _NON_NEGATIVE, "smoothing": _BELOW_ONE, "reprob": _SHARE,
+    "recount": _SIZE, "mixup": _NON_NEGATIVE, "cutmix": _NON_NEGATIVE, "cutmix_minmax": _SHARE, "mixup_prob": _SHARE,
+    "mixup_switch_prob": _SHARE, "model_ema_decay": _SHARE, "seed": _COUNT, "start_epoch": _COUNT,
+    "save_every": _COUNT, "eval_every": _SIZE, "num_workers": _COUNT, "print_freq": _SIZE,
+    "distillation_alpha": _SHARE, "distillation_tau": _POSITIVE,
+    "threshold": NumberRange(float, 0, 1, low_open=True, high_open=True), "max_pos_weight": NumberRange(float, 1),
+}
 
 
 def _optional_str(value: str) -> str | None:
@@ -209,6 +229,8 @@ def add_multilabel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="confidence at which a label counts as predicted (precision, recall, F1)")
     group.add_argument("--max-pos-weight", type=float, default=10.0,
                        help="upper clip of the per-label positive weight (negatives / positives) of the loss")
+    group.add_argument("--allow-outside-root", action="store_true",
+                       help="use CSV rows whose image lies outside --data-path (otherwise they are left out)")
     # Mixup / cutmix mix the targets too: off unless asked for. Label smoothing only acts through them.
     parser.set_defaults(mixup=0.0, cutmix=0.0, smoothing=0.0)
     return parser

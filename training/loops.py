@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 import utils
 from losses import DistillationLoss
+from training.guard import ADVICE, last_good_epoch
 from training.metrics import Metric, TopKAccuracy
 from utils import UserError
 
@@ -43,7 +44,7 @@ def train_one_epoch(
     header: str | None = None,
     memory_format: torch.memory_format = torch.preserve_format,
 ) -> dict[str, float]:
-    """One pass over ``data_loader``; returns the mean training ``loss`` and the last ``lr``.
+    """One pass over ``data_loader``; returns the mean training ``loss``, the last ``lr`` and the ``first_loss``.
 
     ``criterion(outputs, targets)`` (a :class:`~losses.DistillationLoss` is called with the inputs first). The
     optimizer steps once per ``accumulation_steps`` micro-batches, on the mean of their losses (a shorter last group
@@ -56,7 +57,7 @@ def train_one_epoch(
     progress = utils.Progress(num_steps, header or f"Epoch {epoch + 1}", print_freq)
     with_inputs = isinstance(criterion, DistillationLoss)
     no_sync = getattr(model, "no_sync", None)
-    loss_sum, images = 0.0, 0
+    loss_sum, images, first_loss = 0.0, 0, math.nan
     optimizer.zero_grad(set_to_none=True)
     for step, (samples, targets) in enumerate(data_loader):
         samples = samples.to(device, non_blocking=True, memory_format=memory_format)
@@ -78,11 +79,12 @@ def train_one_epoch(
             if model_ema is not None:
                 model_ema.update(unwrap_model(model))
         batch = samples.shape[0] * world_size
+        first_loss = loss_value if step == 0 else first_loss
         loss_sum += loss_value * batch
         images += batch
         progress.update(batch, lr=optimizer.param_groups[0]["lr"], loss=loss_value)
     progress.close()
-    return {"loss": loss_sum / max(images, 1), "lr": optimizer.param_groups[0]["lr"]}
+    return {"loss": loss_sum / max(images, 1), "lr": optimizer.param_groups[0]["lr"], "first_loss": first_loss}
 
 
 def _accumulation_group(step: int, num_steps: int, accumulation_steps: int) -> tuple[int, bool]:
@@ -94,8 +96,7 @@ def _accumulation_group(step: int, num_steps: int, accumulation_steps: int) -> t
 
 def _non_finite_loss(value: float, epoch: int, step: int, num_steps: int) -> UserError:
     return UserError(f"loss is {value} at epoch {epoch + 1}, step {step + 1}/{num_steps}: training stopped and this "
-                     "epoch was not saved (the last checkpoint is intact); lower --lr, raise --warmup-epochs or "
-                     "--clip-grad, or train without --amp")
+                     f"epoch was not saved; {last_good_epoch(epoch + 1)}; {ADVICE}")
 
 
 def _backward(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,

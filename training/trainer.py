@@ -19,10 +19,11 @@ from torch.utils.data import Dataset
 
 import utils
 from artifacts.model_folder import build_config
-from artifacts.run_folder import Best, RunFolder, args_record, training_checkpoint
+from artifacts.run_folder import Best, RunFolder, args_record, checkpoint_sizes, training_checkpoint
 from training.config import TrainConfig
 from training.distributed import DistEnv
 from training.factory import build_optimizer, build_scheduler, scale_lr
+from training.guard import DivergenceGuard
 from training.loaders import Loaders, build_loaders
 from training.loops import evaluate, train_one_epoch
 from training.metrics import Metric, TopKAccuracy
@@ -119,6 +120,8 @@ class Trainer:
                                    **(task.extra_config or {}))
         self.folder = RunFolder(cfg.run.output_dir, enabled=dist.is_main)
         self.folder.start(class_names, self.resume_point is not None, self.args, self.config)
+        self.folder.check_free_space(*checkpoint_sizes(model, cfg.ema.enabled))
+        self.guard = DivergenceGuard(cfg.run.output_dir, self.resume_point is not None)
         self.state = build_training_state(model, cfg, scaled_lr, dist.device)
         self.start_epoch, self.best = cfg.run.start_epoch, Best()
         if self.resume_point is not None:
@@ -175,6 +178,7 @@ class Trainer:
             improved = self._validate_epoch(net, record)
         else:
             self.state.scheduler.step(done)
+        self.guard.check(record, stats["first_loss"])
         check_finite_weights(self.model, done)
         rng_states = utils.all_gather_objects(utils.get_rng_state())
         record["time"] = time.time() - started
