@@ -41,7 +41,7 @@ from artifacts.outputs import (
 from data import ImageLoadError
 from predictor import MODES, ArtistModel, BatchResult, add_runtime_args, load_model_bundle
 from retrieval.gallery import Gallery, load_gallery, model_identity
-from utils import UserError, run_cli
+from utils import NumberRange, UserError, run_cli
 
 GALLERY_RESULTS_FILE = "gallery_results.json"
 
@@ -71,24 +71,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="class_mapping.csv from training; needed to classify (default: the model folder's)")
     parser.add_argument("--input", required=True, help="an image file or a directory of images")
     parser.add_argument("--output", default="output", help="directory for the result files (default: output)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--top-k", type=int, default=5, help="classes kept per image (default: 5)")
-    parser.add_argument("--threshold", type=float, default=0.0,
+    parser.add_argument("--batch-size", type=NumberRange(int, 1), default=32)
+    parser.add_argument("--top-k", type=NumberRange(int, 1), default=5, help="classes kept per image (default: 5)")
+    parser.add_argument("--threshold", type=NumberRange(float, 0, 1), default=0.0,
                         help="minimum probability of a kept class, applied after top-k (default: 0.0)")
     parser.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
                         help="include sub-folders of a directory (default: on)")
-    parser.add_argument("--input-size", type=int, default=None,
+    parser.add_argument("--input-size", type=NumberRange(int, 16), default=None,
                         help="image size fed to the model (default: the checkpoint's training size, else the model's)")
-    parser.add_argument("--num-classes", type=int, default=None,
+    parser.add_argument("--num-classes", type=NumberRange(int, 1), default=None,
                         help="optional check: classes of the head (default: detected from the CSV and checkpoint)")
-    parser.add_argument("--feature-dim", type=int, default=None,
+    parser.add_argument("--feature-dim", type=NumberRange(int, 1), default=None,
                         help="optional check: feature vector size (default: detected from the checkpoint)")
     parser.add_argument("--no-json-features", dest="json_features", action="store_false",
                         help="leave feature vectors out of batch_results.json (features.npy keeps them)")
     parser.add_argument("--gallery", default=None,
                         help="identify artists by similarity to this gallery (tools/build_gallery.py); "
                              "works without --class-csv")
-    parser.add_argument("--unknown-threshold", type=float, default=None,
+    parser.add_argument("--unknown-threshold", type=NumberRange(float, -1, 1), default=None,
                         help="with --gallery: best cosine below which an image is 'unknown' (default: the gallery's "
                              "calibrated threshold, none if it has none)")
     return add_runtime_args(parser)

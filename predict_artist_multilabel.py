@@ -24,7 +24,7 @@ import torch
 
 from artifacts.outputs import finite_results, prepare_output_dir, write_json_file
 from predictor import ArtistModel, SkippedImage, add_runtime_args, list_images, load_model_bundle, run_batched
-from utils import UserError, run_cli
+from utils import NumberRange, UserError, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="class_mapping.csv from training (default: the model folder's)")
     parser.add_argument("--inputs", nargs="+", required=True, help="image files and/or directories of images")
     parser.add_argument("--output", default="predictions.json", help="JSON file to write (default: predictions.json)")
-    parser.add_argument("--top-k", type=int, default=6, help="labels kept per image at most (default: 6)")
+    parser.add_argument("--top-k", type=NumberRange(int, 1), default=6,
+                        help="labels kept per image at most (default: 6)")
     parser.add_argument("--threshold", type=float, default=0.05,
                         help="minimum sigmoid confidence of a kept label (default: 0.05)")
     parser.add_argument("--normalize-ratio", action="store_true",
@@ -44,10 +45,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug-full", action="store_true", help="add every label's confidence ('all_confidences')")
     parser.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
                         help="include sub-folders of the input directories (default: on, as inference_artist.py)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=NumberRange(int, 1), default=32)
     parser.add_argument("--model", default=None,
                         help="architecture, e.g. lsnet_t_artist (default: recorded in config.json or the checkpoint)")
-    parser.add_argument("--input-size", type=int, default=None,
+    parser.add_argument("--input-size", type=NumberRange(int, 16), default=None,
                         help="image size fed to the model (default: the checkpoint's training size)")
     return add_runtime_args(parser)
 

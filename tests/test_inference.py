@@ -455,3 +455,18 @@ def test_compile_failure_is_a_user_error(env):
         compiled = load_model_bundle(env.run_dir, device="cpu", compile=True)
         with pytest.raises(UserError, match=r"torch.compile failed on this machine .*; run without --compile"):
             compiled.extract_features(env.images / "top.jpg")
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--input-size", "0", "must be at least 16, got 0"),
+    ("--batch-size", "-1", "must be at least 1, got -1"),
+    ("--top-k", "two", "must be an integer, got 'two'"),
+    ("--threshold", "1.5", r"must be in \[0, 1\], got 1.5"),
+    ("--num-workers", "-2", "must be at least 0, got -2"),
+])
+def test_numeric_flags_are_checked_at_parse_time(flag, value, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        get_args_parser().parse_args(["--checkpoint", "x", "--input", "y", flag, value])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(rf"error: argument {flag}: {expected}$", last), last
