@@ -1,0 +1,155 @@
+"""Glance and focus (model/glance_focus.py, gfnet/): policy, crop geometry, anytime GRU, early exit, FLOPs per step.
+
+Tiny inputs only (crops of 32-64 px, 1-3 focus steps, untrained lsnet_t encoders).
+"""
+
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import model  # noqa: F401  (registers lsnet_t_gf)
+import tests.imagegen as gen
+from data.images import load_image
+from flops import count_flops
+from gfnet.compute import cumulative_gflops, step_gflops
+from gfnet.crops import make_view, read_crop, to_original
+from gfnet.early_exit import (
+    budget_curve,
+    calibrate_thresholds,
+    exit_steps,
+    exit_summary,
+    threshold_thresholds,
+    thresholds_for_budget,
+)
+from model.glance_focus import PatchPolicy, crop_patches, most_activated_centres
+from tools.make_texture_world import render_image
+from utils import UserError
+
+
+@pytest.fixture(scope="module")
+def gf():
+    torch.manual_seed(0)
+    return timm.create_model("lsnet_t_gf", num_classes=3, glance_size=64, patch_size=32, focus_steps=3).eval()
+
+
+def test_policy_shapes_log_probs_and_entropy():
+    torch.manual_seed(0)
+    policy = PatchPolicy(in_chs=8, hidden_dim=4, grid=2, std=0.2)
+    state = policy.state(torch.randn(5, 6, 3, 3), torch.randn(5, 4))  # 6 channels are zero-padded to 8
+    assert state.shape == (5, 8 * 4 + 4)
+    dist, value = policy(state)
+    assert dist.mean.shape == (5, 2) and value.shape == (5,)
+    assert ((dist.mean > 0) & (dist.mean < 1)).all()
+    action = torch.tensor([[0.3, 0.9]] * 5)
+    manual = (-((action - dist.mean) ** 2) / (2 * 0.2**2) - math.log(0.2 * math.sqrt(2 * math.pi))).sum(1)
+    assert torch.allclose(dist.log_prob(action).sum(1), manual, atol=1e-5)
+    assert torch.allclose(dist.entropy().sum(1), torch.full((5,), 2 * (0.5 + 0.5 * math.log(2 * math.pi * 0.04))))
+
+
+def test_crop_patches_inside_clamped_and_padded():
+    images = torch.arange(40 * 60, dtype=torch.float32).reshape(1, 1, 40, 60).repeat(3, 1, 1, 1)
+    centres = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.5, 0.5]])
+    patches, boxes = crop_patches(images, centres, 16)
+    assert boxes.tolist() == [[0, 0, 16, 16], [44, 24, 60, 40], [22, 12, 38, 28]]
+    for patch, (x0, y0, x1, y1) in zip(patches, boxes.tolist(), strict=True):
+        assert torch.equal(patch[0], images[0, 0, y0:y1, x0:x1])
+    small = torch.ones(1, 3, 10, 50)  # shorter than the crop: read whole, zero-padded
+    patch, box = crop_patches(small, torch.tensor([[0.9, 0.5]]), 16)
+    assert box.tolist() == [[34, 0, 50, 10]]
+    assert patch[0, :, :10].eq(1).all() and patch[0, :, 10:].eq(0).all()
+
+
+def test_views_of_non_square_exif_rotated_image_map_back(tmp_path):
+    image = load_image(gen.exif_rotated_jpeg(tmp_path / "r.jpg"))  # upright 20x40: red on top, blue below
+    view = make_view(image, glance_size=8, focus_resolution=40)
+    assert view.focus.size == (40, 80) and view.glance.size == (8, 8) and view.scale == 2.0
+    crop, box = read_crop(torch.from_numpy(np.array(view.focus)).permute(2, 0, 1).float(), (0.5, 0.0), 32)
+    assert box == [4, 0, 36, 32]
+    assert crop[0].mean() > 200 and crop[2].mean() < 60  # the red top half
+    assert to_original(torch.tensor([box]), view) == [[2, 0, 18, 16]]
+    window = make_view(image, glance_size=8, focus_resolution=40, window="center")
+    assert window.focus.size == (40, 40) and window.offset == (0, 20)
+    assert to_original(torch.tensor([[0, 0, 40, 40]]), window) == [[0, 10, 20, 30]]
+    native = make_view(Image.new("RGB", (30, 50)), glance_size=8, focus_resolution=0)
+    assert native.focus.size == (30, 50) and native.scale == 1.0
+
+
+def test_gru_gives_anytime_logits_and_styles(gf):
+    torch.manual_seed(1)
+    glance, focus = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        out = gf(glance, focus, policy="learned")
+        again = gf(glance, focus, policy="learned")
+        short = gf(glance, focus, steps=1, centres=out.centres)
+        sampled = gf(glance, focus, policy="sample")
+        fallback = gf(glance, focus, policy="fallback")
+    assert out.logits.shape == (4, 2, 3) and out.styles.shape == (4, 2, 256)
+    assert out.centres.shape == (3, 2, 2) and out.boxes.shape == (3, 2, 4)
+    assert out.log_probs.shape == out.values.shape == out.entropies.shape == (3, 2)
+    assert torch.equal(out.logits, again.logits)  # the policy's mean at inference: deterministic
+    assert torch.allclose(short.logits, out.logits[:2], atol=1e-5)  # step t depends only on steps 0..t
+    assert not torch.allclose(out.logits[1], out.logits[0])
+    assert not torch.equal(sampled.centres, out.centres)
+    assert fallback.log_probs is None and fallback.boxes.shape == (3, 2, 4)
+    assert ((out.boxes[..., 2] - out.boxes[..., 0]) == 32).all() and (out.boxes[..., 3] <= 96).all()
+
+
+def test_fallback_visits_the_most_activated_cells_first():
+    fmap = torch.zeros(1, 4, 4, 4)
+    fmap[0, :, 1, 3] = 5.0
+    fmap[0, :, 2, 0] = 3.0
+    centres = most_activated_centres(fmap, steps=2)
+    assert centres.shape == (2, 1, 2)
+    assert torch.allclose(centres[:, 0], torch.tensor([[3.5 / 4, 1.5 / 4], [0.5 / 4, 2.5 / 4]]))
+
+
+def _probs(top: list[list[float]], labels_right: list[list[bool]]) -> torch.Tensor:
+    """(T+1, N, 2) probabilities with the given top probability; class 0 when right, else class 1."""
+    p = torch.tensor(top)
+    right = torch.tensor(labels_right)
+    return torch.stack([torch.where(right, p, 1 - p), torch.where(right, 1 - p, p)], dim=-1)
+
+
+def test_early_exit_bookkeeping():
+    probs = _probs([[0.9, 0.6, 0.55, 0.7], [0.95, 0.8, 0.6, 0.9], [0.99, 0.95, 0.7, 0.6]],
+                   [[True, False, False, True], [True, True, False, False], [True, True, True, False]])
+    labels = torch.zeros(4, dtype=torch.long)
+    assert exit_steps(probs, threshold_thresholds(2, 0.8)).tolist() == [0, 1, 2, 1]
+    summary = exit_summary(probs, labels, threshold_thresholds(2, 0.8), cumulative_gflops([1.0, 0.5, 0.5]))
+    assert summary["accuracy"] == pytest.approx(0.75) and summary["avg_gflops"] == pytest.approx(1.5)
+    assert summary["avg_steps"] == pytest.approx(1.0)
+    thresholds = calibrate_thresholds(probs, np.array([0.5, 0.25, 0.25]))  # 2 exit at the glance, 1, then 1
+    assert exit_steps(probs, thresholds).bincount(minlength=3).tolist() == [2, 1, 1]
+    table = budget_curve(probs, labels, cumulative_gflops([1.0, 0.5, 0.5]))
+    assert table[0]["avg_gflops"] == pytest.approx(1.0) and table[-1]["avg_gflops"] == pytest.approx(2.0)
+    assert all(row["avg_gflops"] <= 1.5 for row in [thresholds_for_budget(table, 1.5)])
+    assert thresholds_for_budget(table, 2.0)["accuracy"] >= thresholds_for_budget(table, 1.0)["accuracy"]
+    with pytest.raises(UserError, match="below the cheapest"):
+        thresholds_for_budget(table, 0.5)
+
+
+def test_flops_per_step_count_ska_with_flops_py_handle(gf):
+    per_step = step_gflops(gf)
+    assert len(per_step) == 4 and per_step[1] == per_step[2] == per_step[3]
+    with torch.no_grad():
+        analysis = count_flops(gf.local_encoder.eval(), (torch.zeros(1, 3, 32, 32),))
+    ska = sum(flops for op, flops in analysis.by_operator().items() if "SKA" in op)
+    assert ska > 0  # the SKA operator is counted by flops.py's handle
+    head = per_step[1] - analysis.total() / 1e9  # projection, GRU cell, classifier and policy MLPs
+    assert 0 < head < 0.002
+    assert per_step[0] > 2 * per_step[1]  # a 64 px glance costs about 4x a 32 px crop
+
+
+def test_texture_world_texture_is_fine_and_independent_of_composition():
+    a = np.asarray(render_image(np.random.default_rng(3), "horizontal", 96, 96), dtype=np.float32)
+    b = np.asarray(render_image(np.random.default_rng(3), "vertical", 96, 96), dtype=np.float32)
+    small_a = np.asarray(Image.fromarray(a.astype(np.uint8)).resize((16, 16), Image.BICUBIC), dtype=np.float32)
+    small_b = np.asarray(Image.fromarray(b.astype(np.uint8)).resize((16, 16), Image.BICUBIC), dtype=np.float32)
+    assert np.abs(a - b).mean() > 4  # the textures differ at full resolution...
+    assert np.abs(small_a - small_b).mean() < 2.5  # ...and vanish when shrunk 6x
+    row_energy = np.abs(np.diff(a.mean(2), axis=0)).mean() - np.abs(np.diff(a.mean(2), axis=1)).mean()
+    assert row_energy > 2  # horizontal lines: neighbouring rows differ more than neighbouring columns
