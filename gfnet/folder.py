@@ -39,9 +39,9 @@ def init_encoders(model: GlanceFocus, folder: str | os.PathLike, log=print) -> s
     for name, encoder in (("global", model.global_encoder), ("local", model.local_encoder)):
         own_arch = model.backbone if name == "global" else model.local_backbone
         if arch is None or BACKBONE_ARGS.get(arch) != BACKBONE_ARGS[own_arch]:
-            raise UserError(f"{folder} holds {arch or 'unrecognised'} weights, the {name} encoder is {own_arch}; "
-                            f"pick the matching --model (e.g. {(arch or 'lsnet_t').split('_')[0]}_"
-                            f"{(arch or 'lsnet_t').split('_')[1]}_gf)")
+            raise UserError(f"{folder} holds {arch or 'unrecognised'} weights but the {name} encoder is {own_arch}; "
+                            "pick the glance-and-focus model of the same size (--model lsnet_t_gf, lsnet_s_gf or "
+                            "lsnet_b_gf)")
         encoder.load_state_dict(backbone, strict=True)
     log(f"encoders initialised from {folder} ({arch})")
     return arch
