@@ -10,14 +10,18 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 import model  # noqa: F401  (registers lsnet_t_gf)
 import tests.imagegen as gen
+import train_glance_focus
 from artifacts.checkpoint import save_checkpoint_atomic
 from data.images import load_image
 from flops import count_flops
-from gfnet.compute import cumulative_gflops, step_gflops
+from gfnet.api import load_glance_focus
+from gfnet.compute import cumulative_gflops, encoder_gflops, step_gflops
 from gfnet.crops import make_view, read_crop, to_original
+from gfnet.dataset import build_gf_dataset
 from gfnet.early_exit import (
     budget_curve,
     calibrate_thresholds,
@@ -28,8 +32,11 @@ from gfnet.early_exit import (
 )
 from gfnet.folder import init_encoders
 from model.glance_focus import PatchPolicy, crop_patches, most_activated_centres
-from tools.make_texture_world import render_image
+from tools.make_texture_world import make_texture_world, render_image
 from utils import UserError
+
+# End-to-end settings and margins, measured first (see docs/glance-focus.md): chance is 1/3.
+E2E_EPOCHS, E2E_PLAIN_MAX, E2E_GF_MIN = "20", 0.55, 0.75
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +174,61 @@ def test_init_from_an_artist_model_folder_loads_both_encoders(tmp_path, gf):
     torch.save({"model": {"head.l.weight": torch.zeros(2, 4)}}, tmp_path / "model_best.pth")
     with pytest.raises(UserError, match="unrecognised weights"):
         init_encoders(gf, tmp_path)
+
+
+def _train_plain_at_glance_size(data_path, classes, epochs: int) -> float:
+    """A plain lsnet_t trained and evaluated on the glances (whole images at the glance size): val accuracy."""
+    torch.manual_seed(0)
+    net = timm.create_model("lsnet_t", num_classes=len(classes))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.05)
+    train = DataLoader(build_gf_dataset(data_path, "train", classes, 32, 192), batch_size=8, shuffle=True)
+    for _ in range(epochs):
+        net.train()
+        for (glance, _), labels in train:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(glance), labels).backward()
+            optimizer.step()
+    val = DataLoader(build_gf_dataset(data_path, "val", classes, 32, 192), batch_size=16)
+    net.eval()
+    with torch.no_grad():
+        hits = [(net(glance).argmax(1) == labels).float() for (glance, _), labels in val]
+    return torch.cat(hits).mean().item()
+
+
+@pytest.mark.slow
+def test_glance_and_focus_reads_texture_a_low_resolution_plain_model_misses(tmp_path):
+    """Texture world (192 px, 2-px textures): the glance alone and a plain model at 32 px stay near chance (1/3);
+    glance and focus with 32 px crops at native resolution reads the texture, at a fraction of the compute of a
+    plain model at 192 px."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared CPU one thread is several times faster than contending threads
+    try:
+        classes = make_texture_world(tmp_path / "world", artists=3, train=24, val=10, size=(192, 192),
+                                     amplitude=28, seed=0)
+        flags = ["--data-path", str(tmp_path / "world"), "--output-dir", str(tmp_path / "gf"), "--glance-size", "32",
+                 "--patch-size", "32", "--focus-resolution", "192", "--focus-steps", "2", "--batch-size", "8",
+                 "--lr", "3e-3", "--workers", "0", "--device", "cpu"]
+        parser = train_glance_focus.get_args_parser()
+        train_glance_focus.main(parser.parse_args([*flags, "--epochs", E2E_EPOCHS, "2", "2"]))
+        result = train_glance_focus.main(parser.parse_args([*flags, "--calibrate-budget", "--eval"]))["eval"]
+        plain_low = _train_plain_at_glance_size(tmp_path / "world", classes, int(E2E_EPOCHS))
+        plain_full_gflops = encoder_gflops(timm.create_model("lsnet_t", num_classes=0).eval(), 192)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\nanytime {result['anytime_learned']} fallback {result['anytime_fallback']} plain@32 {plain_low:.3f} "
+          f"GF GFLOPs {result['step_gflops']} plain@192 {plain_full_gflops:.4f}")
+    cumulative = cumulative_gflops(result["step_gflops"])
+    assert plain_low <= E2E_PLAIN_MAX and result["anytime_learned"][0] <= E2E_PLAIN_MAX
+    assert result["anytime_learned"][-1] >= E2E_GF_MIN
+    assert cumulative[-1] < 0.3 * plain_full_gflops
+    curve = result["curve"]  # budget thresholds calibrated on train/, applied to val/
+    assert cumulative[0] <= curve[0]["avg_gflops"] <= curve[-1]["avg_gflops"] <= cumulative[-1]
+
+    gf = load_glance_focus(tmp_path / "gf", "cpu")
+    image = next((tmp_path / "world" / "val").glob("*/0000.png"))
+    full = gf.predict(image)
+    assert full.steps == 2 and len(full.boxes) == 2 and full.gflops == pytest.approx(cumulative[-1])
+    assert all(0 <= x0 < x1 <= 192 and 0 <= y0 < y1 <= 192 and x1 - x0 == 32 for x0, y0, x1, y1 in full.boxes)
+    early = gf.predict(image, exit_threshold=0.01)
+    assert early.steps == 0 and early.boxes == [] and early.gflops == pytest.approx(cumulative[0])
+    assert gf.save_crops(image, full, tmp_path / "crops" / "a").is_file()
