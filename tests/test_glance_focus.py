@@ -35,8 +35,9 @@ from model.glance_focus import PatchPolicy, crop_patches, most_activated_centres
 from tools.make_texture_world import make_texture_world, render_image
 from utils import UserError
 
-# End-to-end settings and margins, measured first (see docs/glance-focus.md): chance is 1/3.
-E2E_EPOCHS, E2E_PLAIN_MAX, E2E_GF_MIN = "20", 0.55, 0.75
+# End-to-end settings and margins. Measured (docs/glance-focus.md): plain at 32 px 0.37, glance 0.40, glance + 2
+# crops 0.80 (chance 1/3); 0.040 GFLOPs against 0.213 for the plain model at 192 px.
+E2E_EPOCHS, E2E_PLAIN_MAX, E2E_GF_MIN = "12", 0.55, 0.65
 
 
 @pytest.fixture(scope="module")
@@ -204,10 +205,10 @@ def test_glance_and_focus_reads_texture_a_low_resolution_plain_model_misses(tmp_
     torch.set_num_threads(1)  # on a shared CPU one thread is several times faster than contending threads
     try:
         classes = make_texture_world(tmp_path / "world", artists=3, train=24, val=10, size=(192, 192),
-                                     amplitude=28, seed=0)
+                                     amplitude=28, seed=0, everywhere=True)
         flags = ["--data-path", str(tmp_path / "world"), "--output-dir", str(tmp_path / "gf"), "--glance-size", "32",
                  "--patch-size", "32", "--focus-resolution", "192", "--focus-steps", "2", "--batch-size", "8",
-                 "--lr", "3e-3", "--workers", "0", "--device", "cpu"]
+                 "--lr", "2e-3", "--workers", "0", "--device", "cpu"]
         parser = train_glance_focus.get_args_parser()
         train_glance_focus.main(parser.parse_args([*flags, "--epochs", E2E_EPOCHS, "2", "2"]))
         result = train_glance_focus.main(parser.parse_args([*flags, "--calibrate-budget", "--eval"]))["eval"]

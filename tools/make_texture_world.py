@@ -56,10 +56,12 @@ def _composition(rng: np.random.Generator, height: int, width: int) -> tuple[np.
     return img, mask
 
 
-def render_image(rng: np.random.Generator, texture: str, width: int, height: int,
-                 amplitude: float = 12.0) -> Image.Image:
-    """One image: a random composition, the ``texture`` (``amplitude`` grey levels) inside its shapes, mild noise."""
+def render_image(rng: np.random.Generator, texture: str, width: int, height: int, amplitude: float = 12.0,
+                 everywhere: bool = False) -> Image.Image:
+    """One image: a random composition, the ``texture`` (``amplitude`` grey levels) inside its shapes (or
+    ``everywhere``), mild noise."""
     img, mask = _composition(rng, height, width)
+    mask |= everywhere
     yy, xx = np.mgrid[0:height, 0:width]
     pattern = TEXTURES[texture](yy + rng.integers(0, 6), xx + rng.integers(0, 6))
     img += (amplitude * pattern * mask)[..., None]
@@ -68,7 +70,8 @@ def render_image(rng: np.random.Generator, texture: str, width: int, height: int
 
 
 def make_texture_world(root: str | Path, artists: int = 4, train: int = 60, val: int = 20,
-                       size: tuple[int, int] = (700, 1000), seed: int = 0, amplitude: float = 12.0) -> list[str]:
+                       size: tuple[int, int] = (700, 1000), seed: int = 0, amplitude: float = 12.0,
+                       everywhere: bool = False) -> list[str]:
     """Write ``root/train`` and ``root/val`` (``train``/``val`` PNGs per artist, sides in ``size``); return names."""
     if not 2 <= artists <= len(TEXTURES):
         raise UserError(f"--artists must be between 2 and {len(TEXTURES)}")
@@ -80,7 +83,7 @@ def make_texture_world(root: str | Path, artists: int = 4, train: int = 60, val:
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 width, height = (int(v) for v in rng.integers(size[0], size[1] + 1, 2))
-                render_image(rng, texture, width, height, amplitude).save(folder / f"{i:04d}.png")
+                render_image(rng, texture, width, height, amplitude, everywhere).save(folder / f"{i:04d}.png")
     write_class_mapping(Path(root) / CLASS_MAPPING_FILE, names)
     return names
 
@@ -94,6 +97,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, nargs=2, default=(700, 1000), metavar=("MIN", "MAX"),
                         help="range of the image sides in pixels (each side drawn independently)")
     parser.add_argument("--amplitude", type=float, default=12.0, help="texture contrast in grey levels")
+    parser.add_argument("--everywhere", action="store_true",
+                        help="texture over the whole image, not only inside the shapes (easier to learn)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -101,7 +106,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace | None = None) -> None:
     args = args if args is not None else get_args_parser().parse_args()
     names = make_texture_world(args.output, args.artists, args.train, args.val, tuple(args.size), args.seed,
-                               args.amplitude)
+                               args.amplitude, args.everywhere)
     print(f"{len(names)} artists, {args.train} train and {args.val} val images each, in {args.output}")
 
 
