@@ -8,7 +8,7 @@ import timm
 import torch
 
 from artifacts.checkpoint import BEST_FILE, guess_architecture, load_checkpoint, read_checkpoint, save_checkpoint_atomic
-from artifacts.model_folder import build_config, read_config, write_config
+from artifacts.model_folder import build_config, read_config, resolve_model_source, write_config
 from data.class_mapping import CLASS_MAPPING_FILE, read_class_mapping, write_class_mapping
 from model.glance_focus import BACKBONE_ARGS, GlanceFocus
 from utils import UserError
@@ -33,7 +33,7 @@ def create_model(model_name: str, num_classes: int, **settings: Any) -> GlanceFo
 
 def init_encoders(model: GlanceFocus, folder: str | os.PathLike, log=print) -> str:
     """Initialise both encoders from a trained artist model folder (or LSNet checkpoint); returns its architecture."""
-    ckpt = read_checkpoint(Path(folder) if Path(folder).is_file() else _find_weights(folder))
+    ckpt = read_checkpoint(resolve_model_source(folder).checkpoint)
     arch = guess_architecture(ckpt.state_dict)
     backbone = {k: v for k, v in ckpt.state_dict.items() if not k.startswith(HEAD_KEYS)}
     for name, encoder in (("global", model.global_encoder), ("local", model.local_encoder)):
@@ -45,12 +45,6 @@ def init_encoders(model: GlanceFocus, folder: str | os.PathLike, log=print) -> s
         encoder.load_state_dict(backbone, strict=True)
     log(f"encoders initialised from {folder} ({arch})")
     return arch
-
-
-def _find_weights(folder: str | os.PathLike) -> Path:
-    from artifacts.model_folder import resolve_model_source
-
-    return resolve_model_source(folder).checkpoint
 
 
 def save_model_folder(model: GlanceFocus, model_name: str, folder: Path, classes: list[str],
