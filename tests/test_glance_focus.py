@@ -31,6 +31,7 @@ from gfnet.early_exit import (
     thresholds_for_budget,
 )
 from gfnet.folder import init_encoders
+from gfnet.stages import TrainConfig, run_stage
 from model.glance_focus import PatchPolicy, crop_patches, most_activated_centres
 from tools.make_texture_world import make_texture_world, render_image
 from utils import UserError
@@ -233,3 +234,24 @@ def test_glance_and_focus_reads_texture_a_low_resolution_plain_model_misses(tmp_
     early = gf.predict(image, exit_threshold=0.01)
     assert early.steps == 0 and early.boxes == [] and early.gflops == pytest.approx(cumulative[0])
     assert gf.save_crops(image, full, tmp_path / "crops" / "a").is_file()
+
+
+def test_stages_save_after_each_epoch_and_resume(tmp_path, gf):
+    torch.manual_seed(0)
+    loader = [((torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)), torch.tensor([0, 1]))]
+    logs = []
+    cfg = TrainConfig(epochs=1, lr=1e-3, device=torch.device("cpu"))
+    first = run_stage(gf, 1, loader, cfg, tmp_path, log=logs.append)
+    assert first["done"] and first["epoch"] == 1 and (tmp_path / "stage1.pth").is_file()
+    cfg.epochs = 2
+    second = run_stage(gf, 1, loader, cfg, tmp_path, log=logs.append)
+    assert second["epoch"] == 2 and len(second["history"]) == 2
+    assert any("resuming after epoch 1" in line for line in logs)
+    policy_before = [p.clone() for p in gf.policy.parameters()]
+    encoder_before = [p.clone() for p in gf.global_encoder.parameters()]
+    reward = run_stage(gf, 2, loader, TrainConfig(epochs=1, lr=1e-2, device=torch.device("cpu")), tmp_path,
+                       log=logs.append)
+    assert reward["done"]
+    assert any(not torch.equal(a, b) for a, b in zip(policy_before, gf.policy.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(encoder_before, gf.global_encoder.parameters(), strict=True))
+    gf.eval()
