@@ -1,0 +1,45 @@
+"""The glance-and-focus dataset: ``((glance tensor, focus tensor), label)`` from a prepared ``train/`` or ``val/``."""
+
+import os
+from pathlib import Path
+
+import torch
+from torchvision.transforms import functional as TF
+
+from data.datasets import RobustImageFolder
+
+from .crops import View, make_view
+
+__all__ = ["GlanceFocusTransform", "build_gf_dataset", "to_tensor"]
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def to_tensor(image) -> torch.Tensor:
+    """A PIL image as a normalised (C, H, W) float tensor."""
+    return TF.normalize(TF.to_tensor(image), MEAN, STD)
+
+
+class GlanceFocusTransform:
+    """PIL image -> (glance tensor, focus tensor): a random square window and flip in training, centred otherwise."""
+
+    def __init__(self, glance_size: int, focus_resolution: int, train: bool):
+        self.glance_size, self.focus_resolution, self.train = glance_size, focus_resolution, train
+
+    def view(self, image) -> View:
+        return make_view(image, self.glance_size, self.focus_resolution, "random" if self.train else "center")
+
+    def __call__(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        view = self.view(image)
+        glance, focus = to_tensor(view.glance), to_tensor(view.focus)
+        if self.train and torch.rand(()) < 0.5:
+            glance, focus = glance.flip(-1), focus.flip(-1)
+        return glance, focus
+
+
+def build_gf_dataset(data_path: str | os.PathLike, split: str, classes: list[str], glance_size: int,
+                     focus_resolution: int, verbose: bool = False) -> RobustImageFolder:
+    """``data_path/split`` read with :class:`GlanceFocusTransform` (training augmentation on ``train``)."""
+    transform = GlanceFocusTransform(glance_size, focus_resolution, train=split == "train")
+    return RobustImageFolder(Path(data_path) / split, classes=classes, transform=transform, allow_empty=True,
+                             verbose=verbose)

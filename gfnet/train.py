@@ -1,0 +1,154 @@
+"""What ``train_glance_focus.py`` does: train the stages, calibrate the budget table, evaluate and draw crops."""
+
+import argparse
+import json
+from pathlib import Path
+
+import timm
+import torch
+from torch.utils.data import DataLoader
+
+from artifacts.checkpoint import load_checkpoint, load_checkpoint_file
+from artifacts.model_folder import read_config, resolve_model_source
+from data.class_mapping import read_class_mapping
+from data.datasets import dataset_classes
+from utils import UserError, resolve_device, seed_everything
+
+from .api import GlanceFocusPredictor
+from .compute import cumulative_gflops
+from .dataset import build_gf_dataset
+from .early_exit import budget_curve, exit_summary, threshold_thresholds
+from .evaluate import anytime_accuracy, collect_probs, evaluate_curve, plain_reference, write_curve
+from .folder import create_model, init_encoders, load_model_folder, save_model_folder, update_gf_config
+from .stages import TrainConfig, run_stage
+
+__all__ = ["train", "calibrate", "evaluate"]
+
+
+def _loader(args: argparse.Namespace, split: str, classes: list[str], shuffle: bool, train_views: bool = True):
+    dataset = build_gf_dataset(args.data_path, split, classes, args.glance_size, args.focus_resolution)
+    dataset.transform.train = train_views and split == "train"
+    if len(dataset) == 0:
+        raise UserError(f"{Path(args.data_path) / split} holds no images; run prepare_dataset.py first")
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.workers)
+
+
+def _stage_list(stage: str) -> list[int]:
+    return [1, 2, 3] if stage == "all" else [int(stage)]
+
+
+def _stage_config(args: argparse.Namespace, stage: int, device: torch.device) -> TrainConfig:
+    epochs = args.epochs[min(stage - 1, len(args.epochs) - 1)]
+    lr = args.policy_lr if stage == 2 else args.lr * (0.1 if stage == 3 else 1.0)
+    return TrainConfig(epochs=epochs, lr=lr, device=device, amp=args.amp, accumulation_steps=args.accumulation_steps)
+
+
+def _resume_previous(model, run_dir: Path, stage: int) -> None:
+    """Before stage N (not yet started), take the weights stage N-1 ended with."""
+    if stage == 1 or (run_dir / f"stage{stage}.pth").is_file():
+        return
+    previous = run_dir / f"stage{stage - 1}.pth"
+    if not previous.is_file():
+        raise UserError(f"--stage {stage} needs {previous} from stage {stage - 1}; run --stage {stage - 1} first")
+    state = load_checkpoint_file(previous)
+    if not state["record"]["done"]:
+        raise UserError(f"stage {stage - 1} in {run_dir} is unfinished; rerun --stage {stage - 1} to complete it")
+    model.load_state_dict(state["model"])
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run the requested stages (resuming), then write the model folder ``--output-dir``."""
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    classes = dataset_classes(args.data_path)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = create_model(args.model, len(classes), glance_size=args.glance_size, patch_size=args.patch_size,
+                         focus_resolution=args.focus_resolution, focus_steps=args.focus_steps).to(device)
+    stages = _stage_list(args.stage)
+    if args.init_from and stages[0] == 1 and not (out / "stage1.pth").is_file():
+        init_encoders(model, args.init_from)
+    loader = _loader(args, "train", classes, shuffle=True)
+    times = json.loads((out / "stage_times.json").read_text()) if (out / "stage_times.json").is_file() else {}
+    for stage in stages:
+        _resume_previous(model, out, stage)
+        record = run_stage(model, stage, loader, _stage_config(args, stage, device), out)
+        times[f"stage{stage}"] = round(record["seconds"], 1)
+        (out / "stage_times.json").write_text(json.dumps(times))
+    save_model_folder(model.cpu(), args.model, out, classes, {"stage_seconds": times})
+    print(f"model folder written: {out} (seconds per stage: {times})")
+    return out
+
+
+def calibrate(args: argparse.Namespace) -> list[dict]:
+    """Find the budget table on the training split (eval views) and store it in ``config.json``."""
+    device = resolve_device(args.device)
+    model, classes, config = load_model_folder(args.output_dir, device)
+    probs, labels = collect_probs(model, _loader(args, "train", classes, False, train_views=False), device)
+    table = budget_curve(probs, labels, cumulative_gflops(config["gf"]["step_gflops"]))
+    update_gf_config(Path(args.output_dir), budget_table=table, budget_calibrated_on="train")
+    print(f"budget table stored: {table[0]['avg_gflops']:.4f} to {table[-1]['avg_gflops']:.4f} GFLOPs per image")
+    return table
+
+
+def _plain_references(args: argparse.Namespace, loader, classes: list[str], device: torch.device) -> dict:
+    if not args.reference:
+        return {}
+    source = resolve_model_source(args.reference)
+    config = read_config(args.reference) if source.folder else {}
+    if source.class_csv and read_class_mapping(source.class_csv) != classes:
+        raise UserError(f"--reference {args.reference} has other classes than {args.data_path}")
+    net = timm.create_model(config.get("model", "lsnet_t_artist"), num_classes=len(classes),
+                            **({"feature_dim": config["feature_dim"]} if config.get("feature_dim") else {}))
+    load_checkpoint(source.checkpoint, net, log=lambda _: None)
+    net = net.to(device)
+    refs = {}
+    for size in args.reference_sizes:
+        ref = plain_reference(net, loader, device, size)
+        refs[f"plain {ref['size']} px"] = ref
+    return refs
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Anytime accuracy, budget curve (CSV + PNG in ``--output-dir/eval``) and references on the val split."""
+    device = resolve_device(args.device)
+    model, classes, config = load_model_folder(args.output_dir, device)
+    loader = _loader(args, "val", classes, shuffle=False)
+    per_step = config["gf"]["step_gflops"]
+    result = {"step_gflops": per_step}
+    for policy in ("learned", "fallback", "random"):
+        probs, labels = collect_probs(model, loader, device, policy)
+        result[f"anytime_{policy}"] = anytime_accuracy(probs, labels)
+        if policy == "learned":
+            learned = probs
+    curve = evaluate_curve(learned, labels, per_step, config["gf"].get("budget_table"))
+    if args.exit_threshold is not None:
+        thresholds = threshold_thresholds(model.focus_steps, args.exit_threshold)
+        result["exit_threshold"] = exit_summary(learned, labels, thresholds, cumulative_gflops(per_step))
+    refs = _plain_references(args, loader, classes, device)
+    csv_path, png = write_curve(Path(args.output_dir) / "eval", result["anytime_learned"], per_step, curve, refs)
+    result.update(curve=curve, references=refs)
+    _print_eval(result, cumulative_gflops(per_step), csv_path, png)
+    if args.save_crops:
+        _save_crops(GlanceFocusPredictor(model, classes, config, device), loader.dataset, Path(args.save_crops))
+    return result
+
+
+def _print_eval(result: dict, cumulative: list[float], csv_path: Path, png: Path) -> None:
+    for policy in ("learned", "fallback", "random"):
+        accs = " ".join(f"{a:.3f}" for a in result[f"anytime_{policy}"])
+        print(f"anytime top-1 after each step ({policy} policy): {accs}")
+    print("GFLOPs after each step: " + " ".join(f"{g:.4f}" for g in cumulative))
+    if "exit_threshold" in result:
+        r = result["exit_threshold"]
+        print(f"exit threshold: top-1 {r['accuracy']:.3f} at {r['avg_gflops']:.4f} GFLOPs, {r['avg_steps']:.2f} steps")
+    for name, ref in result["references"].items():
+        print(f"{name}: top-1 {ref['accuracy']:.3f} at {ref['gflops']:.4f} GFLOPs")
+    print(f"budget curve: {csv_path}, {png}")
+
+
+def _save_crops(predictor: GlanceFocusPredictor, dataset, folder: Path, limit: int = 16) -> None:
+    for path, _ in dataset.samples[:limit]:
+        prediction = predictor.predict(path)
+        predictor.save_crops(path, prediction, folder / Path(path).stem)
+    print(f"crops drawn on {min(limit, len(dataset.samples))} images in {folder}")
