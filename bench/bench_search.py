@@ -10,16 +10,13 @@ limit: IVF-Flat) is compared with exact inner-product search on ``--queries`` he
 
 import argparse
 import resource
-import sys
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from retrieval.index import build_index, search  # noqa: E402
-from utils import run_cli  # noqa: E402
+from retrieval.index import build_index, search
+from utils import run_cli
 
 
 def generated_vectors(count: int, dim: int, artists: int, noise: float, seed: int) -> np.ndarray:

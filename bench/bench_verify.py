@@ -12,18 +12,15 @@ process's peak resident memory, that times the processes, and the wall time.
 import argparse
 import multiprocessing
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from data.images import load_image, verify_image  # noqa: E402
-from data.scan import WORKER_MEMORY, memory_workers  # noqa: E402
+from data.images import load_image, verify_image
+from data.scan import WORKER_MEMORY, memory_workers
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from artifacts.outputs import load_matrix, read_names
 from data import ImageLoadError, is_image_file
 from predictor import ArtistModel, list_images
 from retrieval.index import l2_normalize
-from tools.compare_vectors import load_matrix, read_names
 from utils import UserError
 
 

@@ -13,13 +13,10 @@ held-out images of enrolled artists in the same layout and stores the threshold 
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from predictor import ArtistModel, add_runtime_args, load_model_bundle  # noqa: E402
-from retrieval.gallery import (  # noqa: E402
+from predictor import ArtistModel, add_runtime_args, load_model_bundle
+from retrieval.gallery import (
     GALLERY_FILE,
     Gallery,
     calibrate_threshold,
@@ -27,9 +24,9 @@ from retrieval.gallery import (  # noqa: E402
     model_identity,
     save_gallery,
 )
-from retrieval.index import EXACT_LIMIT  # noqa: E402
-from retrieval.references import artist_images, artist_of, embed_images  # noqa: E402
-from utils import UserError, run_cli  # noqa: E402
+from retrieval.index import EXACT_LIMIT
+from retrieval.references import artist_images, artist_of, embed_images
+from utils import UserError, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -10,16 +10,13 @@ Writes ``train/`` and ``val/`` (one folder per artist) and ``class_mapping.csv``
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.class_mapping import CLASS_MAPPING_FILE, write_class_mapping  # noqa: E402
-from utils import UserError, run_cli  # noqa: E402
+from data.class_mapping import CLASS_MAPPING_FILE, write_class_mapping
+from utils import UserError, run_cli
 
 __all__ = ["TEXTURES", "render_image", "make_texture_world", "main"]
 

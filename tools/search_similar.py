@@ -13,17 +13,14 @@ vectors from that model. Scores are cosine similarities of L2-normalised vectors
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from predictor import add_runtime_args, load_model_bundle  # noqa: E402
-from retrieval.gallery import Gallery, load_gallery, model_identity  # noqa: E402
-from retrieval.index import search  # noqa: E402
-from retrieval.references import load_queries  # noqa: E402
-from utils import UserError, run_cli  # noqa: E402
+from predictor import add_runtime_args, load_model_bundle
+from retrieval.gallery import Gallery, load_gallery, model_identity
+from retrieval.index import search
+from retrieval.references import load_queries
+from utils import UserError, run_cli
 
 FIELDS = ("query", "rank", "score", "artist", "path")
 
