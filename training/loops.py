@@ -80,8 +80,7 @@ def train_one_epoch(
                 model_ema.update(unwrap_model(model))
         batch = samples.shape[0] * world_size
         first_loss = loss_value if step == 0 else first_loss
-        loss_sum += loss_value * batch
-        images += batch
+        loss_sum, images = loss_sum + loss_value * batch, images + batch
         progress.update(batch, lr=optimizer.param_groups[0]["lr"], loss=loss_value)
     progress.close()
     return {"loss": loss_sum / max(images, 1), "lr": optimizer.param_groups[0]["lr"], "first_loss": first_loss}
