@@ -7,7 +7,6 @@ the ``config.json`` schema: :func:`build_config` makes it, :func:`write_config` 
 :func:`read_model_spec` reads a whole model folder into a checked :class:`ModelSpec` that builds the network.
 """
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +24,12 @@ from artifacts.checkpoint import (
     load_checkpoint,
     read_checkpoint,
 )
+from artifacts.config_file import CONFIG_FILE, read_config
+from artifacts.hub import resolve_hub_path
 from data.class_mapping import CLASS_MAPPING_FILE, compare_class_mappings, read_class_mapping
 from data.datasets import EVAL_CROP_PCT
 from model.lsnet_artist import ARTIST_MODELS
 from utils import UserError
-
-CONFIG_FILE = "config.json"
 
 
 @dataclass
@@ -60,41 +59,13 @@ def build_config(model_name: str, model: nn.Module, input_size: int, squash: boo
     }
 
 
-def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    """Write ``obj`` as indented UTF-8 JSON through a temporary file renamed over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def write_config(folder: str | os.PathLike, config: dict[str, Any]) -> None:
-    """Write ``config.json`` (from :func:`build_config`) into ``folder``."""
-    write_json_atomic(Path(folder) / CONFIG_FILE, config)
-
-
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """A ``config.json`` file (or the one inside a folder) as a dict; ``{}`` when there is none."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CONFIG_FILE
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}); fix or delete it") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} must hold a JSON object with keys such as 'model'; fix or delete it")
-    return config
-
-
 def resolve_model_source(checkpoint: str | os.PathLike, class_csv: str | os.PathLike | None = None) -> ModelSource:
     """Resolve a checkpoint file or a model folder (checkpoint + ``class_mapping.csv`` + optional ``config.json``).
 
     A folder supplies its ``config.json`` and, unless ``class_csv`` is given, its class mapping; a file uses
     only ``class_csv``.
     """
-    path = Path(checkpoint)
+    path = resolve_hub_path(checkpoint)
     if path.is_file():
         return ModelSource(path, Path(class_csv) if class_csv else None)
     if not path.is_dir():

@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from utils import UserError
+from errors import UserError
 
 __all__ = ["CLASS_MAPPING_FILE", "compare_class_mappings", "read_class_mapping", "write_class_mapping"]
 
