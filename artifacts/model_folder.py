@@ -59,6 +59,23 @@ def build_config(model_name: str, model: nn.Module, input_size: int, squash: boo
     }
 
 
+# Keys of a source folder's config.json that describe how the model was trained and is evaluated: an exported
+# folder keeps them (its preprocessing and output activation must stay those of the source).
+_CARRIED_KEYS = ("crop_pct", "crop_mode", "mean", "std", "interpolation", "multi_label")
+
+
+def build_export_config(model_name: str, model: nn.Module, input_size: int, source_config: dict[str, Any],
+                        file_format: str, weights_file: str, **fields: Any) -> dict[str, Any]:
+    """``config.json`` of an exported folder (``export.py``): :func:`build_config`, the source folder's
+    preprocessing and ``multi_label`` flag, ``format`` (``onnx`` or ``safetensors``), ``checkpoint`` (the weights
+    file) and ``fields`` (for ONNX: ``onnx`` with the opset, exporter versions, input/output names and whether the
+    input size is dynamic)."""
+    config = build_config(model_name, model, input_size)
+    config.update({key: source_config[key] for key in _CARRIED_KEYS if key in source_config})
+    config.update(format=file_format, checkpoint=weights_file, **fields)
+    return config
+
+
 def resolve_model_source(checkpoint: str | os.PathLike, class_csv: str | os.PathLike | None = None) -> ModelSource:
     """Resolve a checkpoint file or a model folder (checkpoint + ``class_mapping.csv`` + optional ``config.json``).
 
@@ -71,6 +88,9 @@ def resolve_model_source(checkpoint: str | os.PathLike, class_csv: str | os.Path
     if not path.is_dir():
         raise UserError(f"checkpoint not found: {path}; pass a .pth file or a model folder holding one")
     config = read_config(path / CONFIG_FILE)
+    if config.get("format") == "onnx":
+        raise UserError(f"{path} is an exported ONNX folder: it runs with onnxruntime (inference_artist.py, "
+                        "load_model_bundle) but holds no PyTorch weights; use the folder it was exported from")
     preferred = [config["checkpoint"]] if isinstance(config.get("checkpoint"), str) else []
     found = find_checkpoint(path, [*preferred, *MODEL_FOLDER_FILES])
     if class_csv is None and (path / CLASS_MAPPING_FILE).is_file():
