@@ -114,3 +114,13 @@ class ArtistModel(BatchedModel):
             device=self.device, skipped=skipped, progress=progress, desc=mode,
         ):
             yield batch_names, features, probs
+
+    def logits_batches(self, images: Sequence[ImageInput], names: Sequence[str], *, batch_size: int = 32,
+                       num_workers: int = 0, skipped: list[SkippedImage] | None = None,
+                       progress: bool = False) -> Iterator[tuple[list[str], np.ndarray]]:
+        def compute(batch: torch.Tensor) -> np.ndarray:
+            return self.run_model(batch, batch_size).float().cpu().numpy()
+
+        yield from run_batched(compute, images, self.transform, names=names, batch_size=batch_size,
+                               num_workers=num_workers, device=self.device, skipped=skipped, progress=progress,
+                               desc="predict")

@@ -139,6 +139,12 @@ class OnnxModel(BatchedModel):
         if pool:
             pool.shutdown()
 
+    def logits_batches(self, images: Sequence[ImageInput], names: Sequence[str], *, batch_size: int = 32,
+                       num_workers: int = 0, skipped: list[SkippedImage] | None = None,
+                       progress: bool = False) -> Iterator[tuple[list[str], np.ndarray]]:
+        for batch_names, batch in self.decoded_batches(images, names, batch_size, num_workers, skipped, progress):
+            yield batch_names, self.run_model(batch)[0]
+
     def _batches(self, images: Sequence[ImageInput], names: Sequence[str], mode: str, batch_size: int,
                  num_workers: int, skipped: list[SkippedImage] | None,
                  progress: bool) -> Iterator[tuple[list[str], np.ndarray | None, np.ndarray | None]]:

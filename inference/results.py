@@ -126,6 +126,12 @@ class BatchedModel:
         unreadable image goes to ``skipped`` (raises :class:`data.images.ImageLoadError` when it is None)."""
         raise NotImplementedError
 
+    def logits_batches(self, images: Sequence[ImageInput], names: Sequence[str], *, batch_size: int = 32,
+                       num_workers: int = 0, skipped: list[SkippedImage] | None = None,
+                       progress: bool = False) -> Iterator[tuple[list[str], np.ndarray]]:
+        """``(names, float32 logits)`` per batch of readable images (unreadable ones as in :meth:`_batches`)."""
+        raise NotImplementedError
+
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Softmax over the classes; independent sigmoids for a multi-label model (``multi_label`` in its config)."""
         logits = logits.astype(np.float32)

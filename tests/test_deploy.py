@@ -14,9 +14,12 @@ import onnxruntime
 import pytest
 import timm
 import torch
+from huggingface_hub import constants as hf_constants
 from test_inference import make_model
 
 import export
+import inference_artist
+import predict_artist_multilabel
 from artifacts.checkpoint import load_checkpoint
 from artifacts.config_file import ONNX_FILE, REFERENCE_FILE, SAFETENSORS_FILE
 from artifacts.model_folder import read_model_spec
@@ -24,6 +27,7 @@ from data import write_class_mapping
 from deploy.export_onnx import read_reference
 from inference.onnx_model import OnnxModel
 from predictor import load_model_bundle
+from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(__file__).parent / "reference"
@@ -49,17 +53,19 @@ def save_folder(folder: Path, net: torch.nn.Module, name: str, **config) -> Path
     return folder
 
 
-def run_script(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """A projection model folder exported to ONNX (and safetensors), and an image folder with a broken file."""
+    """An original-fork checkpoint of a projection model (``module.`` prefixes, argparse.Namespace arguments, the
+    key layout of tests/reference) exported to ONNX and safetensors, and an image folder with a broken file."""
     tmp = tmp_path_factory.mktemp("deploy")
     net = make_model("lsnet_t_artist", num_classes=len(CLASSES), feature_dim=24)
-    source = save_folder(tmp / "source", net, "lsnet_t_artist")
+    reference = json.loads((REFERENCE_DIR / "lsnet_t_artist_fd256_c10.json").read_text())
+    assert list(net.state_dict()) == list(reference["state_dict"])
+    source = tmp / "source"
+    source.mkdir()
+    torch.save({"model": {f"module.{k}": v for k, v in net.state_dict().items()},
+                "args": argparse.Namespace(model="lsnet_t_artist", input_size=SIZE)}, source / "best_checkpoint.pth")
+    write_class_mapping(source / "class_mapping.csv", CLASSES)
     images = tmp / "images"
     for i in range(5):
         gen.noise_image(images / f"img{i}.png", (70 + 10 * i, 90 - 5 * i), seed=i)
@@ -109,9 +115,8 @@ def test_exported_folder_classifies_like_pytorch(env, tmp_path):
     assert len(one) == 3 and one[0]["class_name"] in CLASSES
     assert onnx_model.extract_features([images / "img1.png"] * 2).shape == (2, 24)
     # The script writes the same files as the PyTorch path.
-    result = run_script("inference_artist.py", "--checkpoint", str(exported), "--input", str(images), "--mode",
-                        "both", "--output", str(tmp_path / "out"))
-    assert result.returncode == 0, result.stderr
+    inference_artist.main(inference_artist.get_args_parser().parse_args(
+        ["--checkpoint", str(exported), "--input", str(images), "--mode", "both", "--output", str(tmp_path / "out")]))
     batch = json.loads((tmp_path / "out" / "batch_results.json").read_text())
     assert batch["skipped"][0]["path"] == "broken.jpg"
     assert np.load(tmp_path / "out" / "features.npy").shape == (5, 24)
@@ -147,6 +152,7 @@ def test_safetensors_folder_round_trip(env):
     assert torch.equal(fresh.head.l.weight, net.head.l.weight)
 
 
+@pytest.mark.slow
 def test_dynamic_size_multilabel_and_plain_lsnet_t(tmp_path):
     """A multi-label lsnet_t folder exported with dynamic size runs at two input sizes and keeps its sigmoid."""
     torch.manual_seed(3)
@@ -167,48 +173,40 @@ def test_dynamic_size_multilabel_and_plain_lsnet_t(tmp_path):
     probs = model.predict(probe_image(tmp_path), top_k=4)["classification"]
     assert len(probs) == 4
     assert abs(sum(p["probability"] for p in probs) - 1.0) > 1e-3  # independent sigmoids, not a softmax
+    # predict_artist_multilabel.py gives the same labels from the exported folder as from the PyTorch one
+    records = [predict_artist_multilabel.main(predict_artist_multilabel.get_args_parser().parse_args(
+        ["--checkpoint", str(folder), "--inputs", str(tmp_path / "probe.png"), "--threshold", "0",
+         "--output", str(tmp_path / f"{folder.name}.json"), "--debug-full"])) for folder in (source, out)]
+    theirs, ours = (next(iter(record["results"].values())) for record in records)
+    assert [e["label"] for e in ours["labels"]] == [e["label"] for e in theirs["labels"]]
+    np.testing.assert_allclose(list(ours["all_confidences"].values()), list(theirs["all_confidences"].values()),
+                               atol=1e-4)
 
 
 def probe_image(tmp_path: Path) -> Path:
     return gen.noise_image(tmp_path / "probe.png", (80, 96), seed=9)
 
 
-def test_original_fork_checkpoint_exports(tmp_path):
-    """A bare checkpoint from the original artist scripts (args namespace, module. prefixes) exports."""
-    reference = json.loads((REFERENCE_DIR / "lsnet_t_artist_fd256_c10.json").read_text())
-    net = make_model("lsnet_t_artist", num_classes=10, feature_dim=256, seed=1)
-    assert list(net.state_dict()) == list(reference["state_dict"])
-    path = tmp_path / "best_checkpoint.pth"
-    torch.save({"model": {f"module.{k}": v for k, v in net.state_dict().items()},
-                "args": argparse.Namespace(model="lsnet_t_artist", input_size=SIZE)}, path)
-    out = export.main(export.get_args_parser().parse_args(["--checkpoint", str(path), "--output-dir",
-                                                           str(tmp_path / "exported"), "--format", "onnx"]))
-    assert (out / ONNX_FILE).is_file() and not (out / "class_mapping.csv").exists()
-    model = load_model_bundle(out)
-    assert model.extract_features(probe_image(tmp_path)).shape == (256,)
-
-
-def test_hub_folder_offline_from_cache(env, tmp_path):
-    """hf-hub:OWNER/REPO resolves to a pre-filled huggingface_hub cache with HF_HUB_OFFLINE=1; a repo that is not
-    cached is a one-line error."""
+def test_hub_folder_offline_from_cache(env, tmp_path, monkeypatch):
+    """hf-hub:OWNER/REPO resolves to a pre-filled huggingface_hub cache when offline; a repo that is not cached is a
+    one-line error. Nothing is downloaded."""
     _, _, _, exported, images = env
-    cache = tmp_path / "hub"
+    repo = tmp_path / "hub" / "models--artists--lsnet-demo"
     commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = cache / "models--artists--lsnet-demo" / "snapshots" / commit
-    snapshot.mkdir(parents=True)
+    (repo / "snapshots" / commit).mkdir(parents=True)
     for name in (ONNX_FILE, "config.json", "class_mapping.csv"):
-        (snapshot / name).write_bytes((exported / name).read_bytes())
-    (cache / "models--artists--lsnet-demo" / "refs").mkdir()
-    (cache / "models--artists--lsnet-demo" / "refs" / "main").write_text(commit)
-    hub_env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    ok = run_script("inference_artist.py", "--checkpoint", "hf-hub:artists/lsnet-demo", "--input",
-                    str(images / "img0.png"), "--output", str(tmp_path / "out"), env=hub_env)
-    assert ok.returncode == 0, ok.stderr
-    assert "1. " in ok.stdout
-    missing = run_script("inference_artist.py", "--checkpoint", "hf-hub:artists/absent@v1", "--input",
-                         str(images / "img0.png"), "--output", str(tmp_path / "out"), env=hub_env)
-    assert missing.returncode == 2
-    assert missing.stderr.count("\n") == 1 and "not in the Hugging Face cache" in missing.stderr
+        (repo / "snapshots" / commit / name).write_bytes((exported / name).read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = load_model_bundle("hf-hub:artists/lsnet-demo")
+    assert isinstance(model, OnnxModel) and model.classify(images / "img0.png")[0]["class_name"] in CLASSES
+    with pytest.raises(UserError, match="not in the Hugging Face cache") as err:
+        load_model_bundle("hf-hub:artists/absent@v1")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="not a Hub model id"):
+        load_model_bundle("hf-hub:no-owner")
 
 
 @pytest.mark.parametrize("case", ["missing", "unknown_architecture", "unwritable"])
@@ -224,6 +222,6 @@ def test_bad_inputs_are_one_line_errors(env, tmp_path, case):
         blocker = tmp_path / "file"
         blocker.write_text("a file, not a folder")
         checkpoint, output, expected = str(source), blocker / "out", "cannot create"
-    result = run_script("export.py", "--checkpoint", checkpoint, "--output-dir", str(output))
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and expected in result.stderr
+    with pytest.raises(UserError, match=expected) as err:
+        export.main(export.get_args_parser().parse_args(["--checkpoint", checkpoint, "--output-dir", str(output)]))
+    assert "\n" not in str(err.value)
