@@ -11,6 +11,7 @@ model is randomly initialised (weights do not change the speed; the agreement of
 """
 
 import argparse
+import copy
 import statistics
 import tempfile
 from pathlib import Path
@@ -43,7 +44,7 @@ def workloads(net: torch.nn.Module, session: onnxruntime.InferenceSession, int8:
               batch: np.ndarray, compile: bool) -> list[Workload]:
     x = torch.from_numpy(batch)
     n = len(batch)
-    compiled = compile_for_inference(net) if compile else None
+    compiled = compile_for_inference(copy.deepcopy(net)) if compile else None  # its own weights (freezing)
 
     def eager() -> None:
         with torch.inference_mode():
