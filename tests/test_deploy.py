@@ -71,7 +71,8 @@ def env(tmp_path_factory):
         gen.noise_image(images / f"img{i}.png", (70 + 10 * i, 90 - 5 * i), seed=i)
     gen.truncated_jpeg(images / "broken.jpg")
     exported = export.main(export.get_args_parser().parse_args(
-        ["--checkpoint", str(source), "--output-dir", str(tmp / "exported"), "--format", "both"]))
+        ["--checkpoint", str(source), "--output-dir", str(tmp / "exported"), "--format", "both", "--int8",
+         "--calibration-dir", str(images)]))
     return tmp, net, source, exported, images
 
 
@@ -89,6 +90,14 @@ def test_export_writes_a_standard_verified_folder(env):
     logits, features = session.run(None, {"input": inputs})
     np.testing.assert_allclose(logits, outputs["logits"], rtol=1e-5, atol=1e-5)
     assert features.shape == (2, 24)
+
+
+def test_int8_folder_is_quantized_and_runs(env):
+    _, _, _, exported, images = env
+    graph = onnx.load(str(exported / "int8" / ONNX_FILE))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in graph.graph.node}
+    result = load_model_bundle(exported / "int8").run_directory(images)
+    assert len(result.names) == 5 and all(c[0]["class_name"] in CLASSES for c in result.classifications)
 
 
 def test_onnx_matches_pytorch_at_two_batch_sizes(env):
