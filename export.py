@@ -23,7 +23,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--class-csv", default=None, help="class_mapping.csv (default: the model folder's)")
     parser.add_argument("--output-dir", required=True, help="folder to write (created if needed)")
     parser.add_argument("--input-size", type=int, default=None,
-                        help="input size, a multiple of 32 (default: the training size, else the model's)")
+                        help="input size in pixels (default: the training size, else the model's)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     parser.add_argument("--dynamic-size", action="store_true",
                         help="dynamic input height and width (default: fixed at --input-size; the batch is always "

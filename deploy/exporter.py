@@ -55,8 +55,8 @@ class ExportOptions:
 
 def _input_size(spec: ModelSpec, net: nn.Module, requested: int | None) -> int:
     size = requested or spec.input_size or int(net.pretrained_cfg["input_size"][-1])
-    if size < 32 or size % 32:
-        raise UserError(f"input size {size} must be a multiple of 32 (at least 32); pass --input-size")
+    if size < 32:
+        raise UserError(f"input size {size} is too small (at least 32 px); pass --input-size")
     return size
 
 
