@@ -14,16 +14,16 @@ Loading, preprocessing, batching and the progress bar are those of ``inference_a
 """
 
 import argparse
-import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from artifacts.outputs import finite_results, prepare_output_dir, write_json_file
-from predictor import ArtistModel, SkippedImage, add_runtime_args, list_images, load_model_bundle, run_batched
+from inference.results import top_k_classes
+from predictor import BatchedModel, SkippedImage, add_runtime_args, list_images, load_model_bundle
 from utils import NumberRange, UserError, run_cli
 
 
@@ -75,13 +75,12 @@ def collect_images(inputs: list[str], recursive: bool) -> tuple[list[str], list[
     return list(found.values()), list(found)
 
 
-def select_labels(confidences: torch.Tensor, class_names: list[str], top_k: int, threshold: float,
+def select_labels(confidences: np.ndarray, class_names: list[str], top_k: int, threshold: float,
                   normalize_ratio: bool) -> list[dict[str, Any]]:
     """The ``{"label", "confidence"[, "ratio"]}`` of one image's top-k labels at or above ``threshold`` (a NaN
     confidence is kept, so its image shows up as non-finite instead of as "no label")."""
-    values, indices = confidences.topk(min(top_k, confidences.numel()))
-    kept = [{"label": class_names[i], "confidence": c}
-            for c, i in zip(values.tolist(), indices.tolist(), strict=True) if c >= threshold or math.isnan(c)]
+    kept = [{"label": entry["class_name"], "confidence": entry["probability"]}
+            for entry in top_k_classes(confidences[None], class_names, top_k, threshold)[0]]
     if normalize_ratio:
         total = sum(entry["confidence"] for entry in kept)
         for entry in kept:
@@ -89,19 +88,16 @@ def select_labels(confidences: torch.Tensor, class_names: list[str], top_k: int,
     return kept
 
 
-def predict(artist_model: ArtistModel, paths: list[str], names: list[str], args: argparse.Namespace,
+def predict(artist_model: BatchedModel, paths: list[str], names: list[str], args: argparse.Namespace,
             skipped: list[SkippedImage]) -> dict[str, dict[str, Any]]:
     """``{name: {"labels": [...], "all_confidences": {...}}}`` for the readable images; unreadable ones go to
-    ``skipped``."""
-    def sigmoid_confidences(batch: torch.Tensor) -> torch.Tensor:
-        return artist_model.run_model(batch, args.batch_size).float().sigmoid().cpu()
-
+    ``skipped``. The model is a PyTorch one or an exported ONNX folder (same batching and skipped files)."""
     class_names = artist_model.class_names
     results: dict[str, dict[str, Any]] = {}
-    for batch_names, confidences in run_batched(
-        sigmoid_confidences, paths, artist_model.transform, names=names, batch_size=args.batch_size,
-        num_workers=args.num_workers, device=artist_model.device, skipped=skipped, progress=True, desc="predict",
-    ):
+    for batch_names, logits in artist_model.logits_batches(paths, names, batch_size=args.batch_size,
+                                                           num_workers=args.num_workers, skipped=skipped,
+                                                           progress=True):
+        confidences = 1.0 / (1.0 + np.exp(-logits))
         for name, row in zip(batch_names, confidences, strict=True):
             entry: dict[str, Any] = {"labels": select_labels(row, class_names, args.top_k, args.threshold,
                                                              args.normalize_ratio)}
@@ -137,7 +133,7 @@ def _check_args(args: argparse.Namespace) -> Path:
     return output
 
 
-def _load(args: argparse.Namespace) -> ArtistModel:
+def _load(args: argparse.Namespace) -> BatchedModel:
     artist_model = load_model_bundle(args.checkpoint, args.model, args.class_mapping, device=args.device,
                                      input_size=args.input_size, amp=args.amp, compile=args.compile)
     if artist_model.class_names is None:

@@ -17,20 +17,25 @@ in :mod:`artifacts` (the model folder it reads, the output files the scripts wri
 """
 
 from artifacts.checkpoint import MODEL_FOLDER_FILES
-from artifacts.model_folder import CONFIG_FILE, ModelSource, resolve_model_source
-from inference.artist_model import MODES, ArtistModel, BatchResult
-from inference.batching import ImageInput, SkippedImage, list_images, run_batched
+from artifacts.config_file import CONFIG_FILE
+from artifacts.model_folder import ModelSource, resolve_model_source
+from inference.artist_model import ArtistModel
+from inference.batching import run_batched
 from inference.flags import add_runtime_args
 from inference.loading import build_eval_transform, load_model_bundle
+from inference.onnx_model import OnnxModel
+from inference.results import MODES, BatchedModel, BatchResult, ImageInput, SkippedImage, list_images
 
 __all__ = [
     "CHECKPOINT_FILES",
     "CONFIG_FILE",
     "MODES",
     "ArtistModel",
+    "BatchedModel",
     "BatchResult",
     "ImageInput",
     "ModelSource",
+    "OnnxModel",
     "SkippedImage",
     "add_runtime_args",
     "build_eval_transform",

@@ -1,4 +1,5 @@
-"""Shared helpers with no project imports: user-facing errors, devices, distributed set-up, random state, progress."""
+"""Shared helpers (no project imports but :mod:`errors`): user-facing errors, devices, distributed set-up, random
+state, progress."""
 
 import argparse
 import datetime
@@ -15,9 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-
-class UserError(Exception):
-    """A problem the user can fix: printed as one line (what is wrong, what to do), exit code 2, no traceback."""
+from errors import UserError  # the one error type, defined without torch; re-exported for every script
 
 
 def run_cli(main: Callable[[], object]) -> None:

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, BinaryIO
 
-from utils import UserError
+from errors import UserError
 
 _WRITE_HINTS = {
     errno.ENOSPC: "free some disk space or write elsewhere",

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from artifacts.config_file import SAFETENSORS_FILE
+from artifacts.hub import resolve_hub_path
 from model import checkpoint_filter_fn
 from model.lsnet import MODEL_ARGS
 from model.lsnet_artist import ARTIST_MODEL_ARGS
@@ -26,7 +28,7 @@ from utils import UserError
 
 CHECKPOINT_FILE = "checkpoint.pth"  # the latest full training state
 BEST_FILE = "model_best.pth"  # the best weights; published model folders call it best_checkpoint.pth
-MODEL_FOLDER_FILES = (BEST_FILE, "best_checkpoint.pth", CHECKPOINT_FILE)
+MODEL_FOLDER_FILES = (BEST_FILE, "best_checkpoint.pth", CHECKPOINT_FILE, SAFETENSORS_FILE)
 HEAD_PREFIXES = ("head.", "head_dist.")
 PROJECTION_PREFIX = "projection."
 
@@ -73,6 +75,8 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}; check the path (a .pth file or a model folder)")
+    if path.suffix == ".safetensors":
+        return {"model": _read_safetensors(path)}
     _check_checkpoint_format(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -102,6 +106,27 @@ def _check_checkpoint_format(path: Path) -> None:
                         "(model_best.pth, checkpoint.pth) or its model folder")
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file (weights only, nothing executable)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path} is not a readable safetensors file ({str(err)[:120]})") from None
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write ``state_dict`` as a ``.safetensors`` file (contiguous copies; written next to ``path``, then renamed)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, tmp)
+    tmp.replace(path)
+
+
 def checkpoint_from_dict(obj: dict[str, Any], path: str | os.PathLike, prefer_ema: bool = False) -> Checkpoint:
     """A :class:`Checkpoint` from the dict of :func:`load_checkpoint_file` (see :func:`read_checkpoint`)."""
     path = Path(path)
@@ -114,8 +139,9 @@ def checkpoint_from_dict(obj: dict[str, Any], path: str | os.PathLike, prefer_em
 
 
 def find_checkpoint(path: str | os.PathLike, names: Sequence[str] = MODEL_FOLDER_FILES) -> Path:
-    """``path`` itself when it is a file, else the first of ``names`` inside the folder ``path``."""
-    path = Path(path)
+    """``path`` itself when it is a file, else the first of ``names`` inside the folder ``path`` (a local path or an
+    ``hf-hub:`` id)."""
+    path = resolve_hub_path(path)
     if path.is_dir():
         found = next((path / name for name in names if (path / name).is_file()), None)
         if found is None:
@@ -132,7 +158,9 @@ def read_checkpoint(path: str | os.PathLike, prefer_ema: bool = False) -> Checkp
 
     Accepts a bare state_dict or a dict holding it under ``model``, ``model_ema`` or ``state_dict``
     (``prefer_ema`` picks the EMA weights when both are stored); strips ``module.``/``_orig_mod.`` prefixes.
+    ``path`` may also be a model folder (or an ``hf-hub:`` id of one), e.g. a ``model.safetensors`` folder.
     """
+    path = find_checkpoint(path)
     return checkpoint_from_dict(load_checkpoint_file(path), path, prefer_ema=prefer_ema)
 
 

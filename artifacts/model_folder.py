@@ -7,7 +7,6 @@ the ``config.json`` schema: :func:`build_config` makes it, :func:`write_config` 
 :func:`read_model_spec` reads a whole model folder into a checked :class:`ModelSpec` that builds the network.
 """
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +24,12 @@ from artifacts.checkpoint import (
     load_checkpoint,
     read_checkpoint,
 )
+from artifacts.config_file import CONFIG_FILE, read_config
+from artifacts.hub import resolve_hub_path
 from data.class_mapping import CLASS_MAPPING_FILE, compare_class_mappings, read_class_mapping
 from data.datasets import EVAL_CROP_PCT
 from model.lsnet_artist import ARTIST_MODELS
 from utils import UserError
-
-CONFIG_FILE = "config.json"
 
 
 @dataclass
@@ -60,31 +59,20 @@ def build_config(model_name: str, model: nn.Module, input_size: int, squash: boo
     }
 
 
-def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    """Write ``obj`` as indented UTF-8 JSON through a temporary file renamed over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+# Keys of a source folder's config.json that describe how the model was trained and is evaluated: an exported
+# folder keeps them (its preprocessing and output activation must stay those of the source).
+_CARRIED_KEYS = ("crop_pct", "crop_mode", "mean", "std", "interpolation", "multi_label")
 
 
-def write_config(folder: str | os.PathLike, config: dict[str, Any]) -> None:
-    """Write ``config.json`` (from :func:`build_config`) into ``folder``."""
-    write_json_atomic(Path(folder) / CONFIG_FILE, config)
-
-
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """A ``config.json`` file (or the one inside a folder) as a dict; ``{}`` when there is none."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CONFIG_FILE
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}); fix or delete it") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} must hold a JSON object with keys such as 'model'; fix or delete it")
+def build_export_config(model_name: str, model: nn.Module, input_size: int, source_config: dict[str, Any],
+                        file_format: str, weights_file: str, **fields: Any) -> dict[str, Any]:
+    """``config.json`` of an exported folder (``export.py``): :func:`build_config`, the source folder's
+    preprocessing and ``multi_label`` flag, ``format`` (``onnx`` or ``safetensors``), ``checkpoint`` (the weights
+    file) and ``fields`` (for ONNX: ``onnx`` with the opset, exporter versions, input/output names and whether the
+    input size is dynamic)."""
+    config = build_config(model_name, model, input_size)
+    config.update({key: source_config[key] for key in _CARRIED_KEYS if key in source_config})
+    config.update(format=file_format, checkpoint=weights_file, **fields)
     return config
 
 
@@ -94,12 +82,15 @@ def resolve_model_source(checkpoint: str | os.PathLike, class_csv: str | os.Path
     A folder supplies its ``config.json`` and, unless ``class_csv`` is given, its class mapping; a file uses
     only ``class_csv``.
     """
-    path = Path(checkpoint)
+    path = resolve_hub_path(checkpoint)
     if path.is_file():
         return ModelSource(path, Path(class_csv) if class_csv else None)
     if not path.is_dir():
         raise UserError(f"checkpoint not found: {path}; pass a .pth file or a model folder holding one")
     config = read_config(path / CONFIG_FILE)
+    if config.get("format") == "onnx":
+        raise UserError(f"{path} is an exported ONNX folder: it runs with onnxruntime (inference_artist.py, "
+                        "load_model_bundle) but holds no PyTorch weights; use the folder it was exported from")
     preferred = [config["checkpoint"]] if isinstance(config.get("checkpoint"), str) else []
     found = find_checkpoint(path, [*preferred, *MODEL_FOLDER_FILES])
     if class_csv is None and (path / CLASS_MAPPING_FILE).is_file():

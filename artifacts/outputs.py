@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from artifacts.atomic import OutputSet
-from utils import UserError
+from errors import UserError
 
 BATCH_RESULTS_FILE = "batch_results.json"
 FEATURES_FILE = "features.npy"

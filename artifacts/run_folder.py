@@ -28,7 +28,7 @@ from artifacts.checkpoint import (
     save_checkpoint_atomic,
     write_error,
 )
-from artifacts.model_folder import write_config, write_json_atomic
+from artifacts.config_file import write_config, write_json_atomic
 from data.class_mapping import CLASS_MAPPING_FILE, compare_class_mappings, read_class_mapping, write_class_mapping
 from utils import UserError
 

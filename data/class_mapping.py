@@ -10,7 +10,7 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
-from utils import UserError
+from errors import UserError
 
 __all__ = ["CLASS_MAPPING_FILE", "compare_class_mappings", "control_characters", "read_class_mapping",
            "write_class_mapping"]

@@ -20,6 +20,8 @@ from timm.data import create_transform
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from data.resize import resize_center_crop, resized_size
+
 __all__ = ["ResizeCenterCrop", "build_inference_transform", "normalize_batch"]
 
 # Filters with a support: a one-step resample matches the two steps. (Nearest neighbour would not: the float box
@@ -52,24 +54,10 @@ class ResizeCenterCrop:
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """``(width, height)`` of the image after the resize step, as torchvision computes it."""
-        if isinstance(self.scale_size, int):
-            short, long = (width, height) if width <= height else (height, width)
-            new_short, new_long = self.scale_size, int(self.scale_size * long / short)
-            return (new_short, new_long) if width <= height else (new_long, new_short)
-        return int(self.scale_size[1]), int(self.scale_size[0])
+        return resized_size(self.scale_size, width, height)
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        width, height = image.size
-        resized_w, resized_h = self.resized_size(width, height)
-        crop_h, crop_w = self.size
-        if crop_w > resized_w or crop_h > resized_h:  # CenterCrop would pad: keep the two steps
-            resized = image.resize((resized_w, resized_h), self.resample)
-            return transforms.functional.center_crop(resized, [crop_h, crop_w])
-        left = int(round((resized_w - crop_w) / 2.0))
-        top = int(round((resized_h - crop_h) / 2.0))
-        scale_x, scale_y = width / resized_w, height / resized_h
-        box = (left * scale_x, top * scale_y, (left + crop_w) * scale_x, (top + crop_h) * scale_y)
-        return image.resize((crop_w, crop_h), self.resample, box=box)
+        return resize_center_crop(image, self.scale_size, self.size, self.resample)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(scale_size={self.scale_size}, size={self.size}, resample={self.resample.name})"

@@ -8,27 +8,15 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data import ImageLoadError, is_image_file, load_image, to_rgb
-from data.scan import walk_files
-
-ImageInput = Image.Image | str | os.PathLike | BinaryIO
-
-
-@dataclass(frozen=True)
-class SkippedImage:
-    """An image that could not be read: its name (relative path) and the loader's reason."""
-
-    path: str
-    reason: str
+from data.images import ImageLoadError, load_image, to_rgb
+from inference.results import ImageInput, SkippedImage
 
 
 class _ImageDataset(Dataset):
@@ -123,21 +111,3 @@ def run_batched(
             bar.update(len(batch_names) + len(batch_skipped))
 
 
-def list_images(input_dir: str | os.PathLike, recursive: bool = True) -> list[str]:
-    """Image files (by extension) under ``input_dir`` as sorted relative paths with forward slashes.
-
-    Hidden folders are left out; other files are ignored. Relative paths keep equal file names in different
-    sub-folders apart.
-    """
-    root = Path(input_dir)
-    return sorted(path.relative_to(root).as_posix() for path in walk_files(root, recursive) if is_image_file(path))
-
-
-def split_line_breaks(names: list[str]) -> tuple[list[str], list[SkippedImage]]:
-    """``names`` without those holding a line break (which would shift the lines of ``image_names.txt`` against
-    the feature rows), and those as skipped images, warned about on stderr."""
-    bad = [SkippedImage(name, "file name holds a line break; rename the file") for name in names
-           if "\n" in name or "\r" in name]
-    for item in bad:
-        print(f"warning: skipping {item.path!r} ({item.reason})", file=sys.stderr)
-    return [name for name in names if "\n" not in name and "\r" not in name], bad

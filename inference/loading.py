@@ -10,9 +10,13 @@ from timm.data import resolve_data_config
 from timm.utils import reparameterize_model
 from torch import nn
 
+from artifacts.config_file import ONNX_FILE
+from artifacts.hub import resolve_hub_path
 from artifacts.model_folder import read_model_spec
 from data.transforms import build_inference_transform
 from inference.artist_model import ArtistModel
+from inference.onnx_model import load_onnx_model
+from inference.results import BatchedModel
 from utils import resolve_device
 
 
@@ -46,8 +50,12 @@ def load_model_bundle(
     amp: bool = False,
     require_class_names: bool = False,
     compile: bool = False,
-) -> ArtistModel:
+) -> BatchedModel:
     """Load an artist model (checkpoint file or model folder) ready for inference: eval mode, BN fused.
+
+    An exported folder (holding ``model.onnx``, see ``export.py``) gives an :class:`inference.onnx_model.OnnxModel`
+    run by onnxruntime on the CPU (``model_name``, ``device``, ``amp``, ``compile`` and the checks do not apply);
+    anything else an :class:`ArtistModel`. ``checkpoint`` may be an ``hf-hub:OWNER/REPO[@revision]`` id.
 
     Args:
         checkpoint: a ``.pth`` file, or a folder with ``model_best.pth``/``best_checkpoint.pth``/``checkpoint.pth``,
@@ -65,8 +73,11 @@ def load_model_bundle(
     Raises:
         UserError: missing files, unknown or wrong architecture, or class count / feature size disagreements.
     """
+    location = resolve_hub_path(checkpoint)
+    if (location / ONNX_FILE).is_file():
+        return load_onnx_model(location, class_csv, input_size, require_class_names)
     device = resolve_device(device)
-    spec = read_model_spec(checkpoint, class_csv, model_name=model_name, num_classes=num_classes,
+    spec = read_model_spec(location, class_csv, model_name=model_name, num_classes=num_classes,
                            feature_dim=feature_dim, require_class_names=require_class_names)
     net = reparameterize_model(spec.build().eval(), inplace=True).to(device)
     transform, data_config = build_eval_transform(net, spec.input_size if input_size is None else input_size,

@@ -1,0 +1,150 @@
+"""ONNX export of an artist model with standard operators, and its check against PyTorch with onnxruntime.
+
+The graph: BatchNorm fused (``model.fuse()``), SKA as pad/slice/mul/add (``SKA(impl="plain")``), one input ``input``
+(N, 3, H, W) normalised float32, two outputs ``logits`` and ``features`` (the style vector), a dynamic batch axis
+and, with ``dynamic_size``, dynamic height and width (the attention biases are resized in the graph).
+"""
+
+import base64
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from artifacts.config_file import write_json_atomic
+from model.lsnet import Attention, relative_offset_index
+from model.ska import SKA
+from utils import UserError
+
+INPUT_NAME, OUTPUT_NAMES = "input", ("logits", "features")
+FP32_RTOL = 1e-4  # max |onnx - torch| / max |torch| per output
+PROBE_COUNT = 2
+
+
+class LogitsAndFeatures(nn.Module):
+    """``(logits, features)`` of a timm-contract model: ``forward_head`` on ``forward_features``, with and without
+    ``pre_logits``."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feature_map = self.net.forward_features(x)
+        return self.net.forward_head(feature_map), self.net.forward_head(feature_map, pre_logits=True)
+
+
+def export_ready(net: nn.Module) -> LogitsAndFeatures:
+    """A fused eval-mode copy of ``net`` with every SKA on its plain (standard operator) path."""
+    net = copy.deepcopy(net).eval()
+    net.fuse()
+    for module in net.modules():
+        if isinstance(module, SKA):
+            module.impl = "plain"
+    return LogitsAndFeatures(net).eval()
+
+
+def _attention_grids(wrapper: LogitsAndFeatures, size: int) -> list[tuple[int, int, int]]:
+    """(grid height, grid width, stored resolution) of every attention layer at a ``size`` input."""
+    seen: list[tuple[int, int, int]] = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append((*a[0].shape[-2:], m.resolution)))
+             for m in wrapper.modules() if isinstance(m, Attention)]
+    with torch.no_grad():
+        wrapper(torch.zeros(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def trace_size(wrapper: LogitsAndFeatures, input_size: int) -> int:
+    """An input size at which no attention grid equals its stored resolution, so the traced graph holds the general
+    (resized bias) path for every size; at the stored size that path gives the stored table exactly."""
+    for size in range(input_size, input_size + 8 * 64, 32):
+        if all((h, w) != (r, r) for h, w, r in _attention_grids(wrapper, size)):
+            return size
+    raise UserError(f"found no trace size near {input_size} for a dynamic-size export; export without --dynamic-size")
+
+
+def export_onnx(wrapper: LogitsAndFeatures, path: Path, input_size: int, opset: int, dynamic_size: bool) -> None:
+    """Write ``wrapper`` as an ONNX graph (weights embedded) with a dynamic batch axis (and H/W with
+    ``dynamic_size``), using PyTorch's TorchScript-based exporter."""
+    size = trace_size(wrapper, input_size) if dynamic_size else input_size
+    axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
+    relative_offset_index.cache_clear()  # a cached index would be recorded as a constant of one size
+    try:
+        torch.onnx.export(
+            wrapper, (torch.zeros(2, 3, size, size),), str(path), input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES), opset_version=opset, dynamo=False,
+            dynamic_axes={INPUT_NAME: axes, **{name: {0: "batch"} for name in OUTPUT_NAMES}},
+        )
+    except (RuntimeError, ValueError) as err:
+        detail = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        raise UserError(f"ONNX export failed at opset {opset} ({detail}); try another --opset") from None
+    finally:
+        relative_offset_index.cache_clear()
+
+
+def probe_inputs(count: int, size: int, mean: list[float], std: list[float], seed: int = 0) -> np.ndarray:
+    """``count`` deterministic normalised images (N, 3, size, size) float32: smooth colour gradients with stripes."""
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    images = []
+    for n in range(count):
+        phase = np.random.default_rng(seed + n).uniform(0, 2 * np.pi, 3)
+        channels = [0.5 + 0.5 * np.sin(2 * np.pi * (n + 1) * (rows + c * cols) + phase[c]) for c in range(3)]
+        images.append(np.stack(channels))
+    pixels = np.round(np.stack(images) * 255) / 255
+    mean_a, std_a = np.asarray(mean, np.float32).reshape(1, 3, 1, 1), np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+    return ((pixels - mean_a) / std_a).astype(np.float32)
+
+
+@dataclass
+class Comparison:
+    """How far onnxruntime's outputs are from PyTorch's on one batch."""
+
+    label: str
+    max_abs: dict[str, float]
+    max_rel: dict[str, float]
+    top5_agreement: float
+
+    def line(self) -> str:
+        diffs = ", ".join(f"{name} abs {self.max_abs[name]:.2e} rel {self.max_rel[name]:.2e}" for name in OUTPUT_NAMES)
+        return f"{self.label}: {diffs}, top-5 agreement {self.top5_agreement:.0%}"
+
+
+def compare(label: str, session: Any, wrapper: LogitsAndFeatures, inputs: np.ndarray) -> Comparison:
+    """Run ``inputs`` through onnxruntime and PyTorch; max abs and relative (to the largest reference value)
+    differences per output, and the share of rows with the same top-5 classes in the same order."""
+    ours = session.run(list(OUTPUT_NAMES), {INPUT_NAME: inputs})
+    with torch.no_grad():
+        reference = [t.numpy() for t in wrapper(torch.from_numpy(inputs))]
+    max_abs, max_rel = {}, {}
+    for name, got, want in zip(OUTPUT_NAMES, ours, reference, strict=True):
+        max_abs[name] = float(np.abs(got - want).max())
+        max_rel[name] = max_abs[name] / max(float(np.abs(want).max()), 1e-12)
+    k = min(5, reference[0].shape[1])
+    same = np.argsort(-ours[0], axis=1)[:, :k] == np.argsort(-reference[0], axis=1)[:, :k]
+    return Comparison(label, max_abs, max_rel, float(same.all(axis=1).mean()))
+
+
+def write_reference(path: Path, inputs: np.ndarray, session: Any) -> None:
+    """``reference.json``: the probe inputs (base64 float32, NCHW) and onnxruntime's outputs for them."""
+    outputs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: inputs})
+    write_json_atomic(path, {
+        "description": "probe inputs (already normalised) and the expected outputs; a runtime matches within rel 1e-4",
+        "input_name": INPUT_NAME, "input_shape": list(inputs.shape), "input_dtype": "float32",
+        "input_base64": base64.b64encode(inputs.astype("<f4").tobytes()).decode("ascii"),
+        "outputs": {name: value.tolist() for name, value in zip(OUTPUT_NAMES, outputs, strict=True)},
+        "tolerance": {"max_rel": FP32_RTOL},
+    })
+
+
+def read_reference(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The probe inputs and expected outputs of a ``reference.json``."""
+    ref = json.loads(path.read_text(encoding="utf-8"))
+    inputs = np.frombuffer(base64.b64decode(ref["input_base64"]), "<f4").reshape(ref["input_shape"])
+    return inputs, {name: np.asarray(value, np.float32) for name, value in ref["outputs"].items()}

@@ -1,0 +1,172 @@
+"""An exported model folder (``model.onnx`` + ``config.json`` + ``class_mapping.csv``) run with onnxruntime.
+
+:class:`OnnxModel` has the API of :class:`inference.artist_model.ArtistModel` (``classify``, ``extract_features``,
+``predict``, ``run_paths``, ``run_directory``) and returns the same structures. This module imports neither torch nor
+timm: a deployment needs numpy, Pillow and onnxruntime. The preprocessing is the PyTorch eval transform's (resize the
+short side to ``int(size / crop_pct)``, center crop, ``(x / 255 - mean) / std``) on numpy arrays.
+"""
+
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from artifacts.config_file import ONNX_FILE, read_config
+from data.class_mapping import CLASS_MAPPING_FILE, read_class_mapping
+from data.images import ImageLoadError, load_image, to_rgb
+from data.resize import resize_center_crop
+from errors import UserError
+from inference.results import BatchedModel, ImageInput, SkippedImage
+
+_RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+               "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def eval_preprocess(image: Image.Image, input_size: int, config: dict[str, Any]) -> np.ndarray:
+    """``(3, size, size)`` uint8 array: the eval resize + center crop of ``config`` (``crop_pct``, ``crop_mode``,
+    ``interpolation``), as :func:`inference.loading.build_eval_transform` does it."""
+    crop_pct = float(config.get("crop_pct") or 0.875)
+    scale = math.floor(input_size / crop_pct)
+    scale_size: int | tuple[int, int] = (scale, scale) if config.get("crop_mode") == "squash" else scale
+    resample = _RESAMPLING.get(str(config.get("interpolation", "bicubic")), Image.Resampling.BICUBIC)
+    crop = resize_center_crop(image, scale_size, (input_size, input_size), resample)
+    return np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _open_session(path: Path, threads: int | None) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError(f"{path} needs onnxruntime: pip install -r requirements-deploy.txt") from None
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for unreadable or invalid models
+        raise UserError(f"{path} is not a loadable ONNX model ({str(err).splitlines()[0][:160]}); "
+                        "export it again with export.py") from None
+
+
+class OnnxModel(BatchedModel):
+    """An exported model folder run with onnxruntime on the CPU. Build it with :func:`load_onnx_model` (or
+    :func:`inference.loading.load_model_bundle`, which detects ``model.onnx``)."""
+
+    def __init__(self, path: Path, class_names: list[str] | None, config: dict[str, Any],
+                 input_size: int | None = None, threads: int | None = None):
+        self.checkpoint = path
+        self.class_names = class_names
+        self.config = config
+        self.model_name = config.get("model")
+        self.session = _open_session(path, threads)
+        self._input = self.session.get_inputs()[0]
+        exported = self._input.shape[-1]
+        size = input_size or config.get("input_size") or exported
+        if isinstance(exported, int) and size != exported:
+            raise UserError(f"{path} was exported for {exported} px inputs, not {size}; export it again with "
+                            "--input-size or --dynamic-size")
+        self.data_config = {"input_size": (3, int(size), int(size)), "mean": tuple(config.get("mean", IMAGENET_MEAN)),
+                            "std": tuple(config.get("std", IMAGENET_STD)), "crop_pct": config.get("crop_pct"),
+                            "interpolation": config.get("interpolation", "bicubic")}
+        self._outputs_checked = False
+        classes = self.session.get_outputs()[0].shape[-1]
+        if class_names is not None and isinstance(classes, int) and len(class_names) != classes:
+            raise UserError(f"{path} has {classes} classes but its class mapping has {len(class_names)}; use the "
+                            f"{CLASS_MAPPING_FILE} exported with it")
+
+    @property
+    def input_size(self) -> int:
+        return int(self.data_config["input_size"][-1])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.session.get_outputs()[1].shape[-1])
+
+    def transform(self, image: Image.Image) -> np.ndarray:
+        """The eval preprocessing of one RGB image: ``(3, size, size)`` uint8."""
+        return eval_preprocess(image, self.input_size, self.config)
+
+    def run_model(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(logits, features)`` of a uint8 batch from :meth:`transform` (normalised here); the first batch's
+        outputs must be finite."""
+        shape = (1, -1, 1, 1)
+        mean = np.asarray(self.data_config["mean"], np.float32).reshape(shape)
+        std = np.asarray(self.data_config["std"], np.float32).reshape(shape)
+        inputs = (batch.astype(np.float32) / 255.0 - mean) / std
+        logits, features = self.session.run(["logits", "features"], {self._input.name: inputs})
+        if not self._outputs_checked:
+            if not (np.isfinite(logits).all() and np.isfinite(features).all()):
+                raise UserError(f"{self.checkpoint} gives NaN or infinite outputs on the first batch; export the "
+                                "model again from a checkpoint whose training did not diverge")
+            self._outputs_checked = True
+        return logits, features
+
+    def _decode(self, item: tuple[ImageInput, str]) -> tuple[str, np.ndarray | None, str | None]:
+        image, name = item
+        try:
+            image = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
+        except ImageLoadError as err:
+            return name, None, err.reason
+        return name, self.transform(image), None
+
+    def decoded_batches(self, images: Sequence[ImageInput], names: Sequence[str], batch_size: int, num_workers: int,
+                        skipped: list[SkippedImage] | None,
+                        progress: bool = False) -> Iterator[tuple[list[str], np.ndarray]]:
+        """``(names, uint8 batch)`` of the readable images, decoded by ``num_workers`` threads; unreadable ones go to
+        ``skipped`` (warned about on stderr) or, without it, raise :class:`data.images.ImageLoadError`."""
+        pool = ThreadPoolExecutor(num_workers, thread_name_prefix="decode") if num_workers > 0 else None
+        with tqdm(total=len(images), desc="onnx", unit="img", disable=not progress, file=sys.stderr) as bar:
+            for start in range(0, len(images), batch_size):
+                items = list(zip(images[start:start + batch_size], names[start:start + batch_size], strict=True))
+                decoded = list(pool.map(self._decode, items) if pool else map(self._decode, items))
+                for name, _, reason in (d for d in decoded if d[1] is None):
+                    if skipped is None:
+                        raise ImageLoadError(name, reason)
+                    skipped.append(SkippedImage(name, reason))
+                    tqdm.write(f"warning: skipping {name} ({reason})", file=sys.stderr)
+                kept = [(name, array) for name, array, _ in decoded if array is not None]
+                if kept:
+                    yield [name for name, _ in kept], np.stack([array for _, array in kept])
+                bar.update(len(items))
+        if pool:
+            pool.shutdown()
+
+    def logits_batches(self, images: Sequence[ImageInput], names: Sequence[str], *, batch_size: int = 32,
+                       num_workers: int = 0, skipped: list[SkippedImage] | None = None,
+                       progress: bool = False) -> Iterator[tuple[list[str], np.ndarray]]:
+        for batch_names, batch in self.decoded_batches(images, names, batch_size, num_workers, skipped, progress):
+            yield batch_names, self.run_model(batch)[0]
+
+    def _batches(self, images: Sequence[ImageInput], names: Sequence[str], mode: str, batch_size: int,
+                 num_workers: int, skipped: list[SkippedImage] | None,
+                 progress: bool) -> Iterator[tuple[list[str], np.ndarray | None, np.ndarray | None]]:
+        for batch_names, batch in self.decoded_batches(images, names, batch_size, num_workers, skipped, progress):
+            logits, features = self.run_model(batch)
+            probs = None if mode == "cluster" else self.probabilities(logits)
+            yield batch_names, (None if mode == "classify" else features.astype(np.float32)), probs
+
+
+def load_onnx_model(folder: str | os.PathLike, class_csv: str | os.PathLike | None = None,
+                    input_size: int | None = None, require_class_names: bool = False,
+                    threads: int | None = None) -> OnnxModel:
+    """An exported model folder (``model.onnx`` + ``config.json`` + ``class_mapping.csv``) ready for inference."""
+    folder = Path(folder)
+    path = folder / ONNX_FILE
+    if not path.is_file():
+        raise UserError(f"{folder} holds no {ONNX_FILE}; export one with: python export.py --checkpoint MODEL "
+                        f"--output-dir {folder}")
+    config = read_config(folder)
+    class_csv = Path(class_csv) if class_csv else folder / CLASS_MAPPING_FILE
+    class_names = read_class_mapping(class_csv) if class_csv.is_file() else None
+    if class_names is None and require_class_names:
+        raise UserError(f"classification needs the class names of {path}; pass --class-csv with its "
+                        f"{CLASS_MAPPING_FILE}")
+    return OnnxModel(path, class_names, config, input_size, threads)

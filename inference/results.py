@@ -1,0 +1,243 @@
+"""The torch-free parts of inference: inputs, skipped files, image listing, top-k classes and the result of a run.
+
+Shared by the PyTorch model (:mod:`inference.artist_model`) and the ONNX one (:mod:`inference.onnx_model`), which
+imports neither torch nor timm.
+"""
+
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image
+
+from data.images import is_image_file
+from data.scan import walk_files
+from errors import UserError
+
+ImageInput = Image.Image | str | os.PathLike | BinaryIO
+MODES = ("classify", "cluster", "both")
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An image that could not be read: its name (relative path) and the loader's reason."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class BatchResult:
+    """Results of a run over many files: row ``i`` of ``features`` and ``classifications[i]`` belong to ``names[i]``."""
+
+    names: list[str]
+    classifications: list[list[dict[str, Any]]] | None
+    features: np.ndarray | None
+    skipped: list[SkippedImage]
+
+    def entries(self, include_features: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(name, {"classification": [...], "features": [...]})`` per image, JSON-ready."""
+        for i, name in enumerate(self.names):
+            entry: dict[str, Any] = {}
+            if self.classifications is not None:
+                entry["classification"] = self.classifications[i]
+            if self.features is not None and include_features:
+                entry["features"] = self.features[i].tolist()
+            yield name, entry
+
+    def predictions(self) -> list[dict[str, Any]]:
+        """Per image ``{"classification": [...], "features": np.ndarray}`` (the parts the run computed)."""
+        outputs = []
+        for i in range(len(self.names)):
+            output: dict[str, Any] = {}
+            if self.classifications is not None:
+                output["classification"] = self.classifications[i]
+            if self.features is not None:
+                output["features"] = self.features[i]
+            outputs.append(output)
+        return outputs
+
+
+def check_run_args(top_k: int, threshold: float, batch_size: int, num_workers: int) -> None:
+    for label, value, minimum in (("top-k", top_k, 1), ("batch size", batch_size, 1), ("workers", num_workers, 0)):
+        if value < minimum:
+            raise UserError(f"{label} must be at least {minimum}, got {value}")
+    if not 0.0 <= threshold <= 1.0:
+        raise UserError(f"threshold is a probability between 0 and 1, got {threshold}")
+
+
+def top_k_classes(probs: np.ndarray, class_names: list[str], top_k: int,
+                  threshold: float) -> list[list[dict[str, Any]]]:
+    """Per row of ``probs`` (N, C): the ``top_k`` most probable ``{"class_id", "class_name", "probability"}`` at or
+    above ``threshold``, most probable first (a NaN probability is kept, so its image shows up as non-finite instead
+    of as "no class")."""
+    k = min(top_k, probs.shape[1])
+    order = np.argsort(-np.nan_to_num(probs, nan=np.inf), axis=1, kind="stable")[:, :k]
+    return [
+        [{"class_id": int(i), "class_name": class_names[i], "probability": p}
+         for p, i in zip(row[indices].tolist(), indices.tolist(), strict=True) if p >= threshold or math.isnan(p)]
+        for row, indices in zip(probs, order, strict=True)
+    ]
+
+
+def list_images(input_dir: str | os.PathLike, recursive: bool = True) -> list[str]:
+    """Image files (by extension) under ``input_dir`` as sorted relative paths with forward slashes.
+
+    Hidden folders are left out; other files are ignored. Relative paths keep equal file names in different
+    sub-folders apart.
+    """
+    root = Path(input_dir)
+    return sorted(path.relative_to(root).as_posix() for path in walk_files(root, recursive) if is_image_file(path))
+
+
+def split_line_breaks(names: list[str]) -> tuple[list[str], list[SkippedImage]]:
+    """``names`` without those holding a line break (which would shift the lines of ``image_names.txt`` against
+    the feature rows), and those as skipped images, warned about on stderr."""
+    bad = [SkippedImage(name, "file name holds a line break; rename the file") for name in names
+           if "\n" in name or "\r" in name]
+    for item in bad:
+        print(f"warning: skipping {item.path!r} ({item.reason})", file=sys.stderr)
+    return [name for name in names if "\n" not in name and "\r" not in name], bad
+
+
+class BatchedModel:
+    """The public API of a loaded artist model, whatever runs it (PyTorch or onnxruntime): one image or many.
+
+    Subclasses set ``class_names``, ``config`` (the model folder's ``config.json``) and :attr:`feature_dim`, and
+    implement :meth:`_batches`, the per-batch computation over decoded, preprocessed images.
+    """
+
+    class_names: list[str] | None
+    config: dict[str, Any]
+
+    @property
+    def feature_dim(self) -> int:
+        raise NotImplementedError
+
+    def _batches(self, images: Sequence[ImageInput], names: Sequence[str], mode: str, batch_size: int,
+                 num_workers: int, skipped: list[SkippedImage] | None,
+                 progress: bool) -> Iterator[tuple[list[str], np.ndarray | None, np.ndarray | None]]:
+        """Per batch of readable images: (names, features or None, probabilities or None), float32 numpy; an
+        unreadable image goes to ``skipped`` (raises :class:`data.images.ImageLoadError` when it is None)."""
+        raise NotImplementedError
+
+    def logits_batches(self, images: Sequence[ImageInput], names: Sequence[str], *, batch_size: int = 32,
+                       num_workers: int = 0, skipped: list[SkippedImage] | None = None,
+                       progress: bool = False) -> Iterator[tuple[list[str], np.ndarray]]:
+        """``(names, float32 logits)`` per batch of readable images (unreadable ones as in :meth:`_batches`)."""
+        raise NotImplementedError
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Softmax over the classes; independent sigmoids for a multi-label model (``multi_label`` in its config)."""
+        logits = logits.astype(np.float32)
+        if self.config.get("multi_label"):
+            return 1.0 / (1.0 + np.exp(-logits))
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def _check_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise UserError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if mode != "cluster" and self.class_names is None:
+            raise UserError("classification needs the class names: pass the class_mapping.csv from training "
+                            "(--class-csv), or use --mode cluster")
+
+    def run_paths(
+        self,
+        images: Sequence[ImageInput],
+        mode: str = "classify",
+        *,
+        names: Sequence[str] | None = None,
+        top_k: int = 5,
+        threshold: float = 0.0,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        skip_unreadable: bool = True,
+        progress: bool = False,
+    ) -> BatchResult:
+        """Classify and/or extract features (``mode``: classify, cluster or both) for many images, batched.
+
+        Unreadable files are skipped (listed in the result's ``skipped``) unless ``skip_unreadable`` is False,
+        then they raise :class:`data.images.ImageLoadError`.
+        """
+        check_run_args(top_k, threshold, batch_size, num_workers)
+        self._check_mode(mode)
+        if names is None:
+            names = [os.fspath(im) if isinstance(im, (str, os.PathLike)) else str(i) for i, im in enumerate(images)]
+        skipped: list[SkippedImage] | None = [] if skip_unreadable else None
+        kept: list[str] = []
+        classifications: list[list[dict[str, Any]]] = []
+        features: list[np.ndarray] = []
+        for batch_names, batch_features, probs in self._batches(
+            images, names, mode, max(1, min(batch_size, len(images))), num_workers, skipped, progress,
+        ):
+            kept.extend(batch_names)
+            if probs is not None:
+                classifications.extend(top_k_classes(probs, self.class_names, top_k, threshold))
+            if batch_features is not None:
+                features.append(batch_features)
+        all_features = None
+        if mode != "classify":
+            all_features = np.concatenate(features) if features else np.zeros((0, self.feature_dim), np.float32)
+        return BatchResult(kept, classifications if mode != "cluster" else None, all_features, skipped or [])
+
+    def run_directory(
+        self,
+        input_dir: str | os.PathLike,
+        mode: str = "classify",
+        *,
+        recursive: bool = True,
+        top_k: int = 5,
+        threshold: float = 0.0,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        progress: bool = False,
+    ) -> BatchResult:
+        """:meth:`run_paths` over the images of a directory; names are paths relative to ``input_dir``."""
+        names = list_images(input_dir, recursive)
+        if not names:
+            hint = "" if recursive else " (sub-folders were not searched: drop --no-recursive)"
+            raise UserError(f"no image files in {input_dir}{hint}; image files end in .jpg, .png, .webp, ...")
+        names, bad_names = split_line_breaks(names)
+        paths = [os.path.join(input_dir, name) for name in names]
+        result = self.run_paths(paths, mode, names=names, top_k=top_k, threshold=threshold, batch_size=batch_size,
+                                num_workers=num_workers, progress=progress)
+        result.skipped[:0] = bad_names
+        return result
+
+    def _run_inputs(self, images: ImageInput | Sequence[ImageInput], mode: str,
+                    **options: Any) -> tuple[bool, BatchResult]:
+        """Run one image or a list of images (raising on unreadable ones); also says whether it was one image."""
+        single = not isinstance(images, (list, tuple))
+        return single, self.run_paths([images] if single else images, mode, skip_unreadable=False, **options)
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], mode: str = "classify", top_k: int = 5,
+                threshold: float = 0.0, batch_size: int = 32) -> dict[str, Any] | list[dict[str, Any]]:
+        """``{"classification": [...], "features": np.ndarray}`` (per ``mode``) for an image or a list of images.
+
+        Raises:
+            data.images.ImageLoadError: an image cannot be read.
+        """
+        single, result = self._run_inputs(images, mode, top_k=top_k, threshold=threshold, batch_size=batch_size)
+        outputs = result.predictions()
+        return outputs[0] if single else outputs
+
+    def classify(
+        self, images: ImageInput | Sequence[ImageInput], top_k: int = 5, threshold: float = 0.0, batch_size: int = 32
+    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """Top-k ``{"class_id", "class_name", "probability"}`` (most likely first, probability >= threshold).
+
+        One list for one image, a list of lists for a list of images.
+        """
+        single, result = self._run_inputs(images, "classify", top_k=top_k, threshold=threshold, batch_size=batch_size)
+        return result.classifications[0] if single else result.classifications
+
+    def extract_features(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
+        """Style feature vectors (float32): ``(feature_dim,)`` for one image, ``(N, feature_dim)`` for a list."""
+        single, result = self._run_inputs(images, "cluster", batch_size=batch_size)
+        return result.features[0] if single else result.features
