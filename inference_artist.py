@@ -39,7 +39,7 @@ from artifacts.outputs import (
     write_json_file,
 )
 from data import ImageLoadError
-from predictor import MODES, ArtistModel, BatchResult, add_runtime_args, load_model_bundle
+from predictor import MODES, ArtistModel, BatchResult, FocusOptions, add_runtime_args, load_model_bundle
 from retrieval.gallery import Gallery, load_gallery, model_identity
 from utils import NumberRange, UserError, run_cli
 
@@ -91,6 +91,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unknown-threshold", type=NumberRange(float, -1, 1), default=None,
                         help="with --gallery: best cosine below which an image is 'unknown' (default: the gallery's "
                              "calibrated threshold, none if it has none)")
+    group = parser.add_argument_group("glance-and-focus models (train_glance_focus.py)")
+    group.add_argument("--exit-threshold", type=NumberRange(float, 0, 1, low_open=True), default=None,
+                       help="stop reading crops of an image once its top probability reaches this")
+    group.add_argument("--budget", type=NumberRange(float, 0, low_open=True), default=None, metavar="GFLOPS",
+                       help="average GFLOPs per image, met by the thresholds of train_glance_focus.py "
+                            "--calibrate-budget")
+    group.add_argument("--save-crops", default=None, metavar="DIR",
+                       help="write each image with its glance and focus boxes drawn (PNG) under DIR")
     return add_runtime_args(parser)
 
 
@@ -206,6 +214,7 @@ def main(args: argparse.Namespace | None = None) -> dict[str, Any] | BatchResult
         args.checkpoint, args.model, args.class_csv, device=args.device, input_size=args.input_size,
         num_classes=args.num_classes, feature_dim=args.feature_dim, amp=args.amp,
         require_class_names=args.mode != "cluster" and not args.gallery, compile=args.compile,
+        focus=FocusOptions(args.exit_threshold, args.budget, args.save_crops),
     )
     matcher = load_matcher(args, artist_model)
     if input_path.is_dir():

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from artifacts.outputs import finite_results, prepare_output_dir, write_json_file
-from inference.results import top_k_classes
+from inference.results import select_labels
 from predictor import BatchedModel, SkippedImage, add_runtime_args, list_images, load_model_bundle
 from utils import NumberRange, UserError, run_cli
 
@@ -73,19 +73,6 @@ def collect_images(inputs: list[str], recursive: bool) -> tuple[list[str], list[
     if not found:
         raise UserError("no image files in the --inputs; image files end in .jpg, .png, .webp, ...")
     return list(found.values()), list(found)
-
-
-def select_labels(confidences: np.ndarray, class_names: list[str], top_k: int, threshold: float,
-                  normalize_ratio: bool) -> list[dict[str, Any]]:
-    """The ``{"label", "confidence"[, "ratio"]}`` of one image's top-k labels at or above ``threshold`` (a NaN
-    confidence is kept, so its image shows up as non-finite instead of as "no label")."""
-    kept = [{"label": entry["class_name"], "confidence": entry["probability"]}
-            for entry in top_k_classes(confidences[None], class_names, top_k, threshold)[0]]
-    if normalize_ratio:
-        total = sum(entry["confidence"] for entry in kept)
-        for entry in kept:
-            entry["ratio"] = entry["confidence"] / total
-    return kept
 
 
 def predict(artist_model: BatchedModel, paths: list[str], names: list[str], args: argparse.Namespace,

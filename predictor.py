@@ -22,18 +22,21 @@ from artifacts.model_folder import ModelSource, resolve_model_source
 from inference.artist_model import ArtistModel
 from inference.batching import run_batched
 from inference.flags import add_runtime_args
+from inference.glance_focus import FocusOptions, GlanceFocusModel
 from inference.loading import build_eval_transform, load_model_bundle
 from inference.onnx_model import OnnxModel
 from inference.results import MODES, BatchedModel, BatchResult, ImageInput, SkippedImage, list_images
 
 __all__ = [
+    "ArtistModel",
+    "BatchResult",
+    "BatchedModel",
     "CHECKPOINT_FILES",
     "CONFIG_FILE",
-    "MODES",
-    "ArtistModel",
-    "BatchedModel",
-    "BatchResult",
+    "FocusOptions",
+    "GlanceFocusModel",
     "ImageInput",
+    "MODES",
     "ModelSource",
     "OnnxModel",
     "SkippedImage",

@@ -2,8 +2,8 @@
 
 import torch
 
-from flops import count_flops
 from model.glance_focus import GlanceFocus
+from perf.flop_count import count_flops
 
 __all__ = ["step_gflops", "encoder_gflops", "cumulative_gflops"]
 

@@ -8,7 +8,8 @@ import timm
 import torch
 
 from artifacts.checkpoint import BEST_FILE, guess_architecture, load_checkpoint, read_checkpoint, save_checkpoint_atomic
-from artifacts.model_folder import build_config, read_config, resolve_model_source, write_config
+from artifacts.config_file import read_config, write_config
+from artifacts.model_folder import build_config, resolve_model_source
 from data.class_mapping import CLASS_MAPPING_FILE, read_class_mapping, write_class_mapping
 from model.glance_focus import BACKBONE_ARGS, GlanceFocus
 from utils import UserError

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from artifacts.checkpoint import load_checkpoint, load_checkpoint_file
-from artifacts.model_folder import read_config, resolve_model_source
+from artifacts.config_file import read_config
+from artifacts.model_folder import resolve_model_source
 from data.class_mapping import read_class_mapping
 from data.datasets import dataset_classes
 from utils import UserError, resolve_device, seed_everything

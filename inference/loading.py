@@ -15,9 +15,10 @@ from artifacts.hub import resolve_hub_path
 from artifacts.model_folder import read_model_spec
 from data.transforms import build_inference_transform
 from inference.artist_model import ArtistModel
+from inference.glance_focus import FocusOptions, is_glance_focus_folder, load_glance_focus_model
 from inference.onnx_model import load_onnx_model
 from inference.results import BatchedModel
-from utils import resolve_device
+from utils import UserError, resolve_device
 
 
 def build_eval_transform(
@@ -50,12 +51,15 @@ def load_model_bundle(
     amp: bool = False,
     require_class_names: bool = False,
     compile: bool = False,
+    focus: FocusOptions | None = None,
 ) -> BatchedModel:
     """Load an artist model (checkpoint file or model folder) ready for inference: eval mode, BN fused.
 
     An exported folder (holding ``model.onnx``, see ``export.py``) gives an :class:`inference.onnx_model.OnnxModel`
     run by onnxruntime on the CPU (``model_name``, ``device``, ``amp``, ``compile`` and the checks do not apply);
-    anything else an :class:`ArtistModel`. ``checkpoint`` may be an ``hf-hub:OWNER/REPO[@revision]`` id.
+    A glance-and-focus folder (``train_glance_focus.py``) gives an :class:`inference.glance_focus.GlanceFocusModel`
+    read as ``focus`` says; anything else an :class:`ArtistModel`. ``checkpoint`` may be an
+    ``hf-hub:OWNER/REPO[@revision]`` id.
 
     Args:
         checkpoint: a ``.pth`` file, or a folder with ``model_best.pth``/``best_checkpoint.pth``/``checkpoint.pth``,
@@ -76,6 +80,11 @@ def load_model_bundle(
     location = resolve_hub_path(checkpoint)
     if (location / ONNX_FILE).is_file():
         return load_onnx_model(location, class_csv, input_size, require_class_names)
+    if is_glance_focus_folder(location):
+        return load_glance_focus_model(location, device, focus)
+    if focus is not None and focus != FocusOptions():
+        raise UserError(f"{checkpoint} is not a glance-and-focus model: --exit-threshold, --budget and --save-crops "
+                        "apply to folders written by train_glance_focus.py")
     device = resolve_device(device)
     spec = read_model_spec(location, class_csv, model_name=model_name, num_classes=num_classes,
                            feature_dim=feature_dim, require_class_names=require_class_names)

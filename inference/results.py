@@ -39,11 +39,13 @@ class BatchResult:
     classifications: list[list[dict[str, Any]]] | None
     features: np.ndarray | None
     skipped: list[SkippedImage]
+    # Per image, further JSON-ready entries of the model kind (a glance-and-focus model: steps, crop boxes, GFLOPs).
+    extras: list[dict[str, Any]] | None = None
 
     def entries(self, include_features: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
-        """``(name, {"classification": [...], "features": [...]})`` per image, JSON-ready."""
+        """``(name, {"classification": [...], "features": [...], ...extras})`` per image, JSON-ready."""
         for i, name in enumerate(self.names):
-            entry: dict[str, Any] = {}
+            entry: dict[str, Any] = dict(self.extras[i]) if self.extras is not None else {}
             if self.classifications is not None:
                 entry["classification"] = self.classifications[i]
             if self.features is not None and include_features:
@@ -54,7 +56,7 @@ class BatchResult:
         """Per image ``{"classification": [...], "features": np.ndarray}`` (the parts the run computed)."""
         outputs = []
         for i in range(len(self.names)):
-            output: dict[str, Any] = {}
+            output: dict[str, Any] = dict(self.extras[i]) if self.extras is not None else {}
             if self.classifications is not None:
                 output["classification"] = self.classifications[i]
             if self.features is not None:
@@ -83,6 +85,19 @@ def top_k_classes(probs: np.ndarray, class_names: list[str], top_k: int,
          for p, i in zip(row[indices].tolist(), indices.tolist(), strict=True) if p >= threshold or math.isnan(p)]
         for row, indices in zip(probs, order, strict=True)
     ]
+
+
+def select_labels(confidences: np.ndarray, class_names: list[str], top_k: int, threshold: float,
+                  normalize_ratio: bool) -> list[dict[str, Any]]:
+    """The ``{"label", "confidence"[, "ratio"]}`` of one image's top-k labels at or above ``threshold`` (a NaN
+    confidence is kept, so its image shows up as non-finite instead of as "no label")."""
+    kept = [{"label": entry["class_name"], "confidence": entry["probability"]}
+            for entry in top_k_classes(confidences[None], class_names, top_k, threshold)[0]]
+    if normalize_ratio:
+        total = sum(entry["confidence"] for entry in kept)
+        for entry in kept:
+            entry["ratio"] = entry["confidence"] / total
+    return kept
 
 
 def list_images(input_dir: str | os.PathLike, recursive: bool = True) -> list[str]:
@@ -184,7 +199,12 @@ class BatchedModel:
         all_features = None
         if mode != "classify":
             all_features = np.concatenate(features) if features else np.zeros((0, self.feature_dim), np.float32)
-        return BatchResult(kept, classifications if mode != "cluster" else None, all_features, skipped or [])
+        return BatchResult(kept, classifications if mode != "cluster" else None, all_features, skipped or [],
+                           self._extras(kept))
+
+    def _extras(self, names: list[str]) -> list[dict[str, Any]] | None:
+        """Per-image entries a model kind adds to the results of the images ``names`` (none by default)."""
+        return None
 
     def run_directory(
         self,

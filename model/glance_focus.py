@@ -156,7 +156,7 @@ class GlanceFocus(nn.Module):
                                               hidden_dim, num_classes)
         self.policy = PatchPolicy(max(self.global_encoder.num_features, self.local_encoder.num_features),
                                   hidden_dim, std=policy_std)
-        self.feature_dim = self.num_features = hidden_dim
+        self.head_hidden_size = self.num_features = hidden_dim  # the style vector (GRU state)
         self.use_projection = self.distillation = False
         self.pretrained_cfg = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 

@@ -12,7 +12,7 @@ import torch
 from fastapi import FastAPI, UploadFile
 from PIL import Image
 
-from predict_artist_multilabel import select_labels
+from inference.results import select_labels
 from predictor import ArtistModel
 from service.batcher import DynamicBatcher
 from service.limits import ServiceError, read_images

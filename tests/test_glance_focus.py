@@ -3,6 +3,7 @@
 Tiny inputs only (crops of 32-64 px, 1-3 focus steps, untrained lsnet_t encoders).
 """
 
+import json
 import math
 
 import numpy as np
@@ -17,7 +18,6 @@ import tests.imagegen as gen
 import train_glance_focus
 from artifacts.checkpoint import save_checkpoint_atomic
 from data.images import load_image
-from flops import count_flops
 from gfnet.api import load_glance_focus
 from gfnet.compute import cumulative_gflops, encoder_gflops, step_gflops
 from gfnet.crops import make_view, read_crop, to_original
@@ -33,6 +33,7 @@ from gfnet.early_exit import (
 from gfnet.folder import init_encoders
 from gfnet.stages import TrainConfig, run_stage
 from model.glance_focus import PatchPolicy, crop_patches, most_activated_centres
+from perf.flop_count import count_flops
 from tools.make_texture_world import make_texture_world, render_image
 from utils import UserError
 
@@ -255,3 +256,38 @@ def test_stages_save_after_each_epoch_and_resume(tmp_path, gf):
     assert any(not torch.equal(a, b) for a, b in zip(policy_before, gf.policy.parameters(), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(encoder_before, gf.global_encoder.parameters(), strict=True))
     gf.eval()
+
+
+def test_inference_script_and_api_read_a_glance_focus_folder(tmp_path, gf):
+    """inference_artist.py and load_model_bundle take a glance-and-focus folder: the usual outputs plus, per image,
+    the steps used, the crop boxes in original pixels and the GFLOPs; the exit threshold stops early."""
+    from gfnet.folder import save_model_folder
+    from inference_artist import get_args_parser, main
+    from predictor import FocusOptions, load_model_bundle
+
+    save_model_folder(gf, "lsnet_t_gf", tmp_path / "gf", ["a", "b", "c"])
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, size in enumerate(((96, 80), (64, 128))):
+        gen.noise_image(images / f"{i}.png", size=size, seed=i)
+    (images / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    main(get_args_parser().parse_args(["--checkpoint", str(tmp_path / "gf"), "--input", str(images), "--output",
+                                       str(out), "--mode", "both", "--save-crops", str(tmp_path / "crops")]))
+    results = json.loads((out / "batch_results.json").read_text())
+    assert results["model"] == "lsnet_t_gf" and [s["path"] for s in results["skipped"]] == ["broken.png"]
+    entry = results["results"]["1.png"]
+    assert len(entry["classification"]) == 3 and len(entry["features"]) == gf.classifier.hidden_dim
+    focus = entry["glance_focus"]
+    assert focus["steps"] == 3 and focus["glance_box"] == [0, 0, 64, 128] and len(focus["boxes"]) == 3
+    assert all(0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 128 for x0, y0, x1, y1 in focus["boxes"])
+    assert np.load(out / "features.npy").shape == (2, gf.classifier.hidden_dim)
+    assert sorted(p.name for p in (tmp_path / "crops").iterdir()) == ["0.png", "1.png"]
+
+    early = load_model_bundle(tmp_path / "gf", focus=FocusOptions(exit_threshold=1e-3))
+    prediction = early.predict(images / "0.png", "both")
+    assert prediction["glance_focus"]["steps"] == 0 and prediction["glance_focus"]["boxes"] == []
+    assert abs(float(np.linalg.norm(prediction["features"])) - 1.0) < 1e-5
+    assert [c["class_name"] for c in early.classify(images / "0.png", top_k=2)] != []
+    with pytest.raises(UserError, match="not a glance-and-focus model"):
+        load_model_bundle(tmp_path / "gf" / "model_best.pth", focus=FocusOptions(budget=0.1))
