@@ -57,6 +57,8 @@ class OptimConfig:
     clip_mode: str = "agc"
     sched: str = "cosine"
     lr: float = 1e-3
+    lr_abs: float | None = None  # the used LR as given (wins over lr, which is for a batch of 512)
+    layer_decay: float | None = None
     min_lr: float = 1e-5
     warmup_lr: float = 1e-6
     warmup_epochs: int = 5
@@ -112,6 +114,7 @@ class RunConfig:
     eval_only: bool = False
     save_every: int = 0
     eval_every: int = 1
+    patience: int = 0
     num_workers: int = 10
     pin_mem: bool = True
     amp: bool = False
@@ -224,7 +227,7 @@ def _check_flags(values: Mapping[str, Any]) -> None:
     if not values["data_path"]:
         raise UserError("--data-path is required: the folder with train/ and val/ made by prepare_dataset.py")
     for name, minimum in (("batch_size", 1), ("epochs", 1), ("accumulation_steps", 1), ("eval_every", 1),
-                          ("save_every", 0), ("num_workers", 0)):
+                          ("save_every", 0), ("num_workers", 0), ("patience", 0)):
         if values[name] < minimum:
             raise UserError(f"--{name.replace('_', '-')} must be at least {minimum}, got {values[name]}")
     if values["pretrained"] and values["finetune_from"]:
