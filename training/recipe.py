@@ -8,6 +8,7 @@ always win (:func:`apply_recipe`). The recipe is stored in ``config.json`` (``re
 """
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -127,6 +128,7 @@ def choose_recipe(requested: str, data: DataShape, run: RunShape) -> Recipe:
         name = "finetune" if run.pretrained else "scratch"
         why = ("auto: the run starts from pretrained weights" if run.pretrained
                else "auto: the run starts from random weights")
+    run = dataclasses.replace(run, pretrained=name == "finetune")  # --recipe finetune: tuned as for pretrained
     choices = {**_schedule(data, run), **_regularisation(data, run)}
     return Recipe(name, why, MappingProxyType(choices))
 
@@ -139,15 +141,14 @@ def _schedule(data: DataShape, run: RunShape) -> dict[str, Choice]:
     start = "pretrained weights" if finetune else "random weights"
     warm_share, warm_cap = (0.03, 2) if finetune else (0.05, 5)
     warmup = min(warm_cap, round(warm_share * run.epochs))
-    if run.epochs >= 10:
-        warmup = max(warmup, 1)
+    warmup = warmup if warmup >= 2 else 0  # the schedule steps per epoch: a 1-epoch warm-up is an epoch at 1e-6
     cooldown = run.epochs // 30
     large = data.images >= LARGE_DATA and run.world_size > 1
     return {
         "lr_abs": Choice(lr, f"AdamW from {start} at effective batch {batch}: {base:g} x sqrt(batch / 32), at most "
                              f"{top:g} (linear scaling from 512 starves small batches)"),
-        "warmup_epochs": Choice(warmup, f"{warm_share:.0%} of {run.epochs} epochs (at most {warm_cap}; at least 1 "
-                                        "from 10 epochs)"),
+        "warmup_epochs": Choice(warmup, f"{warm_share:.0%} of {run.epochs} epochs, at most {warm_cap}; none below 2 "
+                                        "epochs (the first warm-up epoch runs at --warmup-lr)"),
         "cooldown_epochs": Choice(cooldown, f"1/30 of {run.epochs} epochs at the minimum LR (DeiT: 10 of 300)"),
         "repeated_aug": Choice(large, "large data on several processes" if large else
                                f"{data.images} images on {run.world_size} process(es): 3 copies of each image per "
