@@ -203,7 +203,7 @@ def test_multi_label_uses_the_recipe(tmp_path, capsys):
             *FAST, *data, "--output-dir", str(out), "--epochs", "1"]))
     assert "recipe: scratch for " in capsys.readouterr().out
     recipe = json.loads((out / "config.json").read_text())["recipe"]
-    assert recipe["settings"]["lr_abs"]["value"] == pytest.approx(4e-3) and "mixup" not in recipe["settings"]
+    assert recipe["settings"]["lr_abs"]["value"] == pytest.approx(2.83e-3) and "mixup" not in recipe["settings"]
     assert json.loads((out / "args.json").read_text())["mixup"] == 0.0
     assert "report_per_class.png" in read_page(out).images
 
