@@ -31,6 +31,7 @@ from training.distributed import start_process
 from training.factory import build_mixup, create_model, resolve_num_classes
 from training.flags import TrainArgumentParser, add_common_args, add_multilabel_args
 from training.metrics import MultiLabelMetrics
+from training.recipe import DataShape, prepare_recipe
 from training.trainer import Task, fit
 
 LABEL_STATS_FILE = "label_stats.csv"
@@ -112,6 +113,12 @@ def main(args: argparse.Namespace) -> dict:
                 Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
                 write_label_stats(Path(cfg.run.output_dir) / LABEL_STATS_FILE, classes, positives, target_sums,
                                   pos_weight)
+        extra_config = {"multi_label": True, "threshold": ml.threshold}
+        if not cfg.run.eval_only:  # the same recipe logic as single-label training, on the label counts
+            shape = DataShape.from_counts(positives, images=len(dataset_train))
+            cfg, recipe = prepare_recipe(cfg, shape, dist.world_size, multi_label=True)
+            dataset_train.transform = build_transform(True, cfg.transform)
+            extra_config["recipe"] = recipe.as_dict()
         if cfg.augment.smoothing > 0 and not (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0):
             utils.print_main("note: --smoothing acts only with --mixup / --cutmix in multi-label training")
         net = create_model(cfg.model, num_classes, seed=cfg.run.seed)
@@ -119,7 +126,7 @@ def main(args: argparse.Namespace) -> dict:
         criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
         task = Task(criterion, mixup_fn=mixup_fn, eval_criterion=criterion,
                     metric_factory=functools.partial(MultiLabelMetrics, threshold=ml.threshold), best_key=BEST_KEY,
-                    extra_config={"multi_label": True, "threshold": ml.threshold})
+                    extra_config=extra_config)
         return fit(cfg, dist, net, dataset_train, dataset_val, classes, task)
     finally:
         utils.cleanup_distributed()

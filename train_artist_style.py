@@ -13,12 +13,13 @@ import argparse
 
 import model  # noqa: F401  (registers the LSNet models with timm)
 import utils
-from data import RobustImageFolder, build_dataset
+from data import RobustImageFolder, build_dataset, build_transform
 from losses import DistillationLoss, build_classification_criterion
 from training.config import TrainConfig
 from training.distributed import start_process
 from training.factory import build_mixup, create_model, create_teacher, resolve_num_classes
 from training.flags import TrainArgumentParser, add_common_args, add_distillation_args
+from training.recipe import DataShape, prepare_recipe
 from training.trainer import Task, fit
 
 
@@ -43,6 +44,12 @@ def main(args: argparse.Namespace) -> dict:
         dataset_val, num_classes = split(cfg, False, dist.is_main)
         dataset_train = None if cfg.run.eval_only else split(cfg, True, dist.is_main)[0]
         num_classes = resolve_num_classes(cfg.model.num_classes, num_classes, cfg.run.data_path)
+        extra_config = None
+        if dataset_train is not None:  # the recipe needs the data's shape; the training transform follows it
+            shape = DataShape.from_labels(dataset_train.targets, num_classes)
+            cfg, recipe = prepare_recipe(cfg, shape, dist.world_size)
+            dataset_train.transform = build_transform(True, cfg.transform)
+            extra_config = {"recipe": recipe.as_dict()}
         net = create_model(cfg.model, num_classes, seed=cfg.run.seed, distillation=cfg.distill.enabled)
         mixup_fn = build_mixup(cfg.augment, cfg.optim.batch_size, num_classes)
         criterion = build_classification_criterion(mixup_fn is not None, cfg.augment.smoothing)
@@ -50,7 +57,7 @@ def main(args: argparse.Namespace) -> dict:
             teacher = create_teacher(cfg.distill, num_classes)
             criterion = DistillationLoss(criterion, teacher, cfg.distill.type, cfg.distill.alpha, cfg.distill.tau)
         return fit(cfg, dist, net, dataset_train, dataset_val, dataset_val.classes,
-                   Task(criterion, mixup_fn=mixup_fn))
+                   Task(criterion, mixup_fn=mixup_fn, extra_config=extra_config))
     finally:
         utils.cleanup_distributed()
 

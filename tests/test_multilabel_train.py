@@ -163,7 +163,8 @@ def test_training_writes_every_output_and_beats_the_frequency_baseline(trained, 
     output_dir, result = trained
     assert {p.name for p in output_dir.iterdir()} == {
         "checkpoint.pth", "model_best.pth", "class_mapping.csv", "label_stats.csv", "train_log.txt", "tensorboard",
-        "args.json", "config.json"}
+        "args.json", "config.json", "report.html", "report_loss.png", "report_metric.png", "report_lr.png",
+        "report_per_class.png"}
     assert "loss pos_weight per label (negatives / positives, clipped to 10; 0 clipped): " in result.stdout
 
     train_rows = read_multilabel_csv(mixed_data[3])

@@ -103,9 +103,9 @@ def trained(colour_data, tmp_path_factory) -> tuple[Path, subprocess.CompletedPr
 
 def test_two_epochs_write_every_output_and_learn(trained):
     output_dir, result = trained
-    names = {p.name for p in output_dir.iterdir()}
+    names = {p.name for p in output_dir.iterdir() if not p.name.startswith("report_")}  # report PNGs: test_recipe
     assert names == {"checkpoint.pth", "model_best.pth", "checkpoint_epoch1.pth", "checkpoint_epoch2.pth",
-                     "class_mapping.csv", "train_log.txt", "tensorboard", "args.json", "config.json"}
+                     "class_mapping.csv", "train_log.txt", "tensorboard", "args.json", "config.json", "report.html"}
     assert any(p.name.startswith("events.out.tfevents") for p in (output_dir / "tensorboard").iterdir())
     assert "learning rate 1 x effective batch 8" in result.stdout and "= 0.01562" in result.stdout
     assert "img/s" in result.stdout and "eta" in result.stdout
@@ -245,8 +245,9 @@ def test_torchrun_two_processes_then_resume_on_one(small_data, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "distributed: 2 processes, backend gloo" in result.stdout
     assert result.stdout.count("Epoch 1/1:") == 1  # only rank 0 prints
-    assert {p.name for p in output_dir.iterdir()} == {"checkpoint.pth", "model_best.pth", "class_mapping.csv",
-                                                      "train_log.txt", "tensorboard", "args.json", "config.json"}
+    assert {p.name for p in output_dir.iterdir() if not p.name.startswith("report_")} == {
+        "checkpoint.pth", "model_best.pth", "class_mapping.csv", "train_log.txt", "tensorboard", "args.json",
+        "config.json", "report.html"}
     assert len(list((output_dir / "tensorboard").iterdir())) == 1
     assert len(read_log(output_dir)) == 1
     checkpoint = load_checkpoint_file(output_dir / "checkpoint.pth")

@@ -35,7 +35,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-size", type=int, default=128, help="training/inference input size")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.03, help="base learning rate (scaled by batch / 512)")
     parser.add_argument("--feature-dim", type=int, default=256)
     parser.add_argument("--min-top1", type=float, default=80.0, help="fail below this validation top-1 (percent)")
     parser.add_argument("--multilabel", action="store_true",
@@ -121,12 +120,10 @@ def device_flags(args: argparse.Namespace) -> list:
 
 
 def training_flags(args: argparse.Namespace) -> list:
-    """Flags both demo trainings share: small inputs, few epochs, no repeated augmentation or EMA."""
+    """Flags both demo trainings share: the data, run length and machine only (the recipe picks the rest)."""
     return ["--model", "lsnet_t_artist", "--input-size", args.input_size, "--feature-dim", args.feature_dim,
-            "--epochs", args.epochs, "--batch-size", args.batch_size, "--lr", args.lr, "--warmup-epochs", 0,
-            "--cooldown-epochs", 0,
-            "--no-repeated-aug", "--no-model-ema", "--num-workers", args.num_workers, "--seed", args.seed,
-            *device_flags(args)]
+            "--epochs", args.epochs, "--batch-size", args.batch_size, "--num-workers", args.num_workers,
+            "--seed", args.seed, *device_flags(args)]
 
 
 def single_label_demo(args: argparse.Namespace, demo: Demo, work: Path) -> tuple[str, str]:
@@ -140,7 +137,7 @@ def single_label_demo(args: argparse.Namespace, demo: Demo, work: Path) -> tuple
         "--min-images", 2,
     ], data_settings, [dataset / "class_mapping.csv"])
     train_settings = {**data_settings, **{k: getattr(args, k) for k in (
-        "input_size", "epochs", "batch_size", "lr", "feature_dim", "device")}}
+        "input_size", "epochs", "batch_size", "feature_dim", "device")}}
     demo.step("train lsnet_t_artist", [
         py, "train_artist_style.py", "--data-path", dataset, "--output-dir", model_dir, *training_flags(args),
     ], train_settings, [model_dir / "model_best.pth"])
@@ -171,7 +168,7 @@ where things are
   generated images          {raw}
   prepared dataset          {dataset}  (class_mapping.csv, dataset_info.json, split_info.txt)
   trained model folder      {model_dir}  (model_best.pth, checkpoint.pth, class_mapping.csv, config.json,
-                            train_log.txt, TensorBoard events)
+                            train_log.txt, report.html, TensorBoard events)
   predictions + features    {inference}  (batch_results.json, features.npy, image_names.txt)
   clusters                  {clusters / 'cluster_assignments.json'}
   nearest works in style    {work / 'similar.json'}
@@ -197,7 +194,7 @@ def multilabel_demo(args: argparse.Namespace, demo: Demo, work: Path) -> tuple[s
         "--val-csv", labels / "val.csv", "--val-ratio", 0.2, "--relative-paths", "--seed", args.seed, "--yes",
     ], data_settings, [labels / "val.csv"])
     train_settings = {**data_settings, **{k: getattr(args, k) for k in (
-        "input_size", "epochs", "batch_size", "lr", "feature_dim", "device")}}
+        "input_size", "epochs", "batch_size", "feature_dim", "device")}}
     demo.step("train a multi-label lsnet_t_artist", [
         py, "train_artist_multilabel.py", "--data-path", mixed, "--train-ann", labels / "train.csv",
         "--val-ann", labels / "val.csv", "--output-dir", model_dir, *training_flags(args),

@@ -59,6 +59,8 @@ class OptimConfig:
     clip_mode: str = "agc"
     sched: str = "cosine"
     lr: float = 1e-3
+    lr_abs: float | None = None  # the used LR as given (wins over lr, which is for a batch of 512)
+    layer_decay: float | None = None
     min_lr: float = 1e-5
     warmup_lr: float = 1e-6
     warmup_epochs: int = 5
@@ -114,6 +116,7 @@ class RunConfig:
     eval_only: bool = False
     save_every: int = 0
     eval_every: int = 1
+    patience: int = 0
     num_workers: int = 10
     pin_mem: bool = True
     amp: bool = False

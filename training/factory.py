@@ -1,6 +1,7 @@
 """What a run is built from: the model (and its initial weights), the distillation teacher, mixup, the optimizer
 and the learning-rate schedule (timm's factories)."""
 
+import functools
 from typing import Any
 
 import timm
@@ -16,6 +17,7 @@ from model import load_pretrained_backbone
 from model.lsnet_artist import ARTIST_MODELS
 from training.config import AugmentConfig, DistillConfig, ModelConfig, OptimConfig
 from training.flags import HUB_WEIGHTS
+from training.layer_decay import layer_decay_groups
 from utils import UserError
 
 __all__ = ["build_mixup", "build_optimizer", "build_scheduler", "create_model", "create_teacher",
@@ -96,8 +98,13 @@ def build_mixup(cfg: AugmentConfig, batch_size: int, num_classes: int, multi_lab
 
 
 def scale_lr(cfg: OptimConfig, world_size: int) -> float:
-    """``--lr`` scaled linearly from an effective batch of 512 to this run's (printed)."""
+    """The used learning rate (printed): ``--lr-abs`` as given, else ``--lr`` scaled linearly from an effective
+    batch of 512 to this run's."""
     effective_batch = cfg.batch_size * world_size * cfg.accumulation_steps
+    if cfg.lr_abs is not None:
+        utils.print_main(f"learning rate {cfg.lr_abs:.4g} (--lr-abs, used as given at effective batch "
+                         f"{effective_batch}; --lr is not used)")
+        return cfg.lr_abs
     scaled = cfg.lr * effective_batch / 512
     utils.print_main(f"learning rate {cfg.lr:g} x effective batch {effective_batch} ({cfg.batch_size} x "
                      f"{world_size} processes x {cfg.accumulation_steps} accumulation steps) / 512 = {scaled:.4g}")
@@ -110,9 +117,13 @@ def _unknown_name(err: ValueError) -> UserError:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """timm's optimizer ``cfg.opt`` at learning rate ``lr``."""
+    """timm's optimizer ``cfg.opt`` at learning rate ``lr`` (``cfg.layer_decay``: layer-wise decay groups)."""
+    kwargs = {**optimizer_kwargs(cfg), "lr": lr}
+    if kwargs.pop("layer_decay", None) is not None:
+        kwargs["param_group_fn"] = functools.partial(layer_decay_groups, weight_decay=cfg.weight_decay,
+                                                     layer_decay=cfg.layer_decay)
     try:
-        return create_optimizer_v2(model, **{**optimizer_kwargs(cfg), "lr": lr})
+        return create_optimizer_v2(model, **kwargs)
     except ValueError as err:
         raise _unknown_name(err) from None
 

@@ -38,7 +38,8 @@ FLAG_RANGES: dict[str, NumberRange] = {
     "recount": _SIZE, "mixup": _NON_NEGATIVE, "cutmix": _NON_NEGATIVE, "cutmix_minmax": _SHARE, "mixup_prob": _SHARE,
     "mixup_switch_prob": _SHARE, "model_ema_decay": _SHARE, "seed": _COUNT, "start_epoch": _COUNT,
     "save_every": _COUNT, "eval_every": _SIZE, "num_workers": _COUNT, "print_freq": _SIZE,
-    "distillation_alpha": _SHARE, "distillation_tau": _POSITIVE,
+    "distillation_alpha": _SHARE, "distillation_tau": _POSITIVE, "lr_abs": _POSITIVE,
+    "layer_decay": NumberRange(float, 0, 1, low_open=True), "patience": _COUNT,
     "threshold": NumberRange(float, 0, 1, low_open=True, high_open=True), "max_pos_weight": NumberRange(float, 1),
 }
 
@@ -146,8 +147,16 @@ def _add_optimisation_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--clip-grad", type=float, default=0.02, help="clipping value / norm / AGC factor (0: off)")
     group.add_argument("--clip-mode", default="agc", choices=("norm", "value", "agc"))
     group.add_argument("--sched", default="cosine", help="timm scheduler name")
+    group.add_argument("--recipe", default="auto", choices=("auto", "imagenet", "finetune"),
+                       help="settings chosen from the data and the run (auto), the DeiT ImageNet defaults (imagenet) "
+                            "or fine-tuning ones (finetune; auto picks it with --pretrained / --finetune-from); "
+                            "flags you give always win")
     group.add_argument("--lr", type=float, default=1e-3,
                        help="learning rate for an effective batch of 512 (scaled linearly to the actual one)")
+    group.add_argument("--lr-abs", type=float, default=None,
+                       help="the learning rate used as given (no scaling); wins over --lr")
+    group.add_argument("--layer-decay", type=float, default=None,
+                       help="layer-wise LR decay (e.g. 0.75: each earlier block learns 0.75x slower; fine-tuning)")
     group.add_argument("--min-lr", type=float, default=1e-5)
     group.add_argument("--warmup-lr", type=float, default=1e-6)
     group.add_argument("--warmup-epochs", type=int, default=5)
@@ -194,6 +203,8 @@ def _add_run_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint on val/")
     group.add_argument("--save-every", type=int, default=0, metavar="N", help="keep checkpoint_epochN.pth (0: off)")
     group.add_argument("--eval-every", type=int, default=1, metavar="N", help="validate every N epochs (and the last)")
+    group.add_argument("--patience", type=int, default=0, metavar="N",
+                       help="stop when the validation metric has not improved for N validations (0: off)")
     group.add_argument("--num-workers", "--num_workers", type=int, default=10, help="data loading processes")
     group.add_argument("--pin-mem", action=BOOL, default=True, help="pin CPU memory for faster GPU transfer")
     group.add_argument("--amp", action=BOOL, default=None,

@@ -19,14 +19,16 @@ from torch.utils.data import Dataset
 
 import utils
 from artifacts.model_folder import build_config
-from artifacts.run_folder import Best, RunFolder, args_record, checkpoint_sizes, training_checkpoint
+from artifacts.run_folder import Best, RunFolder, args_record, checkpoint_sizes, read_log_records, training_checkpoint
 from training.config import TrainConfig
 from training.distributed import DistEnv
+from training.early_stopping import EarlyStopping
 from training.factory import build_optimizer, build_scheduler, scale_lr
 from training.guard import DivergenceGuard
 from training.loaders import Loaders, build_loaders
 from training.loops import evaluate, train_one_epoch
 from training.metrics import Metric, TopKAccuracy
+from training.report import best_summary, write_run_report
 from training.resume import TrainingState, epoch_seed, evaluate_checkpoint, load_resume_weights, seed_streams
 from utils import UserError
 
@@ -144,12 +146,29 @@ class Trainer:
                          f"{len(self.class_names)} classes, epochs {self.start_epoch + 1}..{epochs}, "
                          f"{len(self.loaders.train)} steps per epoch")
         record: dict[str, Any] = {}
+        history, stopper = [], EarlyStopping(self.cfg.run.patience)
         try:
             for epoch in range(self.start_epoch, epochs):
                 record = self.run_epoch(net, epoch)
+                history.append(record)
+                if stopper.update(record, self.best):
+                    utils.print_main(stopper.message(self.best, self.task.best_key))
+                    break
         finally:
             self.folder.close()
-        return {**record, "best": self.best.as_dict()}
+        self._finish(history)
+        return {**record, "best": self.best.as_dict(), "stopped_early": stopper.stopped}
+
+    def _finish(self, history: list[dict[str, Any]]) -> None:
+        """Print the best epoch and its metrics; write the training report (main process)."""
+        path = self.folder.path
+        records = read_log_records(path) if path is not None else history
+        summary = best_summary(records, self.best.epoch, self.task.best_key, self.best.source)
+        utils.print_main(summary)
+        if path is not None:
+            write_run_report(path, self.model, records, self.class_names, self.loaders.val.dataset, self.dist.device,
+                             best_key=self.task.best_key, summary=summary, batch_size=self.loaders.val.batch_size,
+                             multi_label=self.cfg.multilabel is not None)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """DistributedDataParallel under torchrun, ``torch.compile`` with ``--compile``."""

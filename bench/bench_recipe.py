@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Benchmark the training recipes: the same short runs with the default recipe (``auto``), the old defaults
+(``--recipe imagenet``) and hand-tuned flags, on generated worlds of different shapes; prints val top-1 side by side.
+
+Each world is made by tools/make_synthetic_artists.py (a long-tailed one by removing images from the later
+artists) and split by prepare_dataset.py; every run is ``train_artist_style.py`` as a user would type it, with only
+the data, run length and machine flags plus the variant's own. Slow on a CPU: run it in the background.
+
+    nohup python bench/bench_recipe.py --work-dir /tmp/bench_recipe > bench_recipe.log 2>&1 &
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from artifacts.run_folder import read_log_records  # noqa: E402
+
+# name: (artists, images per artist of the first artist, share kept by each later artist: 1.0 = balanced)
+WORLDS = {
+    "6 artists x 24": (6, 24, 1.0),
+    "12 artists x 12": (12, 12, 1.0),
+    "long tail 6 artists 40..6": (6, 40, 0.68),
+}
+
+def hand_tuned(lr: str) -> list[str]:
+    """The issue's hand-tuned flags on top of the old defaults: an absolute LR, no warm-up, cool-down, repeated
+    augmentation, mixup / cutmix, erasing or EMA (what `make demo` passed before the recipe, plus no mixing)."""
+    return ["--recipe", "imagenet", "--lr-abs", lr, "--warmup-epochs", "0", "--cooldown-epochs", "0",
+            "--no-repeated-aug", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--no-model-ema"]
+
+
+VARIANTS = {
+    "default (auto)": [],
+    "old defaults (imagenet)": ["--recipe", "imagenet"],
+    "hand-tuned lr 2e-3": hand_tuned("2e-3"),
+    "hand-tuned lr 4e-3": hand_tuned("4e-3"),
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("bench_recipe.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", default="bench_recipe_run", help="worlds and run folders go here")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--input-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=96, help="side of the generated images")
+    parser.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each uses one CPU thread)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run(command: list, log: Path) -> None:
+    """Run a step with one CPU thread per process (oversubscribed OpenMP threads are many times slower)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    with open(log, "w", encoding="utf-8") as out:
+        result = subprocess.run([sys.executable, *map(str, command)], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    if result.returncode:
+        raise RuntimeError(f"{command[0]} failed (exit {result.returncode}); see {log}")
+
+
+def make_world(name: str, work: Path, args: argparse.Namespace) -> Path:
+    """Generate and split the world (reused when it exists); returns the prepared dataset folder."""
+    artists, first, share = WORLDS[name]
+    folder = work / name.replace(" ", "_").replace(".", "")
+    dataset = folder / "dataset"
+    if (dataset / "class_mapping.csv").is_file():
+        return dataset
+    raw = folder / "raw"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    run(["tools/make_synthetic_artists.py", "--output-dir", raw, "--num-artists", artists, "--images-per-artist",
+         first, "--size", args.image_size, "--seed", args.seed, "--overwrite"], folder / "generate.log")
+    for index, artist in enumerate(sorted(p for p in raw.iterdir() if p.is_dir())):
+        keep = max(6, round(first * share ** index))
+        for extra in sorted(artist.iterdir())[keep:]:
+            extra.unlink()
+    run(["prepare_dataset.py", "--source-dir", raw, "--output-dir", dataset, "--seed", args.seed, "--yes",
+         "--min-images", 2], folder / "prepare.log")
+    return dataset
+
+
+def train(dataset: Path, variant: str, args: argparse.Namespace) -> tuple[float, float]:
+    """One run; returns (best validation top-1 of the model or its EMA, seconds)."""
+    out = dataset.parent / ("run_" + variant.split(" (")[0].replace(" ", "_").replace("-", "_"))
+    started = time.time()
+    if not (out / "done.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        run(["train_artist_style.py", "--data-path", dataset, "--output-dir", out, "--device", "cpu",
+             "--epochs", args.epochs, "--batch-size", args.batch_size, "--input-size", args.input_size,
+             "--num-workers", 0, "--seed", args.seed, *VARIANTS[variant]], out / "train.log")
+        (out / "done.json").write_text(json.dumps({"seconds": time.time() - started}))
+    records = read_log_records(out)
+    top1 = max(max(r.get("val_acc1", 0.0), r.get("ema_val_acc1", 0.0)) for r in records)
+    return top1, json.loads((out / "done.json").read_text())["seconds"]
+
+
+def main(args: argparse.Namespace) -> None:
+    work = Path(args.work_dir).resolve()
+    datasets = {name: make_world(name, work, args) for name in args.worlds}
+    jobs = [(world, variant) for world in args.worlds for variant in args.variants]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = dict(zip(jobs, pool.map(lambda job: train(datasets[job[0]], job[1], args), jobs), strict=True))
+    print(f"val top-1 (%), best epoch of model or EMA; {args.epochs} epochs, batch {args.batch_size}, "
+          f"{args.input_size} px, CPU\n")
+    print("| world | " + " | ".join(args.variants) + " |")
+    print("| --- |" + " --- |" * len(args.variants))
+    for world in args.worlds:
+        cells = [f"{results[world, v][0]:.1f}" for v in args.variants]
+        print(f"| {world} | " + " | ".join(cells) + " |")
+    print(f"\nseconds per run: {sum(s for _, s in results.values()) / len(results):.0f} on average")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

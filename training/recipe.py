@@ -1,0 +1,235 @@
+"""The training recipe: settings chosen from the shape of the data and of the run, each with its reason.
+
+:func:`choose_recipe` is a pure function of a :class:`DataShape` (images, classes, images per class) and a
+:class:`RunShape` (epochs, batch, processes, pretrained or not). ``--recipe imagenet`` changes nothing (the DeiT /
+LSNet ImageNet defaults of the flags); ``finetune`` is for pretrained weights; ``auto`` picks ``finetune`` when the
+run starts from pretrained weights and sizes the from-scratch settings to the data otherwise. Flags the user gave
+always win (:func:`apply_recipe`). The recipe is stored in ``config.json`` (``recipe``), and ``--resume`` reuses it.
+"""
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import utils
+from artifacts.checkpoint import load_checkpoint_file
+from training.config import TrainConfig
+from training.flags import EXPLICIT
+from utils import UserError
+
+__all__ = ["RECIPES", "Choice", "DataShape", "Recipe", "RunShape", "apply_recipe", "choose_recipe",
+           "prepare_recipe", "recipe_block"]
+
+RECIPES = ("auto", "imagenet", "finetune")
+DEIT_EMA_DECAY = 0.99996
+LARGE_DATA = 50_000  # images from which repeated augmentation pays off (DeiT's ImageNet regime), with processes > 1
+LONG_RUN = 100  # epochs from which mixup / cutmix pay off
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """The training data: images, classes (labels), and the smallest and largest class (images per class)."""
+
+    images: int
+    classes: int
+    smallest: int
+    largest: int
+
+    @classmethod
+    def from_counts(cls, counts: Sequence[int], images: int | None = None) -> "DataShape":
+        """From images per class (multi-label: positives per label, with ``images`` the image count)."""
+        counts = [int(c) for c in counts] or [0]
+        return cls(int(images if images is not None else sum(counts)), len(counts), min(counts), max(counts))
+
+    @classmethod
+    def from_labels(cls, targets: Sequence[int], num_classes: int) -> "DataShape":
+        """From the class id of every training image."""
+        counts = [0] * num_classes
+        for target in targets:
+            counts[target] += 1
+        return cls.from_counts(counts)
+
+    @property
+    def per_class(self) -> float:
+        return self.images / max(self.classes, 1)
+
+    def describe(self) -> str:
+        return (f"{self.images} images, {self.classes} classes ({self.per_class:.0f} per class, "
+                f"{self.smallest}..{self.largest})")
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The run: epochs, batch per process, processes, accumulation, pretrained start, multi-label targets."""
+
+    epochs: int
+    batch_size: int
+    world_size: int = 1
+    accumulation_steps: int = 1
+    pretrained: bool = False
+    multi_label: bool = False
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.world_size * self.accumulation_steps
+
+    def steps(self, images: int) -> int:
+        """Optimizer steps of the whole run (at least 1)."""
+        per_epoch = max(images // (self.batch_size * self.world_size), 1) / self.accumulation_steps
+        return max(int(per_epoch * self.epochs), 1)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One chosen setting (a flag's value) and why."""
+
+    value: Any
+    reason: str
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The recipe's name, why it was chosen, and its settings by flag name (``args`` attribute) with reasons."""
+
+    name: str
+    why: str
+    choices: Mapping[str, Choice] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {name: choice.value for name, choice in self.choices.items()}
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``config.json`` entry: name, why, and ``{flag: {"value", "reason"}}``."""
+        return {"name": self.name, "why": self.why,
+                "settings": {k: {"value": c.value, "reason": c.reason} for k, c in self.choices.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Recipe":
+        """The inverse of :meth:`as_dict` (lists come back as lists)."""
+        choices = {k: Choice(v["value"], v["reason"]) for k, v in dict(data.get("settings", {})).items()}
+        return cls(str(data["name"]), str(data.get("why", "")), MappingProxyType(choices))
+
+
+def choose_recipe(requested: str, data: DataShape, run: RunShape) -> Recipe:
+    """The recipe ``requested`` (``auto``, ``imagenet`` or ``finetune``) for this data and run."""
+    if requested not in RECIPES:
+        raise UserError(f"unknown --recipe {requested!r}; use one of {', '.join(RECIPES)}")
+    if requested == "imagenet":
+        return Recipe("imagenet", "asked for (--recipe imagenet): the DeiT / LSNet ImageNet defaults of every flag, "
+                      "the learning rate scaled linearly from batch 512")
+    name, why = requested, "asked for (--recipe finetune)"
+    if requested == "auto":
+        name = "finetune" if run.pretrained else "scratch"
+        why = ("auto: the run starts from pretrained weights" if run.pretrained
+               else "auto: the run starts from random weights")
+    run = dataclasses.replace(run, pretrained=name == "finetune")  # --recipe finetune: tuned as for pretrained
+    choices = {**_schedule(data, run), **_regularisation(data, run)}
+    return Recipe(name, why, MappingProxyType(choices))
+
+
+def _schedule(data: DataShape, run: RunShape) -> dict[str, Choice]:
+    """Learning rate, warm-up and cool-down (fractions of the run), repeated augmentation."""
+    batch, finetune = run.effective_batch, run.pretrained
+    top = 1e-3 if finetune else 4e-3  # measured (bench/bench_recipe.py): 4e-3 beat 2e-3 at batch 16 from scratch
+    lr = float(f"{top * math.sqrt(min(batch, 16) / 16):.3g}")
+    start = "pretrained weights" if finetune else "random weights"
+    warm_share, warm_cap = (0.03, 2) if finetune else (0.05, 5)
+    warmup = min(warm_cap, round(warm_share * run.epochs))
+    warmup = warmup if warmup >= 2 else 0  # the schedule steps per epoch: a 1-epoch warm-up is an epoch at 1e-6
+    cooldown = run.epochs // 30
+    large = data.images >= LARGE_DATA and run.world_size > 1
+    return {
+        "lr_abs": Choice(lr, f"AdamW from {start} at effective batch {batch}: {top:g} (x sqrt(batch / 16) below "
+                             "16; linear scaling from 512 starves small batches)"),
+        "warmup_epochs": Choice(warmup, f"{warm_share:.0%} of {run.epochs} epochs, at most {warm_cap}; none below 2 "
+                                        "epochs (the first warm-up epoch runs at --warmup-lr)"),
+        "cooldown_epochs": Choice(cooldown, f"1/30 of {run.epochs} epochs at the minimum LR (DeiT: 10 of 300)"),
+        "repeated_aug": Choice(large, "large data on several processes" if large else
+                               f"{data.images} images on {run.world_size} process(es): 3 copies of each image per "
+                               "epoch would only make epochs less varied (on from 50000 images on 2+ processes)"),
+    }
+
+
+def _regularisation(data: DataShape, run: RunShape) -> dict[str, Choice]:
+    """Mixup / cutmix, label smoothing, EMA decay and weight decay sized to the data and the run."""
+    choices: dict[str, Choice] = {}
+    if not run.multi_label:
+        long_run = run.epochs >= LONG_RUN
+        mix = (0.8, 1.0) if long_run else (0.0, 0.0)
+        reason = (f"{run.epochs} epochs: long enough for mixed images to pay off" if long_run else
+                  f"{run.epochs} epochs: mixed images slow short runs down (on from {LONG_RUN} epochs)")
+        choices["mixup"] = Choice(mix[0], reason)
+        choices["cutmix"] = Choice(mix[1], reason)
+        choices["smoothing"] = Choice(0.1, "label smoothing 0.1 helps at every size")
+    steps = run.steps(data.images)
+    decay = min(DEIT_EMA_DECAY, max(0.9, 1 - 10 / steps))
+    choices["model_ema_decay"] = Choice(float(f"{decay:.6g}"),
+                                        f"averages about the last 10% of the {steps} optimizer steps")
+    choices["weight_decay"] = Choice(0.025, f"{data.per_class:.0f} images per class: LSNet's 0.025 (0.05 gave no "
+                                            "gain on 5-40 images per class in bench/bench_recipe.py)")
+    choices["reprob"] = Choice(0.25 if run.epochs >= 30 else 0.0,
+                               "random erasing from 30 epochs on" if run.epochs >= 30 else
+                               f"{run.epochs} epochs: random erasing slows short runs down (on from 30 epochs)")
+    return choices
+
+
+def apply_recipe(cfg: TrainConfig, recipe: Recipe) -> TrainConfig:
+    """``cfg`` with the recipe's settings, except for the flags the user gave (``--lr`` given keeps ``--lr``)."""
+    values = dict(cfg.flags)
+    for name, value in recipe.settings.items():
+        if not _user_set(cfg.explicit, name):
+            values[name] = tuple(value) if isinstance(value, list) else value
+    namespace = argparse.Namespace(**values)
+    setattr(namespace, EXPLICIT, cfg.explicit)
+    return TrainConfig.from_args(namespace)
+
+
+def _user_set(explicit: frozenset[str], name: str) -> bool:
+    """Whether the user chose ``name`` (for ``lr_abs``: also ``--lr``, the other way to give the LR)."""
+    return name in explicit or (name == "lr_abs" and "lr" in explicit)
+
+
+def recipe_block(recipe: Recipe, explicit: frozenset[str], header: str) -> str:
+    """The start-up lines: ``recipe NAME for ...: why``, then one line per setting with its reason."""
+    lines = [f"recipe: {recipe.name} for {header} because {recipe.why}"]
+    for name, choice in recipe.choices.items():
+        flag = "--" + name.replace("_", "-")
+        if _user_set(explicit, name):
+            lines.append(f"  {flag}: your flag wins (the recipe would use {choice.value})")
+        else:
+            lines.append(f"  {flag} {_show(choice.value)} because {choice.reason}")
+    if not recipe.choices:
+        lines.append("  every flag keeps its default")
+    return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def saved_recipe(checkpoint: str) -> Recipe | None:
+    """The recipe stored in a training checkpoint's ``config`` (None for runs from before recipes)."""
+    stored = load_checkpoint_file(checkpoint).get("config", {}).get("recipe")
+    return Recipe.from_dict(stored) if isinstance(stored, Mapping) else None
+
+
+def prepare_recipe(cfg: TrainConfig, data: DataShape, world_size: int,
+                   multi_label: bool = False) -> tuple[TrainConfig, Recipe]:
+    """Choose the recipe (``--resume``: the checkpoint's), print it and apply it; returns the new configuration."""
+    recipe = saved_recipe(cfg.run.resume) if cfg.run.resume else None
+    run = RunShape(cfg.optim.epochs, cfg.optim.batch_size, world_size, cfg.optim.accumulation_steps,
+                   pretrained=bool(cfg.model.pretrained or cfg.model.finetune_from), multi_label=multi_label)
+    if recipe is None:
+        recipe = choose_recipe(cfg.flags.get("recipe", "auto"), data, run)
+        header = f"{data.describe()}, {run.epochs} epochs, effective batch {run.effective_batch}"
+    else:
+        header = f"the run resumed from {cfg.run.resume} (its recipe is kept)"
+    utils.print_main(recipe_block(recipe, cfg.explicit, header))
+    return apply_recipe(cfg, recipe), recipe

@@ -1,0 +1,247 @@
+"""The training report written at the end of every run: ``report.html`` and its PNGs (matplotlib, Agg) in the run
+folder.
+
+Loss and metric curves and the learning-rate schedule from ``train_log.txt``; from a validation pass of
+``model_best.pth``: a confusion matrix (up to :data:`MAX_MATRIX_CLASSES` classes, else the most confused pairs
+listed), per-class accuracy sorted, and the worst-classified validation images as thumbnails. Multi-label runs
+get the curves and the per-label average precision.
+"""
+
+import copy
+import html
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from artifacts.checkpoint import BEST_FILE, load_checkpoint
+from data.images import ImageLoadError, load_image
+from training.metrics import average_precision
+from utils import UserError
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix  # noqa: E402
+
+__all__ = ["MAX_MATRIX_CLASSES", "REPORT_FILE", "Predictions", "best_summary", "predict", "write_report",
+           "write_run_report"]
+
+REPORT_FILE = "report.html"
+MAX_MATRIX_CLASSES = 50
+WORST_SHOWN = 16
+PAIRS_SHOWN = 20
+
+
+@dataclass
+class Predictions:
+    """Validation outputs of the best weights: ``scores`` (N, C) probabilities, ``targets`` (N,) class ids or
+    (N, C) label weights, and the image paths (dataset order)."""
+
+    scores: np.ndarray
+    targets: np.ndarray
+    paths: list[str]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int,
+            multi_label: bool = False) -> Predictions:
+    """Softmax (multi-label: sigmoid) scores of ``model`` on every image of ``dataset``, in order."""
+    model.eval()
+    scores, targets = [], []
+    for images, target in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+        output = model(images.to(device)).float()
+        scores.append((output.sigmoid() if multi_label else output.softmax(dim=1)).cpu())
+        targets.append(target)
+    paths = [str(sample[0]) for sample in getattr(dataset, "samples", [])]
+    return Predictions(torch.cat(scores).numpy(), torch.cat(targets).numpy(), paths)
+
+
+def best_summary(records: Sequence[dict[str, Any]], best_epoch: int | None, best_key: str,
+                 source: str | None) -> str:
+    """``best: epoch E (model weights): val acc1 .., loss ..`` from the log record of the best epoch."""
+    record = next((r for r in records if r.get("epoch") == best_epoch), None)
+    if record is None:
+        return "best: no validation result"
+    prefix = "ema_val_" if source == "model_ema" else "val_"
+    values = ", ".join(f"{key[len(prefix):]} {value:.4g}" for key, value in record.items()
+                       if key.startswith(prefix) and isinstance(value, (int, float)))
+    return f"best {best_key}: epoch {best_epoch} ({source} weights): {values}"
+
+
+def _figure(path: Path, draw, size: tuple[float, float] = (6.4, 4.0)) -> str:
+    """Draw with ``draw(figure, axes)``, save as PNG, return the file name."""
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        draw(fig, ax)
+        _save(fig, path)
+    finally:
+        plt.close(fig)
+    return path.name
+
+
+def _save(fig, path: Path) -> None:
+    """Save a figure as PNG; names in scripts the font lacks (CJK artist names) are drawn as boxes, silently."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing")
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+
+
+def _curve(ax, records: Sequence[dict[str, Any]], keys: Sequence[str], title: str) -> None:
+    for key in keys:
+        points = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=key)
+    ax.set_xlabel("epoch")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+
+
+def _curve_pngs(folder: Path, records: Sequence[dict[str, Any]], best_key: str) -> list[str]:
+    metric = [f"val_{best_key}", f"ema_val_{best_key}"] + (["val_acc5"] if best_key == "acc1" else [])
+    return [
+        _figure(folder / "report_loss.png", lambda f, ax: _curve(ax, records, ["train_loss", "val_loss",
+                                                                               "ema_val_loss"], "loss")),
+        _figure(folder / "report_metric.png", lambda f, ax: _curve(ax, records, metric, f"validation {best_key}")),
+        _figure(folder / "report_lr.png", lambda f, ax: _curve(ax, records, ["lr"], "learning rate (end of epoch)")),
+    ]
+
+
+def _per_class_png(folder: Path, names: Sequence[str], values: np.ndarray, title: str) -> str:
+    order = np.argsort(values)
+    shown = order if len(order) <= MAX_MATRIX_CLASSES else order[:MAX_MATRIX_CLASSES]
+    height = 1.0 + 0.22 * len(shown)
+
+    def draw(fig, ax):
+        ax.barh(range(len(shown)), values[shown], color="tab:blue")
+        ax.set_yticks(range(len(shown)), [names[i] for i in shown], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_title(title if len(shown) == len(order) else f"{title} (the {len(shown)} lowest)")
+
+    return _figure(folder / "report_per_class.png", draw, (6.4, height))
+
+
+def _confusion(folder: Path, preds: Predictions, names: Sequence[str]) -> tuple[str | None, list[tuple]]:
+    """The confusion matrix PNG (up to 50 classes) and the most confused (true, predicted, count) pairs."""
+    predicted = preds.scores.argmax(axis=1)
+    matrix = confusion_matrix(preds.targets, predicted, labels=list(range(len(names))))
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    pairs = [(names[i], names[j], int(off[i, j])) for i, j in zip(*np.unravel_index(
+        np.argsort(off, axis=None)[::-1][:PAIRS_SHOWN], off.shape), strict=True) if off[i, j] > 0]
+    if len(names) > MAX_MATRIX_CLASSES:
+        return None, pairs
+    side = 3 + 0.3 * len(names)
+
+    def draw(fig, ax):
+        ConfusionMatrixDisplay(matrix, display_labels=list(names)).plot(ax=ax, colorbar=False,
+                                                                       xticks_rotation="vertical")
+        ax.set_title("confusion matrix (validation, best weights)")
+
+    return _figure(folder / "report_confusion.png", draw, (side, side)), pairs
+
+
+def _worst_png(folder: Path, preds: Predictions, names: Sequence[str]) -> str | None:
+    """Thumbnails of the validation images whose true class got the lowest probability."""
+    if not preds.paths:
+        return None
+    true_scores = preds.scores[np.arange(len(preds.targets)), preds.targets]
+    worst = [i for i in np.argsort(true_scores)[:WORST_SHOWN] if preds.scores[i].argmax() != preds.targets[i]]
+    if not worst:
+        return None
+    cols = min(4, len(worst))
+    rows = (len(worst) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    try:
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, i in zip(axes.flat, worst, strict=False):
+            try:
+                image = load_image(preds.paths[i])
+                image.thumbnail((160, 160))
+                ax.imshow(image)
+            except ImageLoadError:
+                pass
+            guess = int(preds.scores[i].argmax())
+            ax.set_title(f"{names[preds.targets[i]]}\n-> {names[guess]} ({preds.scores[i, guess]:.2f})", fontsize=8)
+        _save(fig, folder / "report_worst.png")
+    finally:
+        plt.close(fig)
+    return "report_worst.png"
+
+
+def _single_label_section(folder: Path, preds: Predictions, names: Sequence[str]) -> str:
+    predicted = preds.scores.argmax(axis=1)
+    counts = np.bincount(preds.targets, minlength=len(names))
+    correct = np.bincount(preds.targets[predicted == preds.targets], minlength=len(names))
+    accuracy = np.where(counts > 0, correct / np.maximum(counts, 1), np.nan)
+    shown = np.nan_to_num(accuracy, nan=1.0)
+    parts = [_img(_per_class_png(folder, names, shown, "accuracy per class (validation)"))]
+    matrix, pairs = _confusion(folder, preds, names)
+    if matrix:
+        parts.append(_img(matrix))
+    rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{n}</td></tr>" for a, b, n in pairs)
+    parts.append("<h2>Most confused pairs</h2><table><tr><th>true</th><th>predicted as</th><th>images</th></tr>"
+                 f"{rows}</table>" if pairs else "<p>No validation image was confused.</p>")
+    worst = _worst_png(folder, preds, names)
+    if worst:
+        parts.append(f"<h2>Worst-classified validation images</h2>{_img(worst)}")
+    return "".join(parts)
+
+
+def _multi_label_section(folder: Path, preds: Predictions, names: Sequence[str]) -> str:
+    targets = torch.from_numpy(preds.targets > 0)
+    ap = average_precision(torch.from_numpy(preds.scores).double(), targets).numpy()
+    return _img(_per_class_png(folder, names, np.nan_to_num(ap, nan=0.0), "average precision per label"))
+
+
+def _img(name: str) -> str:
+    return f'<p><img src="{html.escape(name)}" alt="{html.escape(name)}"></p>'
+
+
+def write_report(folder: str | os.PathLike, records: Sequence[dict[str, Any]], class_names: Sequence[str],
+                 preds: Predictions | None, best_key: str, summary: str, multi_label: bool = False) -> Path:
+    """Write ``report.html`` and its PNGs into ``folder``; ``preds``: the best weights' validation outputs."""
+    folder = Path(folder)
+    body = [f"<h1>Training report</h1><p>{html.escape(summary)}</p><h2>Curves</h2>"]
+    body += [_img(name) for name in _curve_pngs(folder, records, best_key)]
+    if preds is not None:
+        body.append("<h2>Validation of the best weights</h2>")
+        section = _multi_label_section if multi_label else _single_label_section
+        body.append(section(folder, preds, class_names))
+    page = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Training report</title><style>body{font-family:"
+            "sans-serif;max-width:60em;margin:1em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+            "padding:2px 8px}</style></head><body>" + "".join(body) + "</body></html>\n")
+    path = folder / REPORT_FILE
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def write_run_report(folder: Path, model: nn.Module, records: Sequence[dict[str, Any]], class_names: Sequence[str],
+                     val_dataset: Dataset, device: torch.device, *, best_key: str, summary: str, batch_size: int,
+                     multi_label: bool = False) -> Path | None:
+    """The end-of-run report: the best weights (``model_best.pth``) predict ``val_dataset``, then
+    :func:`write_report`. A failure is a warning: the run's checkpoints are already saved."""
+    try:
+        preds = None
+        if (folder / BEST_FILE).is_file():
+            best = copy.deepcopy(model)
+            load_checkpoint(folder / BEST_FILE, best, log=lambda _: None)
+            preds = predict(best, val_dataset, device, batch_size, multi_label)
+        path = write_report(folder, records, class_names, preds, best_key, summary, multi_label)
+    except (OSError, ValueError, RuntimeError, UserError) as err:
+        print(f"warning: the training report could not be written ({err}); the run itself is saved", flush=True)
+        return None
+    print(f"training report: {path}", flush=True)
+    return path
