@@ -11,10 +11,11 @@ from typing import Any
 
 import yaml
 
-from losses import DISTILLATION_TYPES
+from losses import DISTILLATION_TYPES, LOSSES
 from model.lsnet_artist import ARTIST_MODELS
 
-__all__ = ["EXPLICIT", "TrainArgumentParser", "add_common_args", "add_distillation_args", "add_multilabel_args"]
+__all__ = ["EXPLICIT", "TrainArgumentParser", "add_common_args", "add_distillation_args", "add_embedding_args",
+           "add_multilabel_args"]
 
 EXPLICIT = "explicit_flags"  # the namespace attribute holding the names of the settings the user gave
 BOOL = argparse.BooleanOptionalAction
@@ -188,6 +189,24 @@ def add_distillation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     group.add_argument("--distillation-type", default="none", choices=DISTILLATION_TYPES)
     group.add_argument("--distillation-alpha", type=float, default=0.5)
     group.add_argument("--distillation-tau", type=float, default=1.0)
+    return parser
+
+
+def add_embedding_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The loss (cross-entropy or a metric loss on normalised style vectors) and the batch sampler."""
+    group = parser.add_argument_group("loss and sampler (see docs/galleries.md)")
+    group.add_argument("--loss", default="ce", choices=LOSSES,
+                       help="ce: classifier cross-entropy; arcface / subcenter-arcface / supcon: a metric loss on the "
+                            "L2-normalised style vectors (the head is then a probe on the detached vectors)")
+    group.add_argument("--loss-scale", type=float, default=30.0, help="ArcFace scale s")
+    group.add_argument("--loss-margin", type=float, default=0.3, help="ArcFace additive angular margin (radians)")
+    group.add_argument("--subcenters", type=int, default=3, help="sub-centres per class of subcenter-arcface")
+    group.add_argument("--temperature", type=float, default=0.1, help="supcon temperature")
+    group.add_argument("--sampler", default="random", choices=("random", "class-balanced"),
+                       help="class-balanced: every artist equally often, in groups of --samples-per-class (replaces "
+                            "--repeated-aug)")
+    group.add_argument("--samples-per-class", type=int, default=4, metavar="K",
+                       help="images per artist in each group of the class-balanced sampler")
     return parser
 
 
