@@ -19,11 +19,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from artifacts.outputs import load_features  # noqa: E402
 from predictor import add_runtime_args, load_model_bundle  # noqa: E402
 from retrieval.gallery import load_gallery, model_identity  # noqa: E402
 from retrieval.metrics import identification_metrics, retrieval_metrics  # noqa: E402
 from retrieval.references import artist_images, artist_of, embed_images  # noqa: E402
-from tools.clustering import load_features  # noqa: E402
 from utils import UserError, run_cli  # noqa: E402
 
 
