@@ -91,6 +91,14 @@ def measure(loss: str, world: dict[str, Path], work: Path, args: argparse.Namesp
             "train_seconds": round(train_seconds, 1)}
 
 
+HEADER = f"{'loss':<18} {'Recall@1':>8} {'mAP@R':>7} {'top-1':>6} {'unknown':>8} {'false unk':>9} {'train s':>8}"
+
+
+def format_row(r: dict[str, Any]) -> str:
+    return (f"{r['loss']:<18} {r['recall@1']:>8.3f} {r['map@r']:>7.3f} {r['top1']:>6.3f} "
+            f"{r['unknown_detection']:>8.3f} {r['false_unknown']:>9.3f} {r['train_seconds']:>8.1f}")
+
+
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.set_num_threads(2)
     rows = []
@@ -98,12 +106,11 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         world = make_world(Path(tmp) / "world", args)
         for loss in args.losses.split(","):
             rows.append(measure(loss.strip(), world, Path(tmp) / "runs", args))
-    header = f"{'loss':<18} {'Recall@1':>8} {'mAP@R':>7} {'top-1':>6} {'unknown':>8} {'false unk':>9} {'train s':>8}"
+            print(f"result: {format_row(rows[-1])}", flush=True)
     print(f"unseen artists: {args.enrolled} enrolled ({args.refs} refs each), {args.unknown} unknown; chance top-1 "
-          f"{1 / args.enrolled:.3f}\n{header}")
+          f"{1 / args.enrolled:.3f}\n{HEADER}")
     for r in rows:
-        print(f"{r['loss']:<18} {r['recall@1']:>8.3f} {r['map@r']:>7.3f} {r['top1']:>6.3f} "
-              f"{r['unknown_detection']:>8.3f} {r['false_unknown']:>9.3f} {r['train_seconds']:>8.1f}")
+        print(format_row(r))
     Path(args.output).write_text(json.dumps({"settings": vars(args), "results": rows}, indent=2) + "\n",
                                  encoding="utf-8")
     return rows
