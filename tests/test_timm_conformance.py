@@ -15,7 +15,6 @@ import copy
 import math
 import os
 
-import huggingface_hub.constants
 import pytest
 import timm
 import torch
@@ -290,33 +289,12 @@ def test_fuse_in_place_equals_unfused():
 
 # ------------------------------------------------------------------------------ official pretrained weights
 
-HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def official_checkpoint(name: str, seed: int) -> dict:
     """A randomly initialised state_dict in the official release's layout ({"model": state_dict})."""
     torch.manual_seed(seed)
     return {"model": timm.create_model(name).state_dict()}
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """An offline Hugging Face cache in tmp_path; returns a function that puts a checkpoint into a repository."""
-    cache = tmp_path / "hf" / "hub"
-    for var, value in (("HF_HUB_OFFLINE", "1"), ("HF_HOME", str(tmp_path / "hf")), ("HF_HUB_CACHE", str(cache))):
-        monkeypatch.setenv(var, value)
-    # huggingface_hub reads these variables once, at import: set its constants as well.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-
-    def add(repo_id: str, checkpoint: dict, filename: str = "pytorch_model.bin") -> None:
-        repo = cache / f"models--{repo_id.replace('/', '--')}"
-        (repo / "refs").mkdir(parents=True)
-        (repo / "refs" / "main").write_text(HUB_COMMIT)
-        (repo / "snapshots" / HUB_COMMIT).mkdir(parents=True)
-        torch.save(checkpoint, repo / "snapshots" / HUB_COMMIT / filename)
-
-    return add
 
 
 def assert_backbone_equal(net: torch.nn.Module, state_dict: dict) -> None:

@@ -319,3 +319,24 @@ def test_command_line_errors_are_one_line(tmp_path):
 def test_device_cuda_without_gpu(small_data):
     with pytest.raises(UserError, match="--device cuda but no CUDA GPU is usable"):
         run_main("--data-path", str(small_data), "--device", "cuda")
+
+
+def test_pretrained_alone_uses_the_hub_cache_and_pretrained_path_a_local_file(small_data, tmp_path, offline_hub):
+    def create(*argv: str):
+        args = train_artist_style.get_args_parser().parse_args([*FAST, "--data-path", str(small_data), *argv])
+        return create_model(TrainConfig.from_args(args).model, num_classes=4, seed=0)
+
+    with pytest.raises(UserError, match="huggingface-cli download jameslahm/lsnet_t") as err:
+        create("--pretrained")  # nothing cached and no network: one line saying what to download
+    assert "\n" not in str(err.value)
+    official = timm.create_model("lsnet_t")
+    offline_hub("jameslahm/lsnet_t", {"model": official.state_dict()})
+    local = timm.create_model("lsnet_t_distill")
+    torch.save({"model": local.state_dict()}, tmp_path / "lsnet_t_distill.pth")
+    for argv, source in ((["--pretrained"], official), (["--pretrained-path", str(tmp_path / "lsnet_t_distill.pth")],
+                                                       local)):
+        net = create(*argv)
+        backbone = [k for k in net.state_dict() if not k.startswith(("head", "projection"))]
+        assert len(backbone) > 500, argv
+        assert all(torch.equal(net.state_dict()[k], source.state_dict()[k]) for k in backbone), argv
+        assert net.head.l.weight.shape == (4, 32)

@@ -36,7 +36,7 @@ class ModelConfig:
     use_projection: bool = True
     num_classes: int | None = None  # as asked for; the dataset decides (see training.factory.resolve_num_classes)
     drop_path: float = 0.0
-    pretrained: str | None = None
+    pretrained: str | None = None  # a local .pth of the official weights, or training.flags.HUB_WEIGHTS
     finetune_from: str | None = None
     finetune: bool = False  # evaluate with a plain resize (squash) instead of resize + center crop
 

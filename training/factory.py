@@ -13,8 +13,10 @@ from torch import nn
 import utils
 from artifacts.checkpoint import load_checkpoint, read_checkpoint
 from losses import ArcFaceLoss, StyleEmbeddingLoss, SupConLoss
+from model import load_pretrained_backbone
 from model.lsnet_artist import ARTIST_MODELS
 from training.config import AugmentConfig, DistillConfig, LossConfig, ModelConfig, OptimConfig
+from training.flags import HUB_WEIGHTS
 from utils import UserError
 
 __all__ = ["build_metric_criterion", "build_mixup", "build_optimizer", "build_scheduler", "create_model",
@@ -41,7 +43,11 @@ def create_model(cfg: ModelConfig, num_classes: int, *, seed: int, distillation:
                                   drop_path_rate=cfg.drop_path)
     except ValueError as err:
         raise UserError(str(err)) from None
-    if cfg.pretrained:
+    if cfg.pretrained == HUB_WEIGHTS:
+        load_pretrained_backbone(model)
+        utils.print_main(f"backbone initialised from the official weights ({model.pretrained_cfg.get('hf_hub_id')}); "
+                         "heads and projection are new")
+    elif cfg.pretrained:
         load_checkpoint(cfg.pretrained, model, backbone_only=True, log=utils.print_main)
         utils.print_main(f"backbone initialised from {cfg.pretrained}; heads and projection are new")
     elif cfg.finetune_from:

@@ -14,6 +14,9 @@ import yaml
 from losses import DISTILLATION_TYPES, LOSSES
 from model.lsnet_artist import ARTIST_MODELS
 
+# ``--pretrained`` without a path: the official weights through the Hugging Face Hub (cache).
+HUB_WEIGHTS = "hub"
+
 __all__ = ["EXPLICIT", "TrainArgumentParser", "add_common_args", "add_distillation_args", "add_embedding_args",
            "add_multilabel_args"]
 
@@ -99,8 +102,12 @@ def _add_model_args(group: argparse._ArgumentGroup) -> None:
                             "dim)")
     group.add_argument("--num-classes", type=int, default=None, help="default: the number of classes of the dataset")
     group.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
-    group.add_argument("--pretrained", default=None, metavar="PATH",
-                       help="initialise the backbone from an official LSNet ImageNet checkpoint (heads are new)")
+    group.add_argument("--pretrained", nargs="?", const=HUB_WEIGHTS, default=None, metavar="PATH",
+                       help="initialise the backbone from the official LSNet ImageNet weights of the model's size "
+                            "(heads and projection are new): alone, through the Hugging Face Hub cache; with PATH, "
+                            "from that local .pth")
+    group.add_argument("--pretrained-path", dest="pretrained", default=None, metavar="FILE",
+                       help="--pretrained from a local copy of the official weights (e.g. lsnet_t.pth)")
     group.add_argument("--finetune-from", default=None, metavar="PATH",
                        help="initialise from a model checkpoint (weights only; heads reset if the classes differ)")
     group.add_argument("--finetune", action="store_true",
