@@ -191,7 +191,9 @@ on your own data (one folder of images per artist)
   python train_artist_style.py --data-path artist_dataset --model lsnet_t_artist --output-dir runs/artist
   python inference_artist.py --mode both --checkpoint runs/artist --input /path/to/images --output results
   python tools/extract_cluster_features.py --features results/features.npy --names results/image_names.txt \\
-      --num-clusters auto --output-dir clusters"""
+      --num-clusters auto --output-dir clusters
+  python tools/build_gallery.py --checkpoint runs/artist --images refs --output-dir gallery --calibrate val_refs
+  python inference_artist.py --checkpoint runs/artist --gallery gallery --input /path/to/images --output results"""
     failure = f"validation top-1 {top1:.1f}% is below the required {args.min_top1:.0f}%"
     return summary, (failure if not ok else "")
 
