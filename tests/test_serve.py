@@ -390,6 +390,9 @@ def test_similar_answers_as_search_similar_and_serves_only_gallery_thumbnails(mo
 
 def test_a_gallery_of_another_model_is_refused_at_start(gallery_dir, tmp_path):
     other = write_model_folder(tmp_path / "other", CLASSES)
+    checkpoint = torch.load(other / "model_best.pth", weights_only=False)
+    next(iter(checkpoint["model"].values())).add_(0.01)  # other weights, whatever the random state was
+    torch.save(checkpoint, other / "model_best.pth")
     args = serve.get_args_parser().parse_args(["--checkpoint", str(other), "--gallery", str(gallery_dir),
                                                "--port", "0", "--device", "cpu"])
     with pytest.raises(UserError, match="built with another model"):
