@@ -1,14 +1,23 @@
-"""Training losses: the single-label criterion (mixup / label smoothing aware), DeiT-style distillation, and the
+"""Training losses: the single-label criterion (mixup / label smoothing aware), DeiT-style distillation, the
+metric-learning losses on L2-normalised style vectors (ArcFace, sub-centre ArcFace, supervised contrastive), and the
 per-label positive weights of multi-label training."""
+
+import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-__all__ = ["DISTILLATION_TYPES", "DistillationLoss", "build_classification_criterion", "multilabel_pos_weight"]
+import utils
+
+__all__ = ["DISTILLATION_TYPES", "LOSSES", "METRIC_LOSSES", "ArcFaceLoss", "DistillationLoss", "StyleEmbeddingLoss",
+           "SupConLoss", "build_classification_criterion", "multilabel_pos_weight"]
 
 DISTILLATION_TYPES = ("none", "soft", "hard")
+METRIC_LOSSES = ("arcface", "subcenter-arcface", "supcon")
+LOSSES = ("ce", *METRIC_LOSSES)
 
 
 def build_classification_criterion(mixup_active: bool, smoothing: float) -> nn.Module:
@@ -82,3 +91,88 @@ def multilabel_pos_weight(positives: torch.Tensor, num_samples: int, max_weight:
         raise ValueError(f"max_weight must be at least 1, got {max_weight}")
     positives = positives.double()
     return ((num_samples - positives) / positives.clamp(min=1e-12)).clamp(1 / max_weight, max_weight).float()
+
+
+def _average_grad_over_processes(grad: torch.Tensor) -> torch.Tensor:
+    """Gradient hook: the mean over processes (what DDP does for the model's parameters)."""
+    world_size = utils.get_world_size()
+    return utils.all_reduce_sum(grad.clone()) / world_size if world_size > 1 else grad
+
+
+class ArcFaceLoss(nn.Module):
+    """ArcFace (additive angular margin) on L2-normalised vectors; sub-centre ArcFace with ``subcenters`` > 1.
+
+    Each class has ``subcenters`` learnable unit proxies; an image's cosine to a class is its best sub-centre's.
+    The target class's angle gets ``margin`` (radians) added, then cross-entropy on ``scale`` x cosines. The
+    proxies' gradients are averaged over processes (they live outside the DDP-wrapped model).
+    """
+
+    def __init__(self, num_classes: int, dim: int, scale: float = 30.0, margin: float = 0.3, subcenters: int = 1):
+        super().__init__()
+        if subcenters < 1:
+            raise ValueError(f"subcenters must be at least 1, got {subcenters}")
+        self.num_classes, self.scale, self.margin, self.subcenters = num_classes, scale, margin, subcenters
+        self.proxies = nn.Parameter(torch.randn(num_classes * subcenters, dim) / math.sqrt(dim))
+        self.proxies.register_hook(_average_grad_over_processes)
+
+    def cosines(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, classes) cosine of each normalised vector to each class (its nearest sub-centre)."""
+        cos = F.linear(F.normalize(features.float(), dim=1), F.normalize(self.proxies.float(), dim=1))
+        return cos.view(-1, self.num_classes, self.subcenters).amax(dim=2)
+
+    def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        cos = self.cosines(features)
+        target_cos = cos.gather(1, targets[:, None]).clamp(-1 + 1e-6, 1 - 1e-6)
+        theta = torch.acos(target_cos)
+        # Past pi - margin cos(theta + m) would rise again: use the linear continuation (as in InsightFace).
+        with_margin = torch.where(theta + self.margin < math.pi, torch.cos(theta + self.margin),
+                                  target_cos - self.margin * math.sin(self.margin))
+        logits = cos.scatter(1, targets[:, None], with_margin) * self.scale
+        return F.cross_entropy(logits, targets)
+
+
+class SupConLoss(nn.Module):
+    """Supervised contrastive loss (Khosla et al. 2020) of the normalised vectors of one batch at ``temperature``.
+
+    Every image with another image of its class in the batch is an anchor; its loss is the mean negative log
+    probability of its positives among all other images. Each process contrasts its own batch (use
+    ``--sampler class-balanced`` so every batch holds several images per class).
+    """
+
+    def __init__(self, temperature: float = 0.1):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(features.float(), dim=1)
+        n = z.shape[0]
+        self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+        logits = (z @ z.T / self.temperature).masked_fill(self_mask, float("-inf"))
+        log_prob = logits - logits.logsumexp(dim=1, keepdim=True)
+        positives = (targets[:, None] == targets[None, :]) & ~self_mask
+        counts = positives.sum(1)
+        anchors = counts > 0
+        if not anchors.any():  # no pair in the batch: a zero loss that keeps the graph
+            return z.sum() * 0.0
+        per_anchor = -log_prob.masked_fill(~positives, 0.0).sum(1)[anchors] / counts[anchors]
+        return per_anchor.mean()
+
+
+class StyleEmbeddingLoss(nn.Module):
+    """Training criterion of a metric loss: the loss on the style vectors, plus a linear probe.
+
+    Called with the style vectors (the model's ``forward(x, return_features=True)``). The classifier head is
+    trained as a probe on the detached vectors (cross-entropy, no gradient into the network), so the head still
+    gives class probabilities and ``--eval`` accuracy, while the embedding is shaped by the metric loss alone.
+    """
+
+    needs_features = True
+
+    def __init__(self, metric: nn.Module, head: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.metric = metric
+        self.head = head  # the model's classifier (a bound method: not registered, its weights stay the model's)
+
+    def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        probe = F.cross_entropy(self.head(features.detach()).float(), targets)
+        return self.metric(features, targets) + probe

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Serve an artist model over HTTP: a JSON API (classify, style features) and a page to try it in a browser.
+"""Serve an artist model over HTTP: a JSON API (classify, style features, similar works) and a page to try it.
 
-Loads the model once; requests arriving together are batched into one model call. Example::
+Loads the model (and a gallery) once; requests arriving together are batched into one model call. Example::
 
     python serve.py --checkpoint runs/artist            # then open http://127.0.0.1:8000/ (API docs at /docs)
+    python serve.py --checkpoint runs/artist --gallery gallery   # adds POST /v1/similar and similar works
 
 The API, its limits and running it behind a reverse proxy are described in docs/service.md.
 """
@@ -20,6 +21,9 @@ from utils import UserError, run_cli
 if TYPE_CHECKING:
     import uvicorn
 
+    from predictor import ArtistModel
+    from retrieval.gallery import Gallery
+
 API_KEY_ENV = "ARTIST_API_KEY"  # read when --api-key is not given
 
 
@@ -27,6 +31,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
                         help="model folder (model_best.pth + class_mapping.csv + config.json) or checkpoint file")
+    parser.add_argument("--gallery", default=None,
+                        help="a gallery folder of this model (tools/build_gallery.py): POST /v1/similar answers from "
+                             "it and the page shows similar works")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every network)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -58,7 +65,8 @@ def prepare(args: argparse.Namespace) -> tuple["uvicorn.Server", socket.socket]:
         from service import Settings, create_app
         from service.server import bind, build_server
     except ImportError as err:
-        raise UserError(f"the serving packages are missing ({err}); pip install -r requirements-serve.txt") from None
+        raise UserError(f"the serving packages are missing ({err}); pip install -r requirements-serve.txt -r "
+                        "requirements-retrieval.txt") from None
     overrides = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
     settings = Settings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
                         max_files=args.max_files, max_queue=args.max_queue, decode_threads=max(1, args.num_workers),
@@ -67,6 +75,7 @@ def prepare(args: argparse.Namespace) -> tuple["uvicorn.Server", socket.socket]:
     sock = bind(args.host, args.port)  # before loading the model: a busy port fails at once
     try:
         model = load_model_bundle(args.checkpoint, device=args.device, amp=args.amp, compile=args.compile)
+        gallery = load_checked_gallery(args.gallery, model) if args.gallery else None
     except BaseException:
         sock.close()
         raise
@@ -75,9 +84,19 @@ def prepare(args: argparse.Namespace) -> tuple["uvicorn.Server", socket.socket]:
               f"pass --api-key or set {API_KEY_ENV}", file=sys.stderr)
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host  # an IPv6 address
-    print(f"serving {model.model_name} ({len(model.class_names or [])} classes) on http://{host}:{port}/ "
-          f"(API docs: /docs)", flush=True)
-    return build_server(create_app(model, settings), args.log_level, args.root_path), sock
+    with_gallery = f", gallery of {len(gallery.artist_names)} artists" if gallery is not None else ""
+    print(f"serving {model.model_name} ({len(model.class_names or [])} classes{with_gallery}) on "
+          f"http://{host}:{port}/ (API docs: /docs)", flush=True)
+    return build_server(create_app(model, settings, gallery), args.log_level, args.root_path), sock
+
+
+def load_checked_gallery(path: str, model: "ArtistModel") -> "Gallery":
+    """The ``--gallery`` folder, refused when it was built with another model."""
+    from retrieval.gallery import load_gallery, model_identity
+
+    gallery = load_gallery(path)
+    gallery.check_model(model_identity(model), path)
+    return gallery
 
 
 def main(args: argparse.Namespace | None = None) -> None:

@@ -7,9 +7,12 @@ Examples::
     torchrun --standalone --nproc_per_node=4 train_artist_style.py --data-path dataset --output-dir runs/t
     python train_artist_style.py --data-path dataset --resume runs/t/checkpoint.pth --output-dir runs/t
     python train_artist_style.py --data-path dataset --eval --resume runs/t/model_best.pth
+    python train_artist_style.py --data-path dataset --loss supcon --sampler class-balanced --samples-per-class 4
 """
 
 import argparse
+
+from torch import nn
 
 import model  # noqa: F401  (registers the LSNet models with timm)
 import utils
@@ -17,10 +20,11 @@ from data import RobustImageFolder, build_dataset, build_transform
 from losses import DistillationLoss, build_classification_criterion
 from training.config import TrainConfig
 from training.distributed import start_process
-from training.factory import build_mixup, create_model, create_teacher, resolve_num_classes
-from training.flags import TrainArgumentParser, add_common_args, add_distillation_args
+from training.factory import build_metric_criterion, build_mixup, create_model, create_teacher, resolve_num_classes
+from training.flags import TrainArgumentParser, add_common_args, add_distillation_args, add_embedding_args
 from training.recipe import DataShape, prepare_recipe
 from training.trainer import Task, fit
+from utils import UserError
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -28,6 +32,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                  add_help=add_help)
     add_common_args(parser)
     add_distillation_args(parser)
+    add_embedding_args(parser)
     return parser
 
 
@@ -51,15 +56,28 @@ def main(args: argparse.Namespace) -> dict:
             dataset_train.transform = build_transform(True, cfg.transform)
             extra_config = {"recipe": recipe.as_dict()}
         net = create_model(cfg.model, num_classes, seed=cfg.run.seed, distillation=cfg.distill.enabled)
-        mixup_fn = build_mixup(cfg.augment, cfg.optim.batch_size, num_classes)
-        criterion = build_classification_criterion(mixup_fn is not None, cfg.augment.smoothing)
-        if cfg.distill.enabled and not cfg.run.eval_only:
-            teacher = create_teacher(cfg.distill, num_classes)
-            criterion = DistillationLoss(criterion, teacher, cfg.distill.type, cfg.distill.alpha, cfg.distill.tau)
         return fit(cfg, dist, net, dataset_train, dataset_val, dataset_val.classes,
-                   Task(criterion, mixup_fn=mixup_fn, extra_config=extra_config))
+                   build_task(cfg, net, num_classes, extra_config))
     finally:
         utils.cleanup_distributed()
+
+
+def build_task(cfg: TrainConfig, net: nn.Module, num_classes: int, extra_config: dict | None = None) -> Task:
+    """The training criterion: cross-entropy (with mixup and distillation as asked) or the metric ``--loss``;
+    ``extra_config``: further ``config.json`` entries (the recipe)."""
+    if cfg.loss.metric:
+        mixing = [flag for flag in ("mixup", "cutmix") if flag in cfg.explicit and cfg.flags[flag] > 0]
+        if mixing:
+            raise UserError(f"--loss {cfg.loss.name} needs each image's own artist: drop --{' and --'.join(mixing)}"
+                            " (mixup and cutmix are off with metric losses)")
+        return Task(build_metric_criterion(cfg.loss, net, num_classes),
+                    extra_config={**(extra_config or {}), "loss": cfg.loss.name})
+    mixup_fn = build_mixup(cfg.augment, cfg.optim.batch_size, num_classes)
+    criterion = build_classification_criterion(mixup_fn is not None, cfg.augment.smoothing)
+    if cfg.distill.enabled and not cfg.run.eval_only:
+        teacher = create_teacher(cfg.distill, num_classes)
+        criterion = DistillationLoss(criterion, teacher, cfg.distill.type, cfg.distill.alpha, cfg.distill.tau)
+    return Task(criterion, mixup_fn=mixup_fn, extra_config=extra_config)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""Samplers: repeated augmentation (DeiT ``RASampler``) and the distributed / single-process choice."""
+"""Samplers: repeated augmentation (DeiT ``RASampler``), artist-balanced batches (``ClassBalancedSampler``) and the
+distributed / single-process choice."""
 
 import math
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Sequence, Sized
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
-__all__ = ["RASampler", "build_sampler"]
+__all__ = ["ClassBalancedSampler", "RASampler", "build_sampler"]
 
 
 class RASampler(Sampler[int]):
@@ -49,6 +50,60 @@ class RASampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_selected_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class ClassBalancedSampler(Sampler[int]):
+    """Artist-balanced sampling: every class gets the same number of groups of ``samples_per_class`` images.
+
+    An epoch has about ``len(labels)`` indices: ``ceil(len / (classes x K))`` groups of K per class, a class's
+    images reshuffled and reused when it has fewer. The groups are shuffled (seeded by ``seed + epoch``) and dealt
+    out round-robin to the ``num_replicas`` processes, so each process gets a distinct shard made of whole groups:
+    with a batch size that is a multiple of K every batch holds K images of each of its classes. Call
+    :meth:`set_epoch` every epoch.
+    """
+
+    def __init__(self, labels: Sequence[int], samples_per_class: int, num_replicas: int | None = None,
+                 rank: int | None = None, seed: int = 0):
+        distributed = dist.is_available() and dist.is_initialized()
+        self.num_replicas = num_replicas if num_replicas is not None else dist.get_world_size() if distributed else 1
+        self.rank = rank if rank is not None else dist.get_rank() if distributed else 0
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} is not in [0, {self.num_replicas})")
+        if samples_per_class < 1:
+            raise ValueError(f"samples_per_class must be at least 1, got {samples_per_class}")
+        by_class: dict[int, list[int]] = {}
+        for index, label in enumerate(labels):
+            by_class.setdefault(int(label), []).append(index)
+        if not by_class:
+            raise ValueError("ClassBalancedSampler needs a non-empty dataset")
+        self.by_class = [by_class[label] for label in sorted(by_class)]
+        self.samples_per_class, self.seed, self.epoch = samples_per_class, seed, 0
+        self.groups_per_class = math.ceil(len(labels) / (len(self.by_class) * samples_per_class))
+        self.groups_per_replica = math.ceil(len(self.by_class) * self.groups_per_class / self.num_replicas)
+
+    def _class_groups(self, indices: list[int], generator: torch.Generator) -> list[list[int]]:
+        """``groups_per_class`` groups of K of ``indices``: shuffled passes over them, as many as needed."""
+        wanted = self.groups_per_class * self.samples_per_class
+        stream: list[int] = []
+        while len(stream) < wanted:
+            stream += [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+        k = self.samples_per_class
+        return [stream[start:start + k] for start in range(0, wanted, k)]
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        groups = [group for indices in self.by_class for group in self._class_groups(indices, generator)]
+        groups = [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
+        total = self.groups_per_replica * self.num_replicas
+        groups = (groups * math.ceil(total / len(groups)))[:total]  # pad by reusing the first groups
+        return iter([index for group in groups[self.rank::self.num_replicas] for index in group])
+
+    def __len__(self) -> int:
+        return self.groups_per_replica * self.samples_per_class
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -3,24 +3,28 @@
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from predictor import ArtistModel
+from retrieval.gallery import Gallery
 from service.auth import api_key_dependencies
 from service.engine import Engine
 from service.limits import InFlight, RequestLimits, ServiceError, upload_too_large
-from service.schemas import ClassifyResponse, ErrorBody, FeaturesResponse, Health, ModelInfo
+from service.schemas import ClassifyResponse, ErrorBody, FeaturesResponse, Health, ModelInfo, SimilarResponse
 from service.settings import Settings
+from service.similar import GallerySearch
 
 STATIC_DIR = Path(__file__).parent / "static"
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in (
         (400, "more files than --max-files in one request"), (401, "missing or wrong API key"),
+        (404, "no gallery is loaded, or no such gallery image"),
         (413, "request body or image too large"),
         (422, "an upload is not a readable image, or a parameter is invalid"), (429, "too many requests in progress"),
         (500, "the model failed on the batch"))
@@ -28,7 +32,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 Uploads = Annotated[list[UploadFile], File(description="one or more images (multipart field 'files')")]
 
 
-def api_router(engine: Engine, settings: Settings, gallery: Any) -> APIRouter:
+def api_router(engine: Engine, settings: Settings, gallery: GallerySearch | None) -> APIRouter:
     """``/v1``: the model's answers, behind the API key when there is one; body and file-count limits."""
     router = APIRouter(prefix="/v1", dependencies=api_key_dependencies(settings.api_key), responses=ERRORS,
                        max_body_size=settings.max_upload_bytes, form_limits={"max_files": settings.max_files})
@@ -50,11 +54,38 @@ def api_router(engine: Engine, settings: Settings, gallery: Any) -> APIRouter:
     @router.get("/model", response_model=ModelInfo)
     async def model_info() -> dict[str, Any]:
         """Architecture, classes, input size, version and limits of the loaded model."""
-        return engine.info(gallery is not None)
+        return engine.info(gallery.info() if gallery is not None else None)
 
-    # POST /v1/similar (issue 19) is added here once the retrieval package provides galleries: it answers from
-    # `gallery` (nearest works and artists, unknown-artist decision), and thumbnails come only from its image list.
+    _add_gallery_routes(router, engine, gallery)
     return router
+
+
+def _add_gallery_routes(router: APIRouter, engine: Engine, gallery: GallerySearch | None) -> None:
+    """``POST /v1/similar`` and the thumbnails of the gallery's works (404 while no gallery is loaded)."""
+
+    def loaded() -> GallerySearch:
+        if gallery is None:
+            raise ServiceError(404, "no gallery is loaded; start serve.py with --gallery GALLERY "
+                                    "(tools/build_gallery.py makes one)")
+        return gallery
+
+    @router.post("/similar", response_model=SimilarResponse)
+    async def similar(files: Uploads, top_k: Annotated[int, Query(ge=1, le=1000)] = 10,
+                      top_artists: Annotated[int, Query(ge=1, le=1000)] = 5) -> dict[str, Any]:
+        """The gallery's nearest works and closest artists of each image (cosine of L2-normalised style vectors);
+        ``unknown`` when the best artist score is below the gallery's calibrated threshold."""
+        search = loaded()
+        names, rows = await engine.feature_rows(files)
+        matches = search.similar(np.stack(rows), top_k, top_artists)
+        return {"model": engine.model.model_name or "", "unknown_threshold": search.gallery.unknown_threshold,
+                "results": [{"file": name, **match} for name, match in zip(names, matches, strict=True)]}
+
+    @router.get("/gallery/images/{image_id}", response_class=Response,
+                responses={200: {"content": {"image/jpeg": {}}}})
+    async def gallery_image(image_id: int) -> Response:
+        """The JPEG thumbnail of gallery work ``image_id`` (its index in the gallery's image list)."""
+        return Response(loaded().thumbnail(image_id), media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=3600"})
 
 
 def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
@@ -81,16 +112,17 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
 
 
-def create_app(model: ArtistModel, settings: Settings | None = None, gallery: Any = None) -> FastAPI:
-    """The service for a loaded model. ``gallery``: the retrieval gallery behind ``POST /v1/similar`` (a hook: the
-    endpoint is not there yet; ``GET /v1/model`` reports whether one is loaded)."""
+def create_app(model: ArtistModel, settings: Settings | None = None, gallery: Gallery | None = None) -> FastAPI:
+    """The service for a loaded model. ``gallery``: the retrieval gallery behind ``POST /v1/similar`` (checked
+    against the model by the caller)."""
     settings = settings or Settings()
     engine = Engine(model, settings)
     app = FastAPI(title="Artist style recognition", lifespan=engine.lifespan,
                   description="Classify images by artist and extract style vectors with one loaded model. "
                               "Upload images as multipart field `files`.")
     app.state.engine = engine
-    app.state.gallery = gallery
+    search = GallerySearch(gallery) if gallery is not None else None
+    app.state.gallery = search
     in_flight = InFlight(settings.max_queue)
     app.add_middleware(RequestLimits, in_flight=in_flight, max_bytes=settings.max_upload_bytes,
                        max_mb=settings.max_upload_mb)
@@ -98,7 +130,7 @@ def create_app(model: ArtistModel, settings: Settings | None = None, gallery: An
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization"])
     _add_error_handlers(app, settings)
-    app.include_router(api_router(engine, settings, gallery))
+    app.include_router(api_router(engine, settings, search))
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> dict[str, Any]:

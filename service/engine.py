@@ -102,13 +102,17 @@ class Engine:
                             "labels": select_labels(confidences, names, top_k, threshold, normalize_ratio=True)})
         return results
 
+    async def feature_rows(self, files: Sequence[UploadFile]) -> tuple[list[str], list[Any]]:
+        """The uploads' names and style vectors (batched with other requests)."""
+        upload_names, images = await self._images(files)
+        return upload_names, await self._submit(("cluster", 1, 0.0), images)
+
     async def features(self, files: Sequence[UploadFile]) -> list[dict[str, Any]]:
         """Per upload: its style vector."""
-        upload_names, images = await self._images(files)
-        rows = await self._submit(("cluster", 1, 0.0), images)
+        upload_names, rows = await self.feature_rows(files)
         return [{"file": file, "features": row.tolist()} for file, row in zip(upload_names, rows, strict=True)]
 
-    def info(self, gallery: bool) -> dict[str, Any]:
+    def info(self, gallery: dict[str, Any] | None) -> dict[str, Any]:
         """What ``GET /v1/model`` reports."""
         model, settings = self.model, self.settings
         return {

@@ -50,6 +50,13 @@ class Limits(BaseModel):
     max_queue: int = Field(description="inference requests in progress at once; more get 429")
 
 
+class GalleryInfo(BaseModel):
+    artists: int = Field(description="enrolled artists")
+    works: int = Field(description="reference images (ids 0 .. works - 1)")
+    unknown_threshold: float | None = Field(description="calibrated cosine below which an image is unknown")
+    index: str = Field(description="Faiss index type (flat_ip exact, ivf_flat_ip approximate)")
+
+
 class ModelInfo(BaseModel):
     model: str = Field(description="architecture")
     classes: list[str] | None = Field(description="class (artist) names in class-id order; null: features only")
@@ -59,8 +66,34 @@ class ModelInfo(BaseModel):
     feature_dim: int
     checkpoint: str = Field(description="checkpoint file name")
     version: str = Field(description="first 12 hex digits of the checkpoint file's SHA-256")
-    gallery: bool = Field(description="whether a gallery is loaded (POST /v1/similar)")
+    gallery: GalleryInfo | None = Field(description="the gallery behind POST /v1/similar; null: none loaded")
     limits: Limits
+
+
+class ArtistScore(BaseModel):
+    artist: str
+    score: float = Field(description="cosine of the image's style vector to the artist's prototype")
+
+
+class SimilarWork(BaseModel):
+    id: int = Field(description="index in the gallery's image list")
+    artist: str
+    score: float = Field(description="cosine of the two style vectors")
+    name: str = Field(description="the work's file name")
+    thumbnail: str = Field(description="relative URL of its JPEG thumbnail")
+
+
+class FileSimilar(BaseModel):
+    file: str
+    artists: list[ArtistScore] = Field(description="closest artists, best first")
+    unknown: bool = Field(description="best artist score below the gallery's threshold (never without one)")
+    works: list[SimilarWork] = Field(description="nearest works, most similar first")
+
+
+class SimilarResponse(BaseModel):
+    model: str
+    unknown_threshold: float | None
+    results: list[FileSimilar]
 
 
 class Health(BaseModel):

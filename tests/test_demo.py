@@ -1,4 +1,5 @@
-"""The whole chain of `make demo`, shortened: generate -> prepare -> train -> inference -> cluster -> compare."""
+"""The whole chain of `make demo`, shortened: generate -> prepare -> train -> inference -> cluster -> compare ->
+unseen artists (gallery, identification, similar works)."""
 
 import json
 import os
@@ -34,13 +35,20 @@ def test_shortened_demo_runs_the_whole_chain_and_reuses_its_work(tmp_path):
     assert assignments["num_clusters"] == 4 and sorted(i["name"] for i in assignments["images"]) == sorted(names)
     ranking = json.loads((work / "similar.json").read_text(encoding="utf-8"))
     assert json.dumps(ranking).count(names[0]) >= 1  # the query (row 0) finds itself
+    # Artists never trained on: 3 enrolled from 3 references each (3 query images each), 1 left unknown (8 queries).
+    unseen = json.loads((work / "unseen_metrics.json").read_text(encoding="utf-8"))["identification"]
+    assert (unseen["num_gallery_artists"], unseen["num_known_queries"], unseen["num_unknown_queries"]) == (3, 9, 8)
+    assert unseen["unknown_threshold"] is not None and 0 <= unseen["unknown_detection_rate"] <= 1
+    assert "unseen artists, gallery    top-1" in first.stdout and "marked unknown" in first.stdout
+    works = json.loads((work / "similar_works.json").read_text(encoding="utf-8"))["results"]
+    assert len(works) == 5 and all(Path(w["path"]).parent.parent == work / "unseen" / "refs" for w in works)
     for path in ("model/model_best.pth", "model/config.json", "model/class_mapping.csv", "dataset/split_info.txt"):
         assert (work / path).exists(), path
 
     # A second run reuses every step; an unreachable accuracy bar makes it fail with a one-line error.
     second = run_demo(work, "--min-top1", "101")
     assert second.returncode == 2
-    assert second.stdout.count("(reusing the earlier result of:") == 6
+    assert second.stdout.count("(reusing the earlier result of:") == 10
     assert second.stderr.strip().startswith("error: validation top-1") and "Traceback" not in second.stderr
 
 

@@ -1,6 +1,7 @@
 """serve.py and the service package on a real uvicorn: every endpoint, answers equal to the scripts', batching, the
 limits, every kind of bad upload, the API key and CORS."""
 
+import io
 import json
 import os
 import socket
@@ -24,8 +25,10 @@ import predict_artist_multilabel
 import serve
 from data import write_class_mapping
 from predictor import ArtistModel, load_model_bundle
+from retrieval.gallery import load_gallery
 from service import Settings, create_app
 from service.server import bind, build_server
+from tools import build_gallery, search_similar
 from utils import UserError
 
 CLASSES = ["Alice Artist", "Bob, the Painter", "Chloé"]
@@ -153,7 +156,7 @@ def test_model_health_page_and_docs(server, model_dir):
     info = get(f"{server}/v1/model").json()
     assert info["model"] == "lsnet_t_artist" and info["classes"] == CLASSES and info["num_classes"] == 3
     assert info["input_size"] == SIZE and info["feature_dim"] == 16 and info["multi_label"] is False
-    assert info["checkpoint"] == "model_best.pth" and len(info["version"]) == 12 and info["gallery"] is False
+    assert info["checkpoint"] == "model_best.pth" and len(info["version"]) == 12 and info["gallery"] is None
     assert info["limits"]["max_files"] == 3 and info["limits"]["max_pixels"] == 300 * 300
     health = get(f"{server}/healthz").json()
     assert health["status"] == "ok" and health["in_flight"] == 0
@@ -326,3 +329,71 @@ def test_a_failing_model_call_is_a_json_500_and_the_service_keeps_serving(artist
         assert response.status == 500 and "model failed on this batch (IndexError" in response.json()["error"]
         assert post(f"{url}/v1/features", [upload(images / "img0.png")]).status == 200
         assert get(f"{url}/readyz").status == 200
+
+
+@pytest.fixture(scope="module")
+def gallery_dir(model_dir, tmp_path_factory) -> Path:
+    """A gallery of the served model: 3 artists x 2 generated works, calibrated on 2 more images each."""
+    root = tmp_path_factory.mktemp("serve_gallery")
+    for part, count in (("refs", 2), ("calib", 2)):
+        for a, artist in enumerate(["anna", "ben", "cleo"]):
+            (root / part / artist).mkdir(parents=True)
+            for i in range(count):
+                gen.noise_image(root / part / artist / f"{i}.png", (72, 64), seed=100 * a + 10 * (part == "calib") + i)
+    build_gallery.main(build_gallery.get_args_parser().parse_args(
+        ["--checkpoint", str(model_dir), "--images", str(root / "refs"), "--output-dir", str(root / "gallery"),
+         "--calibrate", str(root / "calib"), "--device", "cpu", "--num-workers", "0"]))
+    return root / "gallery"
+
+
+def test_similar_answers_as_search_similar_and_serves_only_gallery_thumbnails(model_dir, gallery_dir, images,
+                                                                              server, capsys, tmp_path):
+    assert post(f"{server}/v1/similar", [upload(images / "img0.png")]).status == 404  # no gallery there
+    args = serve.get_args_parser().parse_args(["--checkpoint", str(model_dir), "--gallery", str(gallery_dir),
+                                               "--port", "0", "--device", "cpu", "--log-level", "warning"])
+    gallery = load_gallery(gallery_dir)
+    reference = gallery.paths[4]  # a gallery work as the query: it is its own nearest work
+    with running(*serve.prepare(args)) as url:
+        assert "gallery of 3 artists" in capsys.readouterr().out
+        info = get(f"{url}/v1/model").json()["gallery"]
+        assert info == {"artists": 3, "works": 6, "unknown_threshold": gallery.unknown_threshold, "index": "flat_ip"}
+        response = post(f"{url}/v1/similar?top_k=3&top_artists=2", [upload(Path(reference)),
+                                                                    upload(images / "photo.jpg")])
+        assert response.status == 200, response.data
+        own, other = response.json()["results"]
+        # A random model's style vectors are close together: check scores and ids, not the order of near-ties.
+        top = own["works"][0]
+        assert top["score"] == pytest.approx(1.0, abs=1e-4) and 4 in [w["id"] for w in own["works"]]
+        expected = search_similar.main(search_similar.get_args_parser().parse_args(
+            ["--gallery", str(gallery_dir), "--checkpoint", str(model_dir), "--query", str(images / "photo.jpg"),
+             "--top-k", "3", "--output", str(tmp_path / "s.json"), "--device", "cpu", "--num-workers", "0"]))
+        np.testing.assert_allclose([w["score"] for w in other["works"]], [r["score"] for r in expected], atol=1e-4)
+        vector = load_model_bundle(model_dir, device="cpu").extract_features([images / "photo.jpg"])[0]
+        unit = vector / np.linalg.norm(vector)
+        for work in other["works"]:
+            assert work["score"] == pytest.approx(float(gallery.vectors[work["id"]] @ unit), abs=1e-4)
+            assert work["artist"] == gallery.artists[work["id"]]
+            assert work["name"] == Path(gallery.paths[work["id"]]).name
+        match = gallery.match(vector[None], 2, gallery.unknown_threshold)[0]
+        assert other["unknown"] == match["unknown"]
+        np.testing.assert_allclose([a["score"] for a in other["artists"]], [a["score"] for a in match["artists"]],
+                                   atol=1e-4)
+
+        thumb = get(f"{url}/{own['works'][0]['thumbnail']}")
+        assert thumb.status == 200 and thumb.headers["content-type"] == "image/jpeg"
+        with Image.open(io.BytesIO(thumb.data)) as image:
+            assert image.size == Image.open(reference).size  # small works keep their size
+        assert get(f"{url}/v1/gallery/images/6").status == 404
+        for bad in ("-1", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd"):
+            assert get(f"{url}/v1/gallery/images/{bad}").status in (404, 422)
+
+
+def test_a_gallery_of_another_model_is_refused_at_start(gallery_dir, tmp_path):
+    other = write_model_folder(tmp_path / "other", CLASSES)
+    checkpoint = torch.load(other / "model_best.pth", weights_only=False)
+    next(iter(checkpoint["model"].values())).add_(0.01)  # other weights, whatever the random state was
+    torch.save(checkpoint, other / "model_best.pth")
+    args = serve.get_args_parser().parse_args(["--checkpoint", str(other), "--gallery", str(gallery_dir),
+                                               "--port", "0", "--device", "cpu"])
+    with pytest.raises(UserError, match="built with another model"):
+        serve.prepare(args)

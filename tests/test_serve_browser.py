@@ -8,7 +8,9 @@ import pytest
 from test_serve import CLASSES, serving, write_model_folder
 
 from predictor import load_model_bundle
+from retrieval.gallery import load_gallery
 from service import Settings, create_app
+from tools import build_gallery
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed "
                                 "(pip install -r requirements-serve.txt)")
@@ -85,3 +87,28 @@ def test_page_shows_why_a_file_is_refused_and_fits_a_phone(page, browser, tmp_pa
     assert "could not be classified" in browser.find_element(By.ID, "status").text
     width = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
     assert width[0] <= width[1], f"the page is wider than a phone: {width}"
+
+
+def test_page_shows_similar_gallery_works_with_thumbnails(browser, tmp_path):
+    model_dir = write_model_folder(tmp_path / "model", CLASSES)
+    for artist in ("anna", "ben"):
+        for i in range(2):
+            gen.noise_image(tmp_path / "refs" / artist / f"{i}.png", (80, 64), seed=len(artist) * 10 + i)
+    build_gallery.main(build_gallery.get_args_parser().parse_args(
+        ["--checkpoint", str(model_dir), "--images", str(tmp_path / "refs"), "--output-dir", str(tmp_path / "g"),
+         "--device", "cpu", "--num-workers", "0"]))
+    model = load_model_bundle(model_dir, device="cpu")
+    with serving(create_app(model, Settings(max_files=4), load_gallery(tmp_path / "g"))) as url:
+        browser.set_window_size(1200, 900)
+        browser.get(url + "/")
+        WebDriverWait(browser, WAIT_S).until(
+            lambda d: "gallery of 2 artists" in d.find_element(By.ID, "model-info").text)
+        browser.find_element(By.ID, "file-input").send_keys(str(tmp_path / "refs" / "ben" / "1.png"))
+        card = _card(browser, "1.png")
+        loaded = WebDriverWait(browser, WAIT_S).until(lambda d: [
+            img for img in card.find_elements(By.CSS_SELECTOR, ".similar .works img")
+            if d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)])
+        assert len(loaded) == 4 and all(img.get_attribute("src").startswith("blob:") for img in loaded)
+        artists = [e.text for e in card.find_elements(By.CSS_SELECTOR, ".similar .work-artist")]
+        assert sorted(artists) == ["anna", "anna", "ben", "ben"]
+        assert card.find_element(By.CSS_SELECTOR, ".similar .gallery-artist").text.startswith("Closest gallery artist")

@@ -3,7 +3,9 @@
 
 Each step runs the real script as a user would (the command is printed first), in ``--work-dir``:
 generate -> prepare_dataset.py -> train_artist_style.py -> inference_artist.py --mode both ->
-tools/extract_cluster_features.py -> tools/compare_vectors.py, then a summary; with ``--multilabel``:
+tools/extract_cluster_features.py -> tools/compare_vectors.py -> artists never trained on (generate them,
+tools/build_gallery.py from a few references each, tools/evaluate_retrieval.py, tools/search_similar.py), then a
+summary; with ``--multilabel``:
 generate blends -> tools/split_multilabel_dataset.py -> train_artist_multilabel.py ->
 predict_artist_multilabel.py. Steps whose outputs already exist for the same settings are reused, so a
 second run is quick. Exits non-zero when validation top-1 is below ``--min-top1`` (multi-label: when macro
@@ -13,6 +15,7 @@ mAP does not beat the label-frequency baseline by ``--min-map-gain``).
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from artifacts.run_folder import LOG_FILE, read_log_records
+from data.class_mapping import read_class_mapping
 from utils import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--feature-dim", type=int, default=256)
+    parser.add_argument("--unseen-artists", type=int, default=4,
+                        help="artists never trained on: all but one enrolled in a gallery, the last one unknown")
     parser.add_argument("--min-top1", type=float, default=80.0, help="fail below this validation top-1 (percent)")
     parser.add_argument("--multilabel", action="store_true",
                         help="run the multi-label demo (style blends with weighted labels) instead")
@@ -157,12 +163,14 @@ def single_label_demo(args: argparse.Namespace, demo: Demo, work: Path) -> tuple
         "--names", inference / "image_names.txt", "--top-k", 5, "--output", work / "similar.json",
     ], {**train_settings, "query": 0}, [work / "similar.json"])
 
+    unseen = unseen_artists_step(args, demo, work, model_dir, train_settings)
     top1 = best_logged(model_dir, "val_acc1")
     ari, nmi = cluster_agreement(clusters / "cluster_assignments.json")
     ok = top1 >= args.min_top1
     verdict = "OK" if ok else "TOO LOW"
     summary = f"""validation top-1            {top1:.1f}%   (required: {args.min_top1:.0f}%)  {verdict}
 clusters vs artists         adjusted Rand index {ari:.3f}, NMI {nmi:.3f}  ({args.num_artists} clusters)
+{unseen}
 
 where things are
   generated images          {raw}
@@ -172,15 +180,80 @@ where things are
   predictions + features    {inference}  (batch_results.json, features.npy, image_names.txt)
   clusters                  {clusters / 'cluster_assignments.json'}
   nearest works in style    {work / 'similar.json'}
+  gallery of unseen artists {work / 'gallery'}  (figures: {work / 'unseen_metrics.json'}, similar works:
+                            {work / 'similar_works.json'})
 
 on your own data (one folder of images per artist)
   python prepare_dataset.py --source-dir /path/to/artists --output-dir artist_dataset
   python train_artist_style.py --data-path artist_dataset --model lsnet_t_artist --output-dir runs/artist
   python inference_artist.py --mode both --checkpoint runs/artist --input /path/to/images --output results
   python tools/extract_cluster_features.py --features results/features.npy --names results/image_names.txt \\
-      --num-clusters auto --output-dir clusters"""
+      --num-clusters auto --output-dir clusters
+  python tools/build_gallery.py --checkpoint runs/artist --images refs --output-dir gallery --calibrate val_refs
+  python inference_artist.py --checkpoint runs/artist --gallery gallery --input /path/to/images --output results"""
     failure = f"validation top-1 {top1:.1f}% is below the required {args.min_top1:.0f}%"
     return summary, (failure if not ok else "")
+
+
+UNSEEN_REFS, UNSEEN_CALIB = 3, 2  # per enrolled unseen artist: reference images, calibration images; rest: queries
+
+
+def split_unseen(raw: Path, trained: set[str], out: Path) -> tuple[list[str], str]:
+    """Sort the generated artists the model never saw into refs/, calib/ and queries/ (the last artist only into
+    queries/: it stays outside the gallery); returns the enrolled artists and the unknown one."""
+    artists = sorted(p.name for p in raw.iterdir() if p.is_dir() and p.name not in trained)
+    if len(artists) < 2:
+        raise UserError("--unseen-artists must be at least 2: some to enroll and one to stay unknown")
+    shutil.rmtree(out, ignore_errors=True)
+    for position, artist in enumerate(artists):
+        files = sorted((raw / artist).iterdir())
+        enrolled = position < len(artists) - 1
+        parts = {"refs": files[:UNSEEN_REFS], "calib": files[UNSEEN_REFS:UNSEEN_REFS + UNSEEN_CALIB],
+                 "queries": files[UNSEEN_REFS + UNSEEN_CALIB:]} if enrolled else {"queries": files}
+        for part, chosen in parts.items():
+            (out / part / artist).mkdir(parents=True)
+            for file in chosen:
+                shutil.copy2(file, out / part / artist / file.name)
+    return artists[:-1], artists[-1]
+
+
+def unseen_artists_step(args: argparse.Namespace, demo: Demo, work: Path, model_dir: Path, settings: dict) -> str:
+    """Enroll artists the model never saw in a gallery from a few references, identify their other images, mark
+    an artist outside the gallery unknown, and find similar works; returns the summary lines."""
+    py, raw, unseen, gallery = sys.executable, work / "unseen_raw", work / "unseen", work / "gallery"
+    per_artist = UNSEEN_REFS + UNSEEN_CALIB + 3
+    unseen_settings = {**settings, "unseen_artists": args.unseen_artists}
+    demo.step("generate artists the model never saw", [
+        py, "tools/make_synthetic_artists.py", "--output-dir", raw, "--num-artists",
+        args.num_artists + args.unseen_artists, "--images-per-artist", per_artist, "--size", args.image_size,
+        "--seed", args.seed + 1, "--overwrite",
+    ], unseen_settings, [raw])
+    trained = set(read_class_mapping(model_dir / "class_mapping.csv"))
+    enrolled, unknown = split_unseen(raw, trained, unseen)
+    runtime = ["--num-workers", args.num_workers, *device_flags(args)]
+    demo.step("enroll the unseen artists in a gallery from a few references each", [
+        py, "tools/build_gallery.py", "--checkpoint", model_dir, "--images", unseen / "refs", "--output-dir", gallery,
+        "--calibrate", unseen / "calib", *runtime,
+    ], unseen_settings, [gallery])
+    metrics_file = work / "unseen_metrics.json"
+    demo.step("identify their other images; an artist outside the gallery should come out unknown", [
+        py, "tools/evaluate_retrieval.py", "--gallery", gallery, "--queries", unseen / "queries", "--checkpoint",
+        model_dir, "--output", metrics_file, *runtime,
+    ], unseen_settings, [metrics_file])
+    query = sorted((unseen / "queries" / enrolled[0]).iterdir())[0]
+    demo.step("find the gallery works closest in style to one of their images", [
+        py, "tools/search_similar.py", "--gallery", gallery, "--checkpoint", model_dir, "--query", query,
+        "--top-k", 5, "--output", work / "similar_works.json", *runtime,
+    ], unseen_settings, [work / "similar_works.json"])
+    m = json.loads(metrics_file.read_text(encoding="utf-8"))["identification"]
+    works = json.loads((work / "similar_works.json").read_text(encoding="utf-8"))["results"]
+    same = sum(w["artist"] == enrolled[0] for w in works)
+    return (f"unseen artists, gallery    top-1 {m['top1']:.2f} (chance {m['chance_top1']:.2f}) over "
+            f"{len(enrolled)} artists never trained on, {UNSEEN_REFS} references each\n"
+            f"unknown artist             {m['unknown_detection_rate']:.2f} of {unknown}'s images marked unknown "
+            f"(false unknown {m['false_unknown_rate']:.2f}, threshold {m['unknown_threshold']:.3f})\n"
+            f"similar works              {same} of the {len(works)} works closest to one {enrolled[0]} image are "
+            f"{enrolled[0]}'s")
 
 
 def multilabel_demo(args: argparse.Namespace, demo: Demo, work: Path) -> tuple[str, str]:

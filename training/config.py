@@ -22,8 +22,8 @@ from model.lsnet_artist import ARTIST_MODELS
 from training.flags import EXPLICIT, FLAG_RANGES
 from utils import UserError
 
-__all__ = ["AugmentConfig", "DistillConfig", "EmaConfig", "ModelConfig", "MultiLabelConfig", "OptimConfig",
-           "RunConfig", "TrainConfig"]
+__all__ = ["AugmentConfig", "DistillConfig", "EmaConfig", "LossConfig", "ModelConfig", "MultiLabelConfig",
+           "OptimConfig", "RunConfig", "SamplerConfig", "TrainConfig"]
 
 T = TypeVar("T")
 
@@ -153,6 +153,30 @@ class MultiLabelConfig:
     allow_outside_root: bool = False
 
 
+@dataclass(frozen=True)
+class LossConfig:
+    """``--loss`` and its settings: ArcFace scale / margin / sub-centres, the supcon temperature."""
+
+    name: str = "ce"
+    scale: float = 30.0
+    margin: float = 0.3
+    subcenters: int = 3
+    temperature: float = 0.1
+
+    @property
+    def metric(self) -> bool:
+        """A metric loss on the style vectors (not the classifier's cross-entropy)."""
+        return self.name != "ce"
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """``--sampler`` random (shuffled, with ``--repeated-aug``) or class-balanced groups of ``samples_per_class``."""
+
+    name: str = "random"
+    samples_per_class: int = 4
+
+
 # Config field -> flag (namespace attribute) where the names differ.
 _RENAMES: dict[type, dict[str, str]] = {
     ModelConfig: {"name": "model"},
@@ -160,6 +184,8 @@ _RENAMES: dict[type, dict[str, str]] = {
     EmaConfig: {"enabled": "model_ema", "decay": "model_ema_decay", "force_cpu": "model_ema_force_cpu"},
     RunConfig: {"eval_only": "eval"},
     DistillConfig: {"type": "distillation_type", "alpha": "distillation_alpha", "tau": "distillation_tau"},
+    LossConfig: {"name": "loss", "scale": "loss_scale", "margin": "loss_margin"},
+    SamplerConfig: {"name": "sampler"},
 }
 
 
@@ -186,6 +212,8 @@ class TrainConfig:
     run: RunConfig
     distill: DistillConfig = DistillConfig()
     multilabel: MultiLabelConfig | None = None
+    loss: LossConfig = LossConfig()
+    sampler: SamplerConfig = SamplerConfig()
     flags: Mapping[str, Any] = field(default_factory=dict, repr=False)  # every flag's resolved value, by name
     explicit: frozenset[str] = frozenset()  # the flags the user gave (command line or --config file)
 
@@ -206,6 +234,7 @@ class TrainConfig:
             augment=_section(AugmentConfig, values), ema=_section(EmaConfig, values), run=_section(RunConfig, values),
             distill=_section(DistillConfig, values),
             multilabel=_section(MultiLabelConfig, values) if "train_ann" in values else None,
+            loss=_section(LossConfig, values), sampler=_section(SamplerConfig, values),
             flags=MappingProxyType(values), explicit=frozenset(getattr(args, EXPLICIT, ())),
         )
 
@@ -243,6 +272,23 @@ def _check_flags(values: Mapping[str, Any]) -> None:
         raise UserError("--pretrained and --finetune-from both initialise the weights; pass only one")
     if values["eval"] and not values["resume"]:
         raise UserError("--eval needs --resume PATH: the checkpoint (or model folder) to evaluate")
+    if "loss" in values:
+        _check_embedding_flags(values)
+
+
+def _check_embedding_flags(values: Mapping[str, Any]) -> None:
+    for name, minimum in (("samples_per_class", 1), ("subcenters", 1)):
+        if values[name] < minimum:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {minimum}, got {values[name]}")
+    if values["loss"] == "ce":
+        return
+    if values["distillation_type"] != "none":
+        raise UserError(f"--loss {values['loss']} trains the style vectors without a teacher: drop "
+                        "--distillation-type (distillation works with --loss ce)")
+    if values["loss"] == "supcon" and values["temperature"] <= 0:
+        raise UserError(f"--temperature must be positive, got {values['temperature']}")
+    if values["loss"] != "supcon" and values["loss_scale"] <= 0:
+        raise UserError(f"--loss-scale must be positive, got {values['loss_scale']}")
 
 
 def _check_ranges(values: Mapping[str, Any]) -> None:

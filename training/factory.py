@@ -1,5 +1,5 @@
-"""What a run is built from: the model (and its initial weights), the distillation teacher, mixup, the optimizer
-and the learning-rate schedule (timm's factories)."""
+"""What a run is built from: the model (and its initial weights), the distillation teacher, mixup, the training
+criterion (cross-entropy or a metric loss), the optimizer and the learning-rate schedule (timm's factories)."""
 
 import functools
 from typing import Any
@@ -13,15 +13,16 @@ from torch import nn
 
 import utils
 from artifacts.checkpoint import load_checkpoint, read_checkpoint
+from losses import ArcFaceLoss, StyleEmbeddingLoss, SupConLoss
 from model import load_pretrained_backbone
 from model.lsnet_artist import ARTIST_MODELS
-from training.config import AugmentConfig, DistillConfig, ModelConfig, OptimConfig
+from training.config import AugmentConfig, DistillConfig, LossConfig, ModelConfig, OptimConfig
 from training.flags import HUB_WEIGHTS
 from training.layer_decay import layer_decay_groups
 from utils import UserError
 
-__all__ = ["build_mixup", "build_optimizer", "build_scheduler", "create_model", "create_teacher",
-           "resolve_num_classes", "scale_lr"]
+__all__ = ["build_metric_criterion", "build_mixup", "build_optimizer", "build_scheduler", "create_model",
+           "create_teacher", "resolve_num_classes", "scale_lr"]
 
 
 def resolve_num_classes(requested: int | None, dataset_classes: int, data_path: str) -> int:
@@ -97,6 +98,17 @@ def build_mixup(cfg: AugmentConfig, batch_size: int, num_classes: int, multi_lab
                  label_smoothing=cfg.smoothing, num_classes=num_classes, multi_label=multi_label)
 
 
+def build_metric_criterion(cfg: LossConfig, model: nn.Module, num_classes: int) -> StyleEmbeddingLoss:
+    """The criterion of a metric ``--loss``: the loss on the model's style vectors plus the head's linear probe."""
+    dim = model.head_hidden_size
+    if cfg.name == "supcon":
+        metric: nn.Module = SupConLoss(cfg.temperature)
+    else:
+        subcenters = cfg.subcenters if cfg.name == "subcenter-arcface" else 1
+        metric = ArcFaceLoss(num_classes, dim, scale=cfg.scale, margin=cfg.margin, subcenters=subcenters)
+    return StyleEmbeddingLoss(metric, model.get_classifier().__call__)  # a method: the head stays the model's
+
+
 def scale_lr(cfg: OptimConfig, world_size: int) -> float:
     """The used learning rate (printed): ``--lr-abs`` as given, else ``--lr`` scaled linearly from an effective
     batch of 512 to this run's."""
@@ -116,16 +128,22 @@ def _unknown_name(err: ValueError) -> UserError:
                      "step, plateau...)")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """timm's optimizer ``cfg.opt`` at learning rate ``lr`` (``cfg.layer_decay``: layer-wise decay groups)."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float,
+                    criterion: nn.Module | None = None) -> torch.optim.Optimizer:
+    """timm's optimizer ``cfg.opt`` at learning rate ``lr`` (``cfg.layer_decay``: layer-wise decay groups); a
+    criterion's own parameters (ArcFace proxies) are a further group without weight decay."""
     kwargs = {**optimizer_kwargs(cfg), "lr": lr}
     if kwargs.pop("layer_decay", None) is not None:
         kwargs["param_group_fn"] = functools.partial(layer_decay_groups, weight_decay=cfg.weight_decay,
                                                      layer_decay=cfg.layer_decay)
     try:
-        return create_optimizer_v2(model, **kwargs)
+        optimizer = create_optimizer_v2(model, **kwargs)
     except ValueError as err:
         raise _unknown_name(err) from None
+    extra = [p for p in criterion.parameters() if p.requires_grad] if criterion is not None else []
+    if extra:
+        optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
+    return optimizer
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, seed: int) -> Any:

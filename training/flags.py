@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from losses import DISTILLATION_TYPES
+from losses import DISTILLATION_TYPES, LOSSES
 from model.lsnet_artist import ARTIST_MODELS
 from utils import NumberRange
 
@@ -19,7 +19,7 @@ from utils import NumberRange
 HUB_WEIGHTS = "hub"
 
 __all__ = ["EXPLICIT", "FLAG_RANGES", "TrainArgumentParser", "add_common_args", "add_distillation_args",
-           "add_multilabel_args"]
+           "add_embedding_args",            "add_multilabel_args"]
 
 EXPLICIT = "explicit_flags"  # the namespace attribute holding the names of the settings the user gave
 BOOL = argparse.BooleanOptionalAction
@@ -39,7 +39,9 @@ FLAG_RANGES: dict[str, NumberRange] = {
     "mixup_switch_prob": _SHARE, "model_ema_decay": _SHARE, "seed": _COUNT, "start_epoch": _COUNT,
     "save_every": _COUNT, "eval_every": _SIZE, "num_workers": _COUNT, "print_freq": _SIZE,
     "distillation_alpha": _SHARE, "distillation_tau": _POSITIVE, "lr_abs": _POSITIVE,
-    "layer_decay": NumberRange(float, 0, 1, low_open=True), "patience": _COUNT,
+    "layer_decay": NumberRange(float, 0, 1, low_open=True), "patience": _COUNT, "loss_scale": _POSITIVE,
+    "loss_margin": NumberRange(float, 0, 1.5), "subcenters": _SIZE, "temperature": _POSITIVE,
+    "samples_per_class": _SIZE,
     "threshold": NumberRange(float, 0, 1, low_open=True, high_open=True), "max_pos_weight": NumberRange(float, 1),
 }
 
@@ -226,6 +228,24 @@ def add_distillation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     group.add_argument("--distillation-type", default="none", choices=DISTILLATION_TYPES)
     group.add_argument("--distillation-alpha", type=float, default=0.5)
     group.add_argument("--distillation-tau", type=float, default=1.0)
+    return parser
+
+
+def add_embedding_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The loss (cross-entropy or a metric loss on normalised style vectors) and the batch sampler."""
+    group = parser.add_argument_group("loss and sampler (see docs/galleries.md)")
+    group.add_argument("--loss", default="ce", choices=LOSSES,
+                       help="ce: classifier cross-entropy; arcface / subcenter-arcface / supcon: a metric loss on the "
+                            "L2-normalised style vectors (the head is then a probe on the detached vectors)")
+    group.add_argument("--loss-scale", type=float, default=30.0, help="ArcFace scale s")
+    group.add_argument("--loss-margin", type=float, default=0.3, help="ArcFace additive angular margin (radians)")
+    group.add_argument("--subcenters", type=int, default=3, help="sub-centres per class of subcenter-arcface")
+    group.add_argument("--temperature", type=float, default=0.1, help="supcon temperature")
+    group.add_argument("--sampler", default="random", choices=("random", "class-balanced"),
+                       help="class-balanced: every artist equally often, in groups of --samples-per-class (replaces "
+                            "--repeated-aug)")
+    group.add_argument("--samples-per-class", type=int, default=4, metavar="K",
+                       help="images per artist in each group of the class-balanced sampler")
     return parser
 
 

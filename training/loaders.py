@@ -6,7 +6,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 import utils
-from data.samplers import RASampler
+from data.samplers import ClassBalancedSampler, RASampler
+from training.config import SamplerConfig
 from training.distributed import DistEnv
 from utils import UserError
 
@@ -25,23 +26,27 @@ class Loaders:
 
 def build_loaders(dataset_train: Dataset | None, dataset_val: Dataset, dist: DistEnv, *, batch_size: int,
                   num_workers: int, seed: int, repeated_aug: bool = True, pin_memory: bool = True,
-                  dist_eval: bool = False) -> Loaders:
-    """Samplers seeded by seed + epoch (``RASampler`` with ``repeated_aug``), validation batches of 1.5 x
-    ``batch_size``, split over the processes with ``dist_eval``; memory pinned only on CUDA."""
+                  dist_eval: bool = False, sampler: SamplerConfig | None = None) -> Loaders:
+    """Samplers seeded by seed + epoch (``ClassBalancedSampler`` with a class-balanced ``sampler``, else
+    ``RASampler`` with ``repeated_aug``), validation batches of 1.5 x ``batch_size``, split over the processes with
+    ``dist_eval``; memory pinned only on CUDA."""
     pin = pin_memory and dist.device.type == "cuda"
     generator = torch.Generator()
     loader_train = None
     if dataset_train is not None:
-        if repeated_aug:
-            sampler = RASampler(dataset_train, num_replicas=dist.world_size, rank=dist.rank, seed=seed)
+        if sampler is not None and sampler.name == "class-balanced":
+            train_sampler = ClassBalancedSampler(dataset_train.targets, sampler.samples_per_class,
+                                                 num_replicas=dist.world_size, rank=dist.rank, seed=seed)
+        elif repeated_aug:
+            train_sampler = RASampler(dataset_train, num_replicas=dist.world_size, rank=dist.rank, seed=seed)
         else:
-            sampler = DistributedSampler(dataset_train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                         seed=seed)
-        loader_train = DataLoader(dataset_train, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                  pin_memory=pin, drop_last=True, generator=generator)
+            train_sampler = DistributedSampler(dataset_train, num_replicas=dist.world_size, rank=dist.rank,
+                                               shuffle=True, seed=seed)
+        loader_train = DataLoader(dataset_train, batch_size=batch_size, sampler=train_sampler,
+                                  num_workers=num_workers, pin_memory=pin, drop_last=True, generator=generator)
         if len(loader_train) == 0:
-            raise UserError(f"{len(sampler)} training images per process are fewer than --batch-size {batch_size}; "
-                            "lower --batch-size (or use fewer processes)")
+            raise UserError(f"{len(train_sampler)} training images per process are fewer than --batch-size "
+                            f"{batch_size}; lower --batch-size (or use fewer processes)")
     if dist.distributed and dist_eval:
         if len(dataset_val) % dist.world_size:
             utils.print_main(f"note: {len(dataset_val)} validation images do not split evenly over "

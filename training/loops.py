@@ -46,7 +46,8 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over ``data_loader``; returns the mean training ``loss``, the last ``lr`` and the ``first_loss``.
 
-    ``criterion(outputs, targets)`` (a :class:`~losses.DistillationLoss` is called with the inputs first). The
+    ``criterion(outputs, targets)`` (a :class:`~losses.DistillationLoss` is called with the inputs first; a criterion
+    with ``needs_features`` gets the style vectors, ``model(x, return_features=True)``, instead of the logits). The
     optimizer steps once per ``accumulation_steps`` micro-batches, on the mean of their losses (a shorter last group
     is averaged over its own size); non-final micro-batches skip the DDP gradient all-reduce (``no_sync``). A
     non-finite loss on any process raises :class:`UserError` naming the epoch and step (0-based ``epoch``, shown
@@ -56,6 +57,7 @@ def train_one_epoch(
     num_steps, world_size = len(data_loader), utils.get_world_size()
     progress = utils.Progress(num_steps, header or f"Epoch {epoch + 1}", print_freq)
     with_inputs = isinstance(criterion, DistillationLoss)
+    needs_features = getattr(criterion, "needs_features", False)  # metric losses take the style vectors
     no_sync = getattr(model, "no_sync", None)
     loss_sum, images, first_loss = 0.0, 0, math.nan
     optimizer.zero_grad(set_to_none=True)
@@ -67,7 +69,7 @@ def train_one_epoch(
         group_size, update = _accumulation_group(step, num_steps, accumulation_steps)
         with nullcontext() if update or no_sync is None else no_sync():
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                outputs = model(samples)
+                outputs = model(samples, return_features=True) if needs_features else model(samples)
                 loss = criterion(samples, outputs, targets) if with_inputs else criterion(outputs, targets)
             loss_value = _global_mean(loss)
             if not math.isfinite(loss_value):

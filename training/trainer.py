@@ -61,7 +61,8 @@ def fit(cfg: TrainConfig, dist: DistEnv, model: nn.Module, dataset_train: Datase
     run = cfg.run
     loaders = build_loaders(None if run.eval_only else dataset_train, dataset_val, dist,
                             batch_size=cfg.optim.batch_size, num_workers=run.num_workers, seed=run.seed,
-                            repeated_aug=cfg.augment.repeated_aug, pin_memory=run.pin_mem, dist_eval=run.dist_eval)
+                            repeated_aug=cfg.augment.repeated_aug, pin_memory=run.pin_mem, dist_eval=run.dist_eval,
+                            sampler=cfg.sampler)
     model.to(dist.device, memory_format=memory_format(run.channels_last))
     task.criterion.to(dist.device)
     if run.eval_only:
@@ -88,9 +89,11 @@ def _validate(cfg: TrainConfig, dist: DistEnv, loaders: Loaders, task: Task, mod
                     print_freq=cfg.run.print_freq, header=header, memory_format=memory_format(cfg.run.channels_last))
 
 
-def build_training_state(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.device) -> TrainingState:
-    """Optimizer and scheduler (timm), AMP scaler (CUDA float16 only) and model EMA, as the configuration says."""
-    optimizer = build_optimizer(model, cfg.optim, lr)
+def build_training_state(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.device,
+                         criterion: nn.Module | None = None) -> TrainingState:
+    """Optimizer (also over the criterion's own parameters) and scheduler (timm), AMP scaler (CUDA float16 only)
+    and model EMA, as the configuration says."""
+    optimizer = build_optimizer(model, cfg.optim, lr, criterion)
     scaler = NativeScaler(device="cuda") if cfg.run.amp and device.type == "cuda" else None
     ema = None
     if cfg.ema.enabled:
@@ -124,10 +127,11 @@ class Trainer:
         self.folder.start(class_names, self.resume_point is not None, self.args, self.config)
         self.folder.check_free_space(*checkpoint_sizes(model, cfg.ema.enabled))
         self.guard = DivergenceGuard(cfg.run.output_dir, self.resume_point is not None)
-        self.state = build_training_state(model, cfg, scaled_lr, dist.device)
+        self.state = build_training_state(model, cfg, scaled_lr, dist.device, task.criterion)
         self.start_epoch, self.best = cfg.run.start_epoch, Best()
         if self.resume_point is not None:
             self.state.restore(self.resume_point, self.args)
+            restore_criterion(task.criterion, self.resume_point.state(CRITERION_KEY), cfg.run.resume)
             self.start_epoch, self.best = self.resume_point.epoch + 1, self.resume_point.best
             utils.print_main(f"resumed from {cfg.run.resume}: continuing at epoch {self.start_epoch + 1}")
 
@@ -224,13 +228,33 @@ class Trainer:
 
     def _checkpoint(self, epoch: int, rng_states: list) -> dict[str, Any]:
         state = self.state
-        return training_checkpoint(
+        checkpoint = training_checkpoint(
             model=self.model.state_dict(), optimizer=state.optimizer.state_dict(),
             lr_scheduler=state.scheduler.state_dict(),
             scaler=state.scaler.state_dict() if state.scaler is not None else None, epoch=epoch, best=self.best,
             best_key=self.task.best_key, args=self.args, class_names=self.class_names, config=self.config,
             rng_states=rng_states, model_ema=state.ema.module.state_dict() if state.ema is not None else None,
         )
+        if list(self.task.criterion.parameters()):  # ArcFace proxies: resumed with the run
+            checkpoint[CRITERION_KEY] = self.task.criterion.state_dict()
+        return checkpoint
+
+
+CRITERION_KEY = "criterion"  # the checkpoint entry of a criterion's own parameters
+
+
+def restore_criterion(criterion: nn.Module, state: dict[str, Any] | None, path: str) -> None:
+    """Load the criterion's parameters saved in the resumed checkpoint (a criterion without any has none)."""
+    if not list(criterion.parameters()):
+        return
+    if state is None:
+        raise UserError(f"{path} holds no {CRITERION_KEY} state (the loss's class proxies): resume with the "
+                        "checkpoint's --loss")
+    try:
+        criterion.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"the loss state in {path} does not fit this run ({str(err).splitlines()[0]}); resume with "
+                        "the checkpoint's --loss and --subcenters") from None
 
 
 def epoch_summary(record: dict[str, Any], epochs: int, best: Best, best_key: str) -> str:

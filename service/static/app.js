@@ -1,9 +1,11 @@
-// The page of serve.py: pick or drop images, send each to POST /v1/classify, show the top artists with bars.
+// The page of serve.py: pick or drop images, send each to POST /v1/classify, show the top artists with bars; with a
+// gallery loaded, POST /v1/similar too and show the most similar works' thumbnails (fetched with the API key).
 "use strict";
 
 const KEY_STORAGE = "artist-service-api-key";
 const PARALLEL_REQUESTS = 4;
-const state = { limits: null, multiLabel: false };
+const SIMILAR_WORKS = 6;
+const state = { limits: null, multiLabel: false, gallery: null };
 
 const $ = (id) => document.getElementById(id);
 
@@ -40,9 +42,11 @@ async function loadModelInfo() {
   const info = await response.json();
   state.limits = info.limits;
   state.multiLabel = info.multi_label;
+  state.gallery = info.gallery;
   const classes = info.num_classes === null ? "features only" : info.num_classes + " artists";
   $("model-info").textContent = `${info.model} · ${classes}${info.multi_label ? " (multi-label)" : ""} · ` +
-    `${info.input_size} px · version ${info.version}`;
+    `${info.input_size} px · version ${info.version}` +
+    (info.gallery ? ` · gallery of ${info.gallery.artists} artists, ${info.gallery.works} works` : "");
 }
 
 function element(tag, className, text) {
@@ -119,10 +123,41 @@ async function classifyOne(file, body) {
       return false;
     }
     showResult(body, (await response.json()).results[0]);
+    if (state.gallery) await showSimilar(file, body);
     return true;
   } catch (err) {
     showError(body, "The service cannot be reached: " + err.message);
     return false;
+  }
+}
+
+async function showSimilar(file, body) {
+  const form = new FormData();
+  form.append("files", file, file.name);
+  const response = await fetch("v1/similar?top_k=" + SIMILAR_WORKS, { method: "POST", body: form,
+                                                                        headers: authHeaders() });
+  if (!response.ok) {
+    body.append(element("p", "error", "Similar works unavailable: " + (await errorText(response))));
+    return;
+  }
+  const result = (await response.json()).results[0];
+  const best = result.artists[0];
+  const verdict = result.unknown ? "Not like any gallery artist (unknown)"
+    : `Closest gallery artist: ${best.artist} (${best.score.toFixed(3)})`;
+  const section = element("div", "similar");
+  section.append(element("p", result.unknown ? "gallery-artist unknown" : "gallery-artist", verdict));
+  const strip = element("ul", "works");
+  section.append(strip);
+  body.append(section);
+  for (const work of result.works) {
+    const item = element("li", "work");
+    item.title = `${work.artist} · ${work.name} · ${work.score.toFixed(3)}`;
+    const image = element("img");
+    image.alt = `${work.artist}: ${work.name}`;
+    item.append(image, element("span", "work-artist", work.artist));
+    strip.append(item);
+    const thumb = await fetch(work.thumbnail, { headers: authHeaders() });  // the key travels as a header
+    if (thumb.ok) image.src = URL.createObjectURL(await thumb.blob());
   }
 }
 

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Compare training losses for style embeddings on artists the model never saw (generated data, CPU).
+
+For each ``--losses`` entry: train lsnet_t_artist on ``--trained`` generated artists, enroll ``--enrolled`` other
+artists in a gallery from ``--refs`` images each, calibrate the unknown threshold (5% false unknown) on held-out
+images of them, then measure on new images of the enrolled artists and of ``--unknown`` artists outside the gallery:
+retrieval (Recall@1, mAP@R, leave-one-out among the query images), identification top-1 and the share of unknown
+artists' images marked unknown at the calibrated threshold. Every loss sees the same images and seed.
+
+    python bench/bench_embeddings.py --output bench_embeddings.json
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train_artist_style  # noqa: E402
+from predictor import load_model_bundle  # noqa: E402
+from retrieval.metrics import retrieval_metrics  # noqa: E402
+from retrieval.references import artist_images, artist_of, embed_images  # noqa: E402
+from tools import build_gallery, evaluate_retrieval  # noqa: E402
+from tools.make_synthetic_artists import generate_artists  # noqa: E402
+from utils import run_cli  # noqa: E402
+
+RUN = ["--device", "cpu", "--num-workers", "0"]
+# What the losses share: 64 px, no mixup / RandAugment / erasing (the metric losses need each image's own label).
+TRAIN = [*RUN, "--model", "lsnet_t_artist", "--input-size", "64", "--feature-dim", "64", "--warmup-epochs", "0",
+         "--cooldown-epochs", "0", "--print-freq", "1000", "--batch-size", "16", "--lr", "1.0", "--aa", "none",
+         "--reprob", "0", "--mixup", "0", "--cutmix", "0", "--smoothing", "0", "--no-repeated-aug"]
+LOSS_FLAGS = {"ce": [], "arcface": ["--sampler", "class-balanced", "--samples-per-class", "4"],
+              "subcenter-arcface": ["--sampler", "class-balanced", "--samples-per-class", "4", "--subcenters", "3"],
+              "supcon": ["--sampler", "class-balanced", "--samples-per-class", "4"]}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--losses", default="ce,arcface,subcenter-arcface,supcon", help="comma-separated --loss names")
+    parser.add_argument("--trained", type=int, default=6, help="artists the model is trained on")
+    parser.add_argument("--enrolled", type=int, default=6, help="unseen artists enrolled in the gallery")
+    parser.add_argument("--unknown", type=int, default=4, help="unseen artists outside the gallery")
+    parser.add_argument("--train-images", type=int, default=24, help="training images per trained artist")
+    parser.add_argument("--refs", type=int, default=4, help="reference images per enrolled artist")
+    parser.add_argument("--queries", type=int, default=6, help="query images per unseen artist")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="bench_embeddings.json", help="JSON report")
+    return parser
+
+
+def make_world(root: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """train/ + val/ of the trained artists; refs/, calib/ (enrolled artists) and queries/ (enrolled + unknown)."""
+    total = args.trained + args.enrolled + args.unknown
+    generate_artists(root / "data" / "train", args.trained, args.train_images, 64, seed=args.seed)
+    generate_artists(root / "data" / "val", args.trained, 4, 64, seed=args.seed + 1)
+    for part, count, seed in (("refs", args.refs, 2), ("calib", 4, 4), ("queries", args.queries, 3)):
+        names = generate_artists(root / part, total, count, 64, seed=args.seed + seed)["artists"]
+        outside = names[:args.trained] + (names[args.trained + args.enrolled:] if part != "queries" else [])
+        for name in outside:
+            shutil.rmtree(root / part / name)
+    return {name: root / name for name in ("data", "refs", "calib", "queries")}
+
+
+def measure(loss: str, world: dict[str, Path], work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Train with ``loss``, build and calibrate the gallery, and evaluate retrieval and open-set identification."""
+    run_dir, gallery, started = work / loss / "run", work / loss / "gallery", time.time()
+    train_artist_style.main(train_artist_style.get_args_parser().parse_args(
+        [*TRAIN, "--loss", loss, *LOSS_FLAGS[loss], "--epochs", str(args.epochs), "--seed", str(args.seed),
+         "--data-path", str(world["data"]), "--output-dir", str(run_dir)]))
+    train_seconds = time.time() - started
+    build_gallery.main(build_gallery.get_args_parser().parse_args(
+        ["--checkpoint", str(run_dir), "--images", str(world["refs"]), "--output-dir", str(gallery),
+         "--calibrate", str(world["calib"]), *RUN]))
+    ident = evaluate_retrieval.main(evaluate_retrieval.get_args_parser().parse_args(
+        ["--gallery", str(gallery), "--queries", str(world["queries"]), "--checkpoint", str(run_dir),
+         "--output", str(work / loss / "identification.json"), *RUN]))["identification"]
+    bundle = load_model_bundle(str(run_dir), device="cpu")
+    names, vectors = embed_images(bundle, world["queries"], artist_images(world["queries"]), 32, 0)
+    retrieval = retrieval_metrics(vectors, [artist_of(name, str(world["queries"])) for name in names])
+    return {"loss": loss, "recall@1": retrieval["recall@1"], "map@r": retrieval["map@r"], "top1": ident["top1"],
+            "unknown_detection": ident["unknown_detection_rate"], "false_unknown": ident["false_unknown_rate"],
+            "train_seconds": round(train_seconds, 1)}
+
+
+HEADER = f"{'loss':<18} {'Recall@1':>8} {'mAP@R':>7} {'top-1':>6} {'unknown':>8} {'false unk':>9} {'train s':>8}"
+
+
+def format_row(r: dict[str, Any]) -> str:
+    return (f"{r['loss']:<18} {r['recall@1']:>8.3f} {r['map@r']:>7.3f} {r['top1']:>6.3f} "
+            f"{r['unknown_detection']:>8.3f} {r['false_unknown']:>9.3f} {r['train_seconds']:>8.1f}")
+
+
+def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    torch.set_num_threads(2)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_embeddings_") as tmp:
+        world = make_world(Path(tmp) / "world", args)
+        for loss in args.losses.split(","):
+            rows.append(measure(loss.strip(), world, Path(tmp) / "runs", args))
+            print(f"result: {format_row(rows[-1])}", flush=True)
+    print(f"unseen artists: {args.enrolled} enrolled ({args.refs} refs each), {args.unknown} unknown; chance top-1 "
+          f"{1 / args.enrolled:.3f}\n{HEADER}")
+    for r in rows:
+        print(format_row(r))
+    Path(args.output).write_text(json.dumps({"settings": vars(args), "results": rows}, indent=2) + "\n",
+                                 encoding="utf-8")
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))

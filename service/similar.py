@@ -1,0 +1,63 @@
+"""``POST /v1/similar`` and gallery thumbnails: nearest works and artists of a loaded retrieval gallery.
+
+A work is addressed only by its index in the gallery's own image list; no path from a request reaches the file
+system.
+"""
+
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from data.images import ImageLoadError, load_image
+from retrieval.gallery import Gallery
+from retrieval.index import l2_normalize, search
+from service.limits import ServiceError
+
+THUMBNAIL_PX = 256  # longest side of a thumbnail
+THUMBNAIL_ROUTE = "v1/gallery/images/{image_id}"  # relative: the page works behind a proxy's sub-path
+
+
+class GallerySearch:
+    """A loaded gallery answering similarity queries (Faiss index built once) and serving its works' thumbnails."""
+
+    def __init__(self, gallery: Gallery):
+        self.gallery = gallery
+        self.index, self.index_params = gallery.index()
+
+    def info(self) -> dict[str, Any]:
+        """What ``GET /v1/model`` says about the gallery."""
+        g = self.gallery
+        return {"artists": len(g.artist_names), "works": len(g.paths), "unknown_threshold": g.unknown_threshold,
+                "index": self.index_params.get("type", "")}
+
+    def similar(self, features: np.ndarray, top_k: int, top_artists: int) -> list[dict[str, Any]]:
+        """Per feature row: the closest artists (cosine to their prototypes, with the unknown decision when the
+        gallery has a threshold) and the ``top_k`` nearest works (cosine, artist, thumbnail URL)."""
+        vectors = l2_normalize(np.asarray(features, np.float32), "style vector")
+        matches = self.gallery.match(vectors, top_artists, self.gallery.unknown_threshold)
+        scores, ids = search(self.index, vectors, top_k)
+        results = []
+        for match, row_scores, row_ids in zip(matches, scores, ids, strict=True):
+            works = [{"id": int(i), "artist": self.gallery.artists[i], "score": float(s),
+                      "name": self.gallery.paths[i].replace("\\", "/").rsplit("/", 1)[-1],
+                      "thumbnail": THUMBNAIL_ROUTE.format(image_id=int(i))}
+                     for s, i in zip(row_scores, row_ids, strict=True) if i >= 0]
+            results.append({**match, "works": works})
+        return results
+
+    def thumbnail(self, image_id: int) -> bytes:
+        """The JPEG thumbnail of gallery work ``image_id`` (404 for an id outside the list or a file gone)."""
+        if not 0 <= image_id < len(self.gallery.paths):
+            raise ServiceError(404, f"gallery image {image_id} does not exist; ids run from 0 to "
+                                    f"{len(self.gallery.paths) - 1}")
+        try:
+            image = load_image(self.gallery.paths[image_id])
+        except ImageLoadError as err:
+            raise ServiceError(404, f"gallery image {image_id} cannot be read ({err.reason.rstrip('.')}); rebuild "
+                                    "the gallery if its images moved") from None
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.BICUBIC)
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=85)
+        return out.getvalue()
