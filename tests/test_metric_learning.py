@@ -117,7 +117,7 @@ def test_arcface_under_torchrun_with_class_balanced_shards_and_supcon(data, tmp_
 
 @pytest.mark.parametrize("argv, message", [
     (["--loss", "arcface", "--mixup", "0.8"], r"--loss arcface needs each image's own artist: drop --mixup"),
-    (["--loss", "supcon", "--temperature", "0"], r"--temperature must be positive"),
+    (["--loss", "supcon", "--temperature", "0"], r"--temperature must be above 0, got 0"),
     (["--loss", "arcface", "--distillation-type", "soft"], r"drop --distillation-type"),
     (["--sampler", "class-balanced", "--samples-per-class", "0"], r"--samples-per-class must be at least 1"),
 ])

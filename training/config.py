@@ -277,18 +277,10 @@ def _check_flags(values: Mapping[str, Any]) -> None:
 
 
 def _check_embedding_flags(values: Mapping[str, Any]) -> None:
-    for name, minimum in (("samples_per_class", 1), ("subcenters", 1)):
-        if values[name] < minimum:
-            raise UserError(f"--{name.replace('_', '-')} must be at least {minimum}, got {values[name]}")
-    if values["loss"] == "ce":
-        return
-    if values["distillation_type"] != "none":
+    """A metric ``--loss`` does not combine with distillation (its numbers are checked with :data:`FLAG_RANGES`)."""
+    if values["loss"] != "ce" and values["distillation_type"] != "none":
         raise UserError(f"--loss {values['loss']} trains the style vectors without a teacher: drop "
                         "--distillation-type (distillation works with --loss ce)")
-    if values["loss"] == "supcon" and values["temperature"] <= 0:
-        raise UserError(f"--temperature must be positive, got {values['temperature']}")
-    if values["loss"] != "supcon" and values["loss_scale"] <= 0:
-        raise UserError(f"--loss-scale must be positive, got {values['loss_scale']}")
 
 
 def _check_ranges(values: Mapping[str, Any]) -> None:
