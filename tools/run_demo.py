@@ -164,8 +164,7 @@ def single_label_demo(args: argparse.Namespace, demo: Demo, work: Path) -> tuple
     ], {**train_settings, "query": 0}, [work / "similar.json"])
 
     unseen = unseen_artists_step(args, demo, work, model_dir, train_settings)
-    top1 = best_logged(model_dir, "val_acc1")
-    ari, nmi = cluster_agreement(clusters / "cluster_assignments.json")
+    top1, (ari, nmi) = best_logged(model_dir, "val_acc1"), cluster_agreement(clusters / "cluster_assignments.json")
     ok = top1 >= args.min_top1
     verdict = "OK" if ok else "TOO LOW"
     summary = f"""validation top-1            {top1:.1f}%   (required: {args.min_top1:.0f}%)  {verdict}

@@ -24,6 +24,13 @@ def _global_mean(value: torch.Tensor) -> float:
     return utils.all_reduce_sum(value).item() / utils.get_world_size()
 
 
+def _after_update(model: nn.Module, optimizer: torch.optim.Optimizer, model_ema: ModelEmaV3 | None) -> None:
+    """After an optimizer step: clear the gradients, update the EMA weights."""
+    optimizer.zero_grad(set_to_none=True)
+    if model_ema is not None:
+        model_ema.update(unwrap_model(model))
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -77,9 +84,7 @@ def train_one_epoch(
                 raise _non_finite_loss(loss_value, epoch, step, num_steps)
             _backward(loss / group_size, model, optimizer, loss_scaler, clip_grad, clip_mode, update)
         if update:
-            optimizer.zero_grad(set_to_none=True)
-            if model_ema is not None:
-                model_ema.update(unwrap_model(model))
+            _after_update(model, optimizer, model_ema)
         batch = samples.shape[0] * world_size
         first_loss = loss_value if step == 0 else first_loss
         loss_sum, images = loss_sum + loss_value * batch, images + batch
