@@ -169,7 +169,6 @@ def test_failed_write_keeps_the_previous_file(env, monkeypatch):
     ("missing_input", r"input not found: .*nothing.jpg"),
     ("no_images", r"no image files in the --inputs"),
     ("threshold", r"--threshold is a confidence between 0 and 1, got 1.5"),
-    ("top_k", r"--top-k must be at least 1, got 0"),
 ])
 def test_clear_errors(env, case, message):
     tmp, run_dir, images, _ = env
@@ -202,3 +201,10 @@ def test_command_line_error_is_one_line(env):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: input not found: {tmp / 'nothing.jpg'}; pass image files and/or directories of images"]
+
+
+def test_numeric_flags_are_checked_at_parse_time(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        get_args_parser().parse_args(["--checkpoint", "x", "--inputs", "y", "--top-k", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("argument --top-k: must be at least 1, got 0")

@@ -157,7 +157,8 @@ def test_channels_last_trains_like_the_default_layout(small_data, tmp_path):
     """--channels-last changes only the memory layout: the same run's losses and weights agree with the default
     (up to the summation order of the convolution kernels, which train-mode BatchNorm on 1x1 maps of a batch of 8
     amplifies to ~1e-4), and the checkpoint loads into a plain model."""
-    common = ["--data-path", str(small_data), "--batch-size", "8", "--epochs", "1", *NO_AUG]
+    # The original recipe's small learning rate: the adaptive one's larger steps amplify the rounding differences.
+    common = ["--data-path", str(small_data), "--batch-size", "8", "--epochs", "1", "--recipe", "imagenet", *NO_AUG]
     default = run_main(*common, "--output-dir", str(tmp_path / "default"))
     channels_last = run_main(*common, "--output-dir", str(tmp_path / "channels_last"), "--channels-last")
     assert channels_last["train_loss"] == pytest.approx(default["train_loss"], rel=2e-3)

@@ -38,7 +38,7 @@ FLAG_RANGES: dict[str, NumberRange] = {
     "recount": _SIZE, "mixup": _NON_NEGATIVE, "cutmix": _NON_NEGATIVE, "cutmix_minmax": _SHARE, "mixup_prob": _SHARE,
     "mixup_switch_prob": _SHARE, "model_ema_decay": _SHARE, "seed": _COUNT, "start_epoch": _COUNT,
     "save_every": _COUNT, "eval_every": _SIZE, "num_workers": _COUNT, "print_freq": _SIZE,
-    "distillation_alpha": _SHARE, "distillation_tau": _POSITIVE, "lr_abs": _POSITIVE,
+    "distillation_alpha": _SHARE, "distillation_tau": _POSITIVE, "lr_abs": _NON_NEGATIVE,
     "layer_decay": NumberRange(float, 0, 1, low_open=True), "patience": _COUNT, "loss_scale": _POSITIVE,
     "loss_margin": NumberRange(float, 0, 1.5), "subcenters": _SIZE, "temperature": _POSITIVE,
     "samples_per_class": _SIZE,
