@@ -22,8 +22,9 @@ $(STAMP): $(REQUIREMENTS) constraints.txt pyproject.toml
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# One pytest worker per core (at most 4), each single-threaded; a test file stays on one worker (its fixtures once).
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
 
 # The whole workflow on a generated dataset (about 3 minutes on a 2-core CPU; a GPU is used when present).
 demo: $(STAMP)

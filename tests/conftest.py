@@ -1,5 +1,7 @@
 """Fixtures shared by several test modules."""
 
+import os
+
 import huggingface_hub.constants
 import pytest
 import torch
@@ -25,3 +27,11 @@ def offline_hub(tmp_path, monkeypatch):
         torch.save(checkpoint, repo / "snapshots" / HUB_COMMIT / filename)
 
     return add
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs two workers on two cores) each worker and the scripts it starts use
+    one thread, so the workers do not fight over the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
