@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,9 +39,12 @@ from artifacts.outputs import (
     write_json_file,
 )
 from data import ImageLoadError
+from errors import import_optional
 from predictor import MODES, ArtistModel, BatchResult, FocusOptions, add_runtime_args, load_model_bundle
-from retrieval.gallery import Gallery, load_gallery, model_identity
 from utils import NumberRange, UserError, run_cli
+
+if TYPE_CHECKING:
+    from retrieval.gallery import Gallery
 
 GALLERY_RESULTS_FILE = "gallery_results.json"
 
@@ -50,7 +53,7 @@ GALLERY_RESULTS_FILE = "gallery_results.json"
 class GalleryMatcher:
     """``--gallery`` loaded and checked against the model, with the unknown threshold that applies."""
 
-    gallery: Gallery
+    gallery: "Gallery"
     threshold: float | None
     path: str
 
@@ -106,8 +109,9 @@ def load_matcher(args: argparse.Namespace, artist_model: ArtistModel) -> Gallery
     """``--gallery`` checked against the model (a gallery built with another model is refused), or None."""
     if not args.gallery:
         return None
-    gallery = load_gallery(args.gallery)
-    gallery.check_model(model_identity(artist_model), args.gallery)
+    galleries = import_optional("retrieval.gallery", "requirements-retrieval.txt", "--gallery")
+    gallery = galleries.load_gallery(args.gallery)
+    gallery.check_model(galleries.model_identity(artist_model), args.gallery)
     threshold = args.unknown_threshold if args.unknown_threshold is not None else gallery.unknown_threshold
     return GalleryMatcher(gallery, threshold, args.gallery)
 

@@ -15,8 +15,9 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
+from errors import import_optional
 from predictor import add_runtime_args, load_model_bundle
-from utils import UserError, run_cli
+from utils import run_cli
 
 if TYPE_CHECKING:
     import uvicorn
@@ -61,18 +62,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def prepare(args: argparse.Namespace) -> tuple["uvicorn.Server", socket.socket]:
     """The server for ``args`` and its listening socket (the model is loaded); ``main`` runs it."""
-    try:
-        from service import Settings, create_app
-        from service.server import bind, build_server
-    except ImportError as err:
-        raise UserError(f"the serving packages are missing ({err}); pip install -r requirements-serve.txt -r "
-                        "requirements-retrieval.txt") from None
+    needs = "requirements-serve.txt -r requirements-retrieval.txt"
+    service = import_optional("service", needs, "serve.py")
+    server = import_optional("service.server", needs, "serve.py")
     overrides = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
-    settings = Settings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
-                        max_files=args.max_files, max_queue=args.max_queue, decode_threads=max(1, args.num_workers),
-                        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-                        cors_origins=tuple(args.cors_origin), **overrides)
-    sock = bind(args.host, args.port)  # before loading the model: a busy port fails at once
+    settings = service.Settings(
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
+        max_files=args.max_files, max_queue=args.max_queue, decode_threads=max(1, args.num_workers),
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, cors_origins=tuple(args.cors_origin), **overrides)
+    sock = server.bind(args.host, args.port)  # before loading the model: a busy port fails at once
     try:
         model = load_model_bundle(args.checkpoint, device=args.device, amp=args.amp, compile=args.compile)
         gallery = load_checked_gallery(args.gallery, model) if args.gallery else None
@@ -87,7 +85,7 @@ def prepare(args: argparse.Namespace) -> tuple["uvicorn.Server", socket.socket]:
     with_gallery = f", gallery of {len(gallery.artist_names)} artists" if gallery is not None else ""
     print(f"serving {model.model_name} ({len(model.class_names or [])} classes{with_gallery}) on "
           f"http://{host}:{port}/ (API docs: /docs)", flush=True)
-    return build_server(create_app(model, settings, gallery), args.log_level, args.root_path), sock
+    return server.build_server(service.create_app(model, settings, gallery), args.log_level, args.root_path), sock
 
 
 def load_checked_gallery(path: str, model: "ArtistModel") -> "Gallery":

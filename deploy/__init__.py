@@ -4,6 +4,8 @@
   ``features`` outputs), the ONNX export, the probe images, the onnxruntime-vs-PyTorch comparison, ``reference.json``.
 - :mod:`deploy.quantize`: int8 static quantization (onnxruntime QDQ, per-channel) and its speed/agreement report.
 - :mod:`deploy.exporter`: a model folder or checkpoint -> a verified deployment folder (ONNX, safetensors or both).
+- :mod:`deploy.onnx_folder`: the ONNX half of that folder (written, verified, ``reference.json``, ``int8/``); it is
+  the only part that needs onnx and onnxruntime.
 
 Running an exported folder is :mod:`inference.onnx_model`'s business (torch-free); its files are described by
 :mod:`artifacts.config_file` and :func:`artifacts.model_folder.build_export_config`.

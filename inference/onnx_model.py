@@ -22,7 +22,7 @@ from artifacts.config_file import ONNX_FILE, read_config
 from data.class_mapping import CLASS_MAPPING_FILE, read_class_mapping
 from data.images import ImageLoadError, load_image, to_rgb
 from data.resize import resize_center_crop
-from errors import UserError
+from errors import UserError, import_optional
 from inference.results import BatchedModel, ImageInput, SkippedImage
 
 _RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
@@ -42,10 +42,7 @@ def eval_preprocess(image: Image.Image, input_size: int, config: dict[str, Any])
 
 
 def _open_session(path: Path, threads: int | None) -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise UserError(f"{path} needs onnxruntime: pip install -r requirements-deploy.txt") from None
+    ort = import_optional("onnxruntime", "requirements-deploy.txt", f"the ONNX model {path}")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads

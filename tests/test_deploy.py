@@ -20,6 +20,7 @@ from test_inference import make_model
 import export
 import inference_artist
 import predict_artist_multilabel
+import serve
 from artifacts.checkpoint import load_checkpoint
 from artifacts.config_file import ONNX_FILE, REFERENCE_FILE, SAFETENSORS_FILE
 from artifacts.model_folder import read_model_spec
@@ -234,3 +235,51 @@ def test_bad_inputs_are_one_line_errors(env, tmp_path, case):
     with pytest.raises(UserError, match=expected) as err:
         export.main(export.get_args_parser().parse_args(["--checkpoint", checkpoint, "--output-dir", str(output)]))
     assert "\n" not in str(err.value)
+
+
+# The optional packages each script names in its one-line error; everything else must work without them.
+OPTIONAL = ("onnx", "onnxruntime", "onnxscript", "faiss", "fastapi", "uvicorn")
+# A None entry in sys.modules is how Python spells "not installed" to both `import` and importlib.util.find_spec.
+WITHOUT_OPTIONAL = f'''import contextlib, io, json, sys
+sys.modules.update(dict.fromkeys({OPTIONAL!r}))
+import export, inference_artist, serve
+from utils import run_cli
+def run(script, argv):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            run_cli(lambda: script.main(script.get_args_parser().parse_args(argv)))
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+    return [code, err.getvalue()]
+'''
+
+
+def test_core_scripts_run_without_optional_packages_and_name_the_missing_ones(env, tmp_path):
+    """Base requirements only: inference and a safetensors export work; ONNX export, ONNX folders, --gallery and
+    serve.py stop with one line naming the requirements file, before writing anything."""
+    _, _, source, exported, images = env
+    cases = {"inference": (inference_artist, ["--checkpoint", str(source), "--input", str(images),
+                                              "--output", str(tmp_path / "pred"), "--device", "cpu"]),
+             "safetensors": (export, ["--checkpoint", str(source), "--output-dir", str(tmp_path / "st"),
+                                      "--format", "safetensors"]),
+             "onnx_export": (export, ["--checkpoint", str(source), "--output-dir", str(tmp_path / "onnx")]),
+             "onnx_folder": (inference_artist, ["--checkpoint", str(exported), "--input", str(images),
+                                                "--output", str(tmp_path / "onnx_pred")]),
+             "gallery": (inference_artist, ["--checkpoint", str(source), "--input", str(images), "--device", "cpu",
+                                            "--gallery", str(tmp_path), "--output", str(tmp_path / "gal_pred")]),
+             "serve": (serve, ["--checkpoint", str(source), "--port", "0", "--device", "cpu"])}
+    code = WITHOUT_OPTIONAL + "print(json.dumps({" + ", ".join(
+        f"{name!r}: run({module.__name__}, {argv!r})" for name, (module, argv) in cases.items()) + "}))\n"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout.splitlines()[-1])
+    assert outcome["inference"][0] == 0 and (tmp_path / "pred" / "batch_results.json").is_file()
+    assert outcome["safetensors"][0] == 0 and (tmp_path / "st" / SAFETENSORS_FILE).is_file()
+    for name, requirements in (("onnx_export", "requirements-deploy.txt"), ("onnx_folder", "requirements-deploy.txt"),
+                               ("gallery", "requirements-retrieval.txt"), ("serve", "requirements-serve.txt")):
+        code, stderr = outcome[name]
+        assert code == 2 and stderr.count("\n") == 1 and requirements in stderr, (name, stderr)
+    assert not (tmp_path / "onnx").exists()  # checked before the export folder is made
+    assert not any((tmp_path / "onnx_pred").iterdir()) and not any((tmp_path / "gal_pred").iterdir())
