@@ -22,7 +22,7 @@ from utils import run_cli
 if TYPE_CHECKING:
     import uvicorn
 
-    from predictor import ArtistModel
+    from predictor import BatchedModel
     from retrieval.gallery import Gallery
 
 API_KEY_ENV = "ARTIST_API_KEY"  # read when --api-key is not given
@@ -88,7 +88,7 @@ def prepare(args: argparse.Namespace) -> tuple["uvicorn.Server", socket.socket]:
     return server.build_server(service.create_app(model, settings, gallery), args.log_level, args.root_path), sock
 
 
-def load_checked_gallery(path: str, model: "ArtistModel") -> "Gallery":
+def load_checked_gallery(path: str, model: "BatchedModel") -> "Gallery":
     """The ``--gallery`` folder, refused when it was built with another model."""
     from retrieval.gallery import load_gallery, model_identity
 

@@ -65,6 +65,10 @@ class ArtistModel(BatchedModel):
         self._outputs_checked = False  # whether a first batch showed finite outputs
 
     @property
+    def runs_on_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    @property
     def input_size(self) -> int:
         return int(self.data_config.get("input_size", (3, 224, 224))[-1])
 

@@ -134,6 +134,11 @@ class BatchedModel:
     def feature_dim(self) -> int:
         raise NotImplementedError
 
+    @property
+    def runs_on_cpu(self) -> bool:
+        """Whether the model computes on the CPU (then resizing images on threads competes with it)."""
+        return True
+
     def _batches(self, images: Sequence[ImageInput], names: Sequence[str], mode: str, batch_size: int,
                  num_workers: int, skipped: list[SkippedImage] | None,
                  progress: bool) -> Iterator[tuple[list[str], np.ndarray | None, np.ndarray | None]]:

@@ -1,4 +1,4 @@
-"""The style-recognition web service: a FastAPI app around one loaded :class:`predictor.ArtistModel`.
+"""The style-recognition web service: a FastAPI app around one loaded model (:class:`predictor.BatchedModel`).
 
 ``serve.py`` is the command line; programs embed it with::
 

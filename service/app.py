@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from predictor import ArtistModel
+from predictor import BatchedModel
 from retrieval.gallery import Gallery
 from service.auth import api_key_dependencies
 from service.engine import Engine
@@ -112,7 +112,7 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
 
 
-def create_app(model: ArtistModel, settings: Settings | None = None, gallery: Gallery | None = None) -> FastAPI:
+def create_app(model: BatchedModel, settings: Settings | None = None, gallery: Gallery | None = None) -> FastAPI:
     """The service for a loaded model. ``gallery``: the retrieval gallery behind ``POST /v1/similar`` (checked
     against the model by the caller)."""
     settings = settings or Settings()

@@ -13,7 +13,7 @@ from fastapi import FastAPI, UploadFile
 from PIL import Image
 
 from inference.results import select_labels
-from predictor import ArtistModel
+from predictor import BatchedModel
 from service.batcher import DynamicBatcher
 from service.limits import ServiceError, read_images
 from service.settings import Settings
@@ -33,11 +33,12 @@ def file_version(path: Path | None) -> str:
 
 
 class Engine:
-    """One loaded :class:`ArtistModel` serving requests: uploads are decoded on ``settings.decode_threads`` threads,
-    their images batched with those of concurrent requests (:class:`DynamicBatcher`) and run with
-    :meth:`ArtistModel.run_paths`, the computation of ``inference_artist.py``."""
+    """One loaded model (:class:`predictor.BatchedModel`: PyTorch, ONNX or glance-and-focus) serving requests:
+    uploads are decoded on ``settings.decode_threads`` threads, their images batched with those of concurrent
+    requests (:class:`DynamicBatcher`) and run with :meth:`BatchedModel.run_paths`, the computation of
+    ``inference_artist.py``."""
 
-    def __init__(self, model: ArtistModel, settings: Settings):
+    def __init__(self, model: BatchedModel, settings: Settings):
         self.model = model
         self.settings = settings
         self.multi_label = bool(model.config.get("multi_label"))
@@ -71,7 +72,7 @@ class Engine:
         """One model call for a batch: the top-k lists (``("classify", top_k, threshold)``) or feature rows."""
         mode, top_k, threshold = key  # type: ignore[misc]
         # Threads resize the images in turns with a CPU model; a GPU model resizes them itself (no worker processes).
-        workers = self.settings.decode_threads if self.model.device.type == "cpu" else 0
+        workers = self.settings.decode_threads if self.model.runs_on_cpu else 0
         result = self.model.run_paths(images, mode, top_k=top_k, threshold=threshold, batch_size=len(images),
                                       num_workers=workers, skip_unreadable=False)
         return result.classifications if mode == "classify" else list(result.features)

@@ -20,6 +20,7 @@ import urllib3
 from PIL import Image
 from test_inference import make_model
 
+import export
 import inference_artist
 import predict_artist_multilabel
 import serve
@@ -313,6 +314,26 @@ def test_serve_script_takes_the_api_key_from_the_environment(model_dir, images, 
         assert get(f"{url}/v1/model", key).json()["limits"]["max_files"] == 2
         response = post(f"{url}/v1/classify", [upload(images / "img0.png")], key)
         assert response.status == 200 and response.json()["results"][0]["classification"]
+
+
+def test_an_exported_onnx_folder_is_served_like_its_pytorch_model(model_dir, artist_model, images, tmp_path):
+    """serve.py on an export.py folder (onnxruntime, no PyTorch model): the same classes and style vectors."""
+    exported = export.main(export.get_args_parser().parse_args(
+        ["--checkpoint", str(model_dir), "--output-dir", str(tmp_path / "onnx")]))
+    args = serve.get_args_parser().parse_args(["--checkpoint", str(exported), "--port", "0", "--log-level", "warning"])
+    names = ["photo.jpg", "img0.png"]
+    with running(*serve.prepare(args)) as url:
+        assert get(f"{url}/v1/model").json()["model"] == "lsnet_t_artist"
+        classified = post(f"{url}/v1/classify?top_k=3", [upload(images / n) for n in names])
+        features = post(f"{url}/v1/features", [upload(images / n) for n in names])
+    assert classified.status == 200 and features.status == 200, (classified.data, features.data)
+    for result, name in zip(classified.json()["results"], names, strict=True):
+        reference = artist_model.classify(images / name, 3)
+        assert [e["class_id"] for e in result["classification"]] == [e["class_id"] for e in reference]
+        np.testing.assert_allclose([e["probability"] for e in result["classification"]],
+                                   [e["probability"] for e in reference], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose([r["features"] for r in features.json()["results"]],
+                               artist_model.extract_features([images / n for n in names]), rtol=1e-3, atol=1e-4)
 
 
 def test_serve_main_reports_a_missing_model_in_one_line(tmp_path):
