@@ -15,6 +15,7 @@ from pathlib import Path
 import imagegen as gen
 import numpy as np
 import pytest
+import timm
 import torch
 import urllib3
 from PIL import Image
@@ -25,6 +26,7 @@ import inference_artist
 import predict_artist_multilabel
 import serve
 from data import write_class_mapping
+from gfnet.folder import save_model_folder
 from predictor import ArtistModel, load_model_bundle
 from retrieval.gallery import load_gallery
 from service import Settings, create_app
@@ -334,6 +336,19 @@ def test_an_exported_onnx_folder_is_served_like_its_pytorch_model(model_dir, art
                                    [e["probability"] for e in reference], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose([r["features"] for r in features.json()["results"]],
                                artist_model.extract_features([images / n for n in names]), rtol=1e-3, atol=1e-4)
+
+
+def test_a_glance_and_focus_folder_is_served_like_its_predictor(images, tmp_path):
+    torch.manual_seed(0)
+    net = timm.create_model("lsnet_t_gf", num_classes=3, glance_size=64, patch_size=32, focus_steps=2).eval()
+    save_model_folder(net, "lsnet_t_gf", tmp_path / "gf", CLASSES)
+    args = serve.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "gf"), "--port", "0"])
+    with running(*serve.prepare(args)) as url:
+        assert get(f"{url}/v1/model").json()["model"] == "lsnet_t_gf"
+        response = post(f"{url}/v1/classify?top_k=3", [upload(images / "img1.png")])
+    assert response.status == 200, response.data
+    reference = load_model_bundle(tmp_path / "gf").classify(images / "img1.png", 3)
+    assert_same_classification(response.json()["results"][0]["classification"], reference)
 
 
 def test_serve_main_reports_a_missing_model_in_one_line(tmp_path):
