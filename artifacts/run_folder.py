@@ -270,9 +270,10 @@ class RunFolder:
         write_json_atomic(self.path / ARGS_FILE, args)
         write_config(self.path, config)
 
-    def check_free_space(self, checkpoint_bytes: int, best_bytes: int) -> None:
+    def check_free_space(self, checkpoint_bytes: int, best_bytes: int, snapshots: int = 0) -> None:
         """Stop (one line) when the folder cannot hold one epoch's checkpoints; warn when it holds less than two
-        checkpoints' worth (each save writes the new file beside the old one, then replaces it)."""
+        checkpoints' worth (each save writes the new file beside the old one, then replaces it), or less than that
+        plus the ``snapshots`` ``checkpoint_epochN.pth`` files ``--save-every`` will keep."""
         if self.path is None:
             return
         free = shutil.disk_usage(self.path).free
@@ -287,6 +288,10 @@ class RunFolder:
             print(f"warning: {self.path} has {_mb(free)} free, less than the {_mb(steady)} that two checkpoints need "
                   "(a save writes the new file before replacing the old one): a later save may fail, keeping the "
                   "previous checkpoint", flush=True)
+        elif free < steady + snapshots * checkpoint_bytes:
+            print(f"warning: {self.path} has {_mb(free)} free, but the {snapshots} checkpoint_epochN.pth files that "
+                  f"--save-every keeps need {_mb(snapshots * checkpoint_bytes)} more: later snapshots may fail; "
+                  "raise --save-every or free some space", flush=True)
 
     def _write_class_mapping(self, class_names: Sequence[str], resuming: bool) -> None:
         path = self.path / CLASS_MAPPING_FILE

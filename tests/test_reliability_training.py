@@ -4,6 +4,7 @@ is a one-line error that keeps the previous checkpoint, one class is refused, ba
 
 import contextlib
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import timm
 import torch
 from test_train import NO_AUG, make_dataset, run_main, train_artist_style
 
+from artifacts import run_folder
 from artifacts.checkpoint import load_checkpoint_file, save_checkpoint_atomic
-from artifacts.run_folder import append_log_record
+from artifacts.run_folder import append_log_record, checkpoint_sizes
 from training.config import TrainConfig
 from utils import UserError
 
@@ -94,6 +96,23 @@ def test_full_disk_is_found_before_training_and_a_failed_save_keeps_the_previous
         assert "the previous checkpoint.pth is intact" in message and "\n" not in message
         assert load_checkpoint_file(six / "run" / "checkpoint.pth")["epoch"] == 0
         assert not [p.name for p in (six / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_save_every_snapshots_count_in_the_free_space_warning(tiny_data, tmp_path, monkeypatch, capsys):
+    """Room for checkpoint.pth and model_best.pth twice over plus one snapshot: --save-every 1 over 2 epochs is
+    warned about before training, naming the snapshots; resumed to 3 epochs (one more snapshot) it is not."""
+    net = timm.create_model("lsnet_t_artist", num_classes=4, feature_dim=32)
+    checkpoint, best = checkpoint_sizes(net, ema=False)
+    free = 2 * (checkpoint + best) + checkpoint
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(free * 4, 0, free))
+    common = [*COMMON, "--data-path", str(tiny_data), "--output-dir", str(tmp_path / "run"), "--lr", "0.01",
+              "--save-every", "1", "--feature-dim", "32"]
+    run_main(*common, "--epochs", "2")
+    assert "the 2 checkpoint_epochN.pth files that --save-every keeps" in capsys.readouterr().out
+    run_main(*common, "--epochs", "3", "--resume", str(tmp_path / "run"))
+    assert "--save-every keeps" not in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint_epoch*.pth")) == [
+        f"checkpoint_epoch{n}.pth" for n in (1, 2, 3)]
 
 
 @pytest.mark.parametrize("code, text", [(28, "No space left on device"), (30, "Read-only file system"),

@@ -125,7 +125,9 @@ class Trainer:
                                    **(task.extra_config or {}))
         self.folder = RunFolder(cfg.run.output_dir, enabled=dist.is_main)
         self.folder.start(class_names, self.resume_point is not None, self.args, self.config)
-        self.folder.check_free_space(*checkpoint_sizes(model, cfg.ema.enabled))
+        first = self.resume_point.epoch + 1 if self.resume_point is not None else cfg.run.start_epoch
+        snapshots = cfg.optim.epochs // cfg.run.save_every - first // cfg.run.save_every if cfg.run.save_every else 0
+        self.folder.check_free_space(*checkpoint_sizes(model, cfg.ema.enabled), snapshots=max(snapshots, 0))
         self.guard = DivergenceGuard(cfg.run.output_dir, self.resume_point is not None)
         self.state = build_training_state(model, cfg, scaled_lr, dist.device, task.criterion)
         self.start_epoch, self.best = cfg.run.start_epoch, Best()
