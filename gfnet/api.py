@@ -19,9 +19,9 @@ from utils import UserError, resolve_device
 
 from .compute import cumulative_gflops
 from .crops import View, make_view, to_original
-from .dataset import to_tensor
+from .dataset import MEAN, STD, to_tensor
 from .early_exit import NEVER, threshold_thresholds, thresholds_for_budget
-from .folder import load_model_folder
+from .folder import load_model_folder, weights_file
 
 __all__ = ["GFPrediction", "GlanceFocusPredictor", "load_glance_focus"]
 
@@ -44,11 +44,18 @@ class GFPrediction:
 class GlanceFocusPredictor:
     """A loaded glance-and-focus model with its classes, ``config.json``, GFLOPs per step and exit rules."""
 
-    def __init__(self, model, classes: list[str], config: dict[str, Any], device: torch.device):
+    def __init__(self, model, classes: list[str], config: dict[str, Any], device: torch.device,
+                 weights: Path | None = None):
         self.model, self.classes, self.config, self.device = model, classes, config, device
+        self.weights = weights  # the weights file it was loaded from
         self.gf = config["gf"]
         self.step_gflops: list[float] = self.gf["step_gflops"]
         self.cumulative_gflops = cumulative_gflops(self.step_gflops)
+        size = int(model.glance_size)
+        # The preprocessing of the style vectors (galleries record it): the glance's size and normalisation, and
+        # where the crops come from.
+        self.data_config = {"input_size": (3, size, size), "mean": MEAN, "std": STD,
+                            **{key: self.gf.get(key) for key in ("focus_resolution", "patch_size")}}
 
     def thresholds(self, exit_threshold: float | None = None, budget: float | None = None) -> list[float]:
         """Per-step exit thresholds: ``exit_threshold`` at every step, a calibrated ``budget``, or no early exit."""
@@ -117,4 +124,4 @@ def load_glance_focus(folder: str | os.PathLike, device: str | torch.device | No
     """Load a glance-and-focus model folder written by ``train_glance_focus.py``."""
     device = resolve_device(device)
     model, classes, config = load_model_folder(folder, device)
-    return GlanceFocusPredictor(model, classes, config, device)
+    return GlanceFocusPredictor(model, classes, config, device, weights_file(folder, config))

@@ -72,6 +72,11 @@ def update_gf_config(folder: Path, **entries: Any) -> None:
     write_config(folder, config)
 
 
+def weights_file(folder: str | os.PathLike, config: dict[str, Any]) -> Path:
+    """The weights file of a GF model folder (``config.json``'s ``checkpoint``, else ``model_best.pth``)."""
+    return Path(folder) / str(config.get("checkpoint") or BEST_FILE)
+
+
 def load_model_folder(folder: str | os.PathLike, device: torch.device | str = "cpu"
                       ) -> tuple[GlanceFocus, list[str], dict[str, Any]]:
     """The model (eval mode, on ``device``), its class names and its ``config.json`` from a GF model folder."""
@@ -83,5 +88,5 @@ def load_model_folder(folder: str | os.PathLike, device: torch.device | str = "c
     classes = read_class_mapping(folder / CLASS_MAPPING_FILE)
     gf = config["gf"]
     model = create_model(config["model"], len(classes), **{k: gf.get(k) for k in GF_SETTINGS})
-    load_checkpoint(folder / config.get("checkpoint", BEST_FILE), model, log=lambda _: None)
+    load_checkpoint(weights_file(folder, config), model, log=lambda _: None)
     return model.to(device).eval(), classes, config

@@ -48,8 +48,9 @@ class GlanceFocusModel(BatchedModel):
     def __init__(self, predictor: "GlanceFocusPredictor", folder: Path, options: FocusOptions):
         self.predictor, self.options = predictor, options
         self.class_names, self.config = predictor.classes, predictor.config
-        self.model_name, self.checkpoint = str(self.config["model"]), folder
+        self.model_name, self.checkpoint = str(self.config["model"]), predictor.weights or folder
         self.input_size = int(predictor.model.glance_size)
+        self.data_config = predictor.data_config
         predictor.thresholds(options.exit_threshold, options.budget)  # a bad rule fails now, not at the first image
         self._details: dict[str, dict[str, Any]] = {}
 

@@ -338,17 +338,26 @@ def test_an_exported_onnx_folder_is_served_like_its_pytorch_model(model_dir, art
                                artist_model.extract_features([images / n for n in names]), rtol=1e-3, atol=1e-4)
 
 
-def test_a_glance_and_focus_folder_is_served_like_its_predictor(images, tmp_path):
+def test_a_glance_and_focus_folder_serves_and_builds_galleries(gallery_dir, images, tmp_path):
+    """A GF folder is served like its predictor and has a gallery identity (weights file, preprocessing), so
+    galleries built with it work in the service."""
     torch.manual_seed(0)
     net = timm.create_model("lsnet_t_gf", num_classes=3, glance_size=64, patch_size=32, focus_steps=2).eval()
     save_model_folder(net, "lsnet_t_gf", tmp_path / "gf", CLASSES)
-    args = serve.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "gf"), "--port", "0"])
+    refs = gallery_dir.parent / "refs"
+    build_gallery.main(build_gallery.get_args_parser().parse_args(
+        ["--checkpoint", str(tmp_path / "gf"), "--images", str(refs), "--output-dir", str(tmp_path / "gallery")]))
+    args = serve.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "gf"), "--port", "0",
+                                               "--gallery", str(tmp_path / "gallery")])
     with running(*serve.prepare(args)) as url:
-        assert get(f"{url}/v1/model").json()["model"] == "lsnet_t_gf"
+        info = get(f"{url}/v1/model").json()
         response = post(f"{url}/v1/classify?top_k=3", [upload(images / "img1.png")])
-    assert response.status == 200, response.data
+        similar = post(f"{url}/v1/similar?top_k=2", [upload(refs / "ben" / "1.png")])
+    assert info["model"] == "lsnet_t_gf" and info["version"] != "unknown" and info["gallery"]["works"] == 6
+    assert response.status == 200 and similar.status == 200, (response.data, similar.data)
     reference = load_model_bundle(tmp_path / "gf").classify(images / "img1.png", 3)
     assert_same_classification(response.json()["results"][0]["classification"], reference)
+    assert similar.json()["results"][0]["works"][0]["score"] == pytest.approx(1.0, abs=1e-4)  # its own vector
 
 
 def test_serve_main_reports_a_missing_model_in_one_line(tmp_path):
