@@ -69,13 +69,16 @@ class Engine:
                                     "see the service's log") from err
 
     def _run(self, key: Hashable, images: list[Image.Image]) -> list[Any]:
-        """One model call for a batch: the top-k lists (``("classify", top_k, threshold)``) or feature rows."""
+        """One model call for a batch: per image ``{"classification": [...], ...extras}``
+        (``("classify", top_k, threshold)``; a glance-and-focus model adds ``glance_focus``) or a feature row."""
         mode, top_k, threshold = key  # type: ignore[misc]
         # Threads resize the images in turns with a CPU model; a GPU model resizes them itself (no worker processes).
         workers = self.settings.decode_threads if self.model.runs_on_cpu else 0
         result = self.model.run_paths(images, mode, top_k=top_k, threshold=threshold, batch_size=len(images),
                                       num_workers=workers, skip_unreadable=False)
-        return result.classifications if mode == "classify" else list(result.features)
+        if mode != "classify":
+            return list(result.features)
+        return [entry for _, entry in result.entries(include_features=False)]
 
     async def _images(self, files: Sequence[UploadFile]) -> tuple[list[str], list[Image.Image]]:
         assert self._pool is not None, "the engine runs inside its app's lifespan"
@@ -89,16 +92,15 @@ class Engine:
                                     "use /v1/features, or start the service with its class_mapping.csv")
         upload_names, images = await self._images(files)
         if not self.multi_label:
-            rankings = await self._submit(("classify", top_k, threshold), images)
-            return [{"file": file, "classification": ranking}
-                    for file, ranking in zip(upload_names, rankings, strict=True)]
+            entries = await self._submit(("classify", top_k, threshold), images)
+            return [{"file": file, **entry} for file, entry in zip(upload_names, entries, strict=True)]
         # Every label's confidence, then the selection of predict_artist_multilabel.py.
-        rankings = await self._submit(("classify", len(names), 0.0), images)
+        entries = await self._submit(("classify", len(names), 0.0), images)
         results = []
-        for file, ranking in zip(upload_names, rankings, strict=True):
+        for file, entry in zip(upload_names, entries, strict=True):
             confidences = torch.zeros(len(names))
-            for entry in ranking:
-                confidences[entry["class_id"]] = entry["probability"]
+            for score in entry["classification"]:
+                confidences[score["class_id"]] = score["probability"]
             results.append({"file": file,
                             "labels": select_labels(confidences, names, top_k, threshold, normalize_ratio=True)})
         return results

@@ -19,10 +19,20 @@ class LabelScore(BaseModel):
     ratio: float = Field(description="share of this label in the kept labels' confidence sum (they sum to 1)")
 
 
+class GlanceFocusSteps(BaseModel):
+    """Where a glance-and-focus model looked, as ``inference_artist.py`` reports it."""
+
+    steps: int = Field(description="focus crops read before the exit")
+    glance_box: list[int] = Field(description="the whole image, x0 y0 x1 y1 in original pixels")
+    boxes: list[list[int]] = Field(description="the focus crops, x0 y0 x1 y1 in original pixels, in reading order")
+    gflops: float = Field(description="compute spent on this image")
+
+
 class FileClassification(BaseModel):
     file: str = Field(description="the upload's file name")
     classification: list[ClassScore] | None = Field(None, description="single-label models: top-k artists")
     labels: list[LabelScore] | None = Field(None, description="multi-label models: top-k labels with ratios")
+    glance_focus: GlanceFocusSteps | None = Field(None, description="glance-and-focus models: where it looked")
 
 
 class ClassifyResponse(BaseModel):

@@ -356,7 +356,9 @@ def test_a_glance_and_focus_folder_serves_and_builds_galleries(gallery_dir, imag
     assert info["model"] == "lsnet_t_gf" and info["version"] != "unknown" and info["gallery"]["works"] == 6
     assert response.status == 200 and similar.status == 200, (response.data, similar.data)
     reference = load_model_bundle(tmp_path / "gf").classify(images / "img1.png", 3)
-    assert_same_classification(response.json()["results"][0]["classification"], reference)
+    result = response.json()["results"][0]
+    assert_same_classification(result["classification"], reference)
+    assert result["glance_focus"]["steps"] == 2 and len(result["glance_focus"]["boxes"]) == 2
     assert similar.json()["results"][0]["works"][0]["score"] == pytest.approx(1.0, abs=1e-4)  # its own vector
 
 
