@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint bench demo demo-multilabel serve clean
+.PHONY: venv test lint bench bench-search demo demo-multilabel serve clean
 
 venv: $(STAMP)
 
@@ -44,3 +44,8 @@ clean:
 
 bench: $(STAMP)
 	$(PY) bench/run_bench.py --output bench/results.md
+
+# Style search at scale (docs/galleries.md): 1M generated 512-value vectors, IVF vs exact Faiss search. Kept out of
+# `bench` (several minutes and about 4 GiB on 2 cores).
+bench-search: $(STAMP)
+	$(PY) bench/bench_search.py
