@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint bench bench-search demo demo-multilabel serve clean
+.PHONY: venv test lint bench demo demo-multilabel serve clean
 
 venv: $(STAMP)
 
@@ -42,10 +42,8 @@ serve: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache
 
+# The performance targets (bench/results.md), then style search at scale (docs/galleries.md): 1M generated
+# 512-value vectors, IVF vs exact Faiss search (about 2 minutes and 5 GiB peak on 2 cores).
 bench: $(STAMP)
 	$(PY) bench/run_bench.py --output bench/results.md
-
-# Style search at scale (docs/galleries.md): 1M generated 512-value vectors, IVF vs exact Faiss search. Kept out of
-# `bench` (several minutes and about 4 GiB on 2 cores).
-bench-search: $(STAMP)
 	$(PY) bench/bench_search.py

@@ -2,10 +2,10 @@
 """Compare training losses for style embeddings on artists the model never saw (generated data, CPU).
 
 For each ``--losses`` entry: train lsnet_t_artist on ``--trained`` generated artists, enroll ``--enrolled`` other
-artists in a gallery from ``--refs`` images each, calibrate the unknown threshold (5% false unknown) on held-out
-images of them, then measure on new images of the enrolled artists and of ``--unknown`` artists outside the gallery:
-retrieval (Recall@1, mAP@R, leave-one-out among the query images), identification top-1 and the share of unknown
-artists' images marked unknown at the calibrated threshold. Every loss sees the same images and seed.
+artists in a gallery from ``--refs`` images each, calibrate the unknown threshold (5% false unknown) on ``--calib``
+held-out images of each, then measure on new images of the enrolled artists and of ``--unknown`` artists outside the
+gallery: retrieval (Recall@1, mAP@R, leave-one-out among the query images), identification top-1 and the share of
+unknown artists' images marked unknown at the calibrated threshold. Every loss sees the same images and seed.
 
     python bench/bench_embeddings.py --output bench_embeddings.json
 """
