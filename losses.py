@@ -6,7 +6,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.distributed.nn.functional
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
@@ -146,7 +145,9 @@ def _gather_batches(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
     padded_targets = F.pad(targets, (0, pad), value=-1)
     all_targets = [torch.empty_like(padded_targets) for _ in range(world_size)]
     torch.distributed.all_gather(all_targets, padded_targets)
-    all_z = torch.distributed.nn.functional.all_gather(F.pad(z, (0, 0, 0, pad)))
+    from torch.distributed.nn.functional import all_gather  # keeps gradients; only where distributed is available
+
+    all_z = all_gather(F.pad(z, (0, 0, 0, pad)))
     rank = utils.get_rank()
     return (torch.cat([v[:n] for v, n in zip(all_z, sizes, strict=True)]),
             torch.cat([t[:n] for t, n in zip(all_targets, sizes, strict=True)]), sum(sizes[:rank]))
