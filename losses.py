@@ -131,12 +131,36 @@ class ArcFaceLoss(nn.Module):
         return F.cross_entropy(logits, targets)
 
 
+def _gather_batches(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every process's vectors and targets, concatenated in rank order (gradients flow back to each process's own
+    rows), and where this process's rows start; the inputs themselves when not distributed."""
+    world_size = utils.get_world_size()
+    if world_size == 1:
+        return z, targets, 0
+    size = torch.tensor([z.shape[0]], device=z.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size)]
+    torch.distributed.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    pad = max(sizes) - z.shape[0]  # all_gather needs equal shapes: pad, then drop the padding rows
+    padded_targets = F.pad(targets, (0, pad), value=-1)
+    all_targets = [torch.empty_like(padded_targets) for _ in range(world_size)]
+    torch.distributed.all_gather(all_targets, padded_targets)
+    from torch.distributed.nn.functional import all_gather  # keeps gradients; only where distributed is available
+
+    all_z = all_gather(F.pad(z, (0, 0, 0, pad)))
+    rank = utils.get_rank()
+    return (torch.cat([v[:n] for v, n in zip(all_z, sizes, strict=True)]),
+            torch.cat([t[:n] for t, n in zip(all_targets, sizes, strict=True)]), sum(sizes[:rank]))
+
+
 class SupConLoss(nn.Module):
     """Supervised contrastive loss (Khosla et al. 2020) of the normalised vectors of one batch at ``temperature``.
 
     Every image with another image of its class in the batch is an anchor; its loss is the mean negative log
-    probability of its positives among all other images. Each process contrasts its own batch (use
-    ``--sampler class-balanced`` so every batch holds several images per class).
+    probability of its positives among all other images. Under DDP the batch is every process's batch: each
+    process's anchors are contrasted with all processes' vectors (gathered with gradients), and the loss is scaled
+    so that DDP's mean over processes is the mean over all anchors. Use ``--sampler class-balanced`` so every batch
+    holds several images per class.
     """
 
     def __init__(self, temperature: float = 0.1):
@@ -145,17 +169,20 @@ class SupConLoss(nn.Module):
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         z = F.normalize(features.float(), dim=1)
+        all_z, all_targets, offset = _gather_batches(z, targets)
         n = z.shape[0]
-        self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
-        logits = (z @ z.T / self.temperature).masked_fill(self_mask, float("-inf"))
+        self_mask = torch.zeros(n, all_z.shape[0], dtype=torch.bool, device=z.device)
+        self_mask[torch.arange(n, device=z.device), torch.arange(n, device=z.device) + offset] = True
+        logits = (z @ all_z.T / self.temperature).masked_fill(self_mask, float("-inf"))
         log_prob = logits - logits.logsumexp(dim=1, keepdim=True)
-        positives = (targets[:, None] == targets[None, :]) & ~self_mask
+        positives = (targets[:, None] == all_targets[None, :]) & ~self_mask
         counts = positives.sum(1)
         anchors = counts > 0
-        if not anchors.any():  # no pair in the batch: a zero loss that keeps the graph
+        all_anchors = int(((all_targets[:, None] == all_targets[None, :]).sum(1) > 1).sum())
+        if not all_anchors:  # no pair in the batch: a zero loss that keeps the graph
             return z.sum() * 0.0
         per_anchor = -log_prob.masked_fill(~positives, 0.0).sum(1)[anchors] / counts[anchors]
-        return per_anchor.mean()
+        return per_anchor.sum() * utils.get_world_size() / all_anchors
 
 
 class StyleEmbeddingLoss(nn.Module):

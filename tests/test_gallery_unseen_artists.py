@@ -1,8 +1,9 @@
 """Acceptance: a tiny model trained on some generated artists identifies artists it never saw from a gallery.
 
-Train lsnet_t_artist (64 px, 3 epochs) on 6 generated artists; enroll 6 other artists from 4 reference images each
-(3, then 3 more with --add), calibrate the unknown threshold on 4 held-out images each, and query 6 new images of
-each enrolled artist and of 4 artists outside the gallery. Chance top-1 is 1/6.
+Train lsnet_t_artist (64 px, 3 epochs, bench/bench_embeddings.py's recipe) on 24 generated artists with 6 images
+each; enroll 6 other artists from 4 reference images each (3, then 3 more with --add), calibrate the unknown
+threshold on 4 held-out images each, and query 6 new images of each enrolled artist and of 4 artists outside the
+gallery. Chance top-1 is 1/6.
 """
 
 import json
@@ -24,10 +25,12 @@ from utils import UserError
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-TRAINED, TOTAL = 6, 16  # artists 0-5 train the model; 6-11 are enrolled, 12-15 stay unknown
-TRAIN = ["--device", "cpu", "--model", "lsnet_t_artist", "--input-size", "64", "--feature-dim", "64",
-         "--num-workers", "0", "--warmup-epochs", "0", "--cooldown-epochs", "0", "--print-freq", "100",
-         "--epochs", "3", "--batch-size", "16", "--lr", "1.0", "--aa", "none", "--reprob", "0", "--mixup", "0",
+TRAINED, TOTAL = 24, 34  # artists 0-23 train the model; 24-29 are enrolled, 30-33 stay unknown
+# Many artists with few images each (unseen styles are told apart better the more styles training saw), the
+# recipe's learning rate (a higher one leaves BatchNorm statistics far off after so few steps) and no colour jitter.
+TRAIN = ["--device", "cpu", "--model", "lsnet_t_artist", "--input-size", "64", "--num-workers", "0",
+         "--warmup-epochs", "0", "--cooldown-epochs", "0", "--print-freq", "100", "--epochs", "3", "--batch-size",
+         "16", "--lr-abs", "0.004", "--aa", "none", "--color-jitter", "0", "--reprob", "0", "--mixup", "0",
          "--cutmix", "0", "--smoothing", "0", "--no-repeated-aug"]
 RUN = ["--device", "cpu", "--num-workers", "0"]
 
@@ -43,8 +46,8 @@ def unseen_artists(root: Path, per_artist: int, seed: int) -> list[str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("unseen")
-    generate_artists(tmp / "data" / "train", TRAINED, 24, 64, seed=0)
-    generate_artists(tmp / "data" / "val", TRAINED, 4, 64, seed=1)
+    generate_artists(tmp / "data" / "train", TRAINED, 6, 64, seed=0)
+    generate_artists(tmp / "data" / "val", TRAINED, 1, 64, seed=1)
     artists = unseen_artists(tmp / "refs", 4, seed=2)
     unseen_artists(tmp / "queries", 6, seed=3)
     unseen_artists(tmp / "calib", 4, seed=4)
@@ -83,7 +86,8 @@ def test_add_keeps_old_vectors_and_calibration_is_stored(world):
 
 
 def test_identifies_unseen_artists_and_flags_unknown_ones(world):
-    """Measured: top-1 0.67 (chance 0.17), top-5 1.0; unknown detection 0.08-0.50 at false-unknown <= 0.17."""
+    """Measured over content/init seeds 0, 1, 2 (this test runs seed 0): top-1 0.44, 0.61, 0.67 (chance 0.17),
+    top-5 1.0; unknown detection 0.25, 0.13, 0.21 at false unknown 0.11, 0.03, 0.14."""
     out = world["tmp"] / "metrics.json"
     args = evaluate_retrieval.get_args_parser().parse_args(
         ["--gallery", str(world["gallery"]), "--queries", str(world["tmp"] / "queries"), "--checkpoint",
@@ -91,11 +95,12 @@ def test_identifies_unseen_artists_and_flags_unknown_ones(world):
     m = evaluate_retrieval.main(args)["identification"]
     assert json.loads(out.read_text())["identification"] == m
     assert (m["num_known_queries"], m["num_unknown_queries"]) == (36, 24)
-    assert m["top1"] >= 0.45 and m["top5"] >= 0.9
-    # The calibrated threshold (5% false unknown on the calibration images) holds on new images of enrolled artists.
-    # Rejecting artists outside the gallery is what such a tiny model does not do yet: 0.08 to 0.50 of their images
-    # were marked unknown depending on the run (issue 17 stays open on this point), so it is not asserted.
+    assert m["top1"] >= 0.35 and m["top5"] >= 0.9
+    # The calibrated threshold (5% false unknown on the calibration images) holds on new images of enrolled artists,
+    # and marks unknown artists' images unknown more often than enrolled artists' ones. "Mostly unknown" (over half)
+    # is not reached by such a tiny model: see docs/galleries.md, where the best of every loss is 0.33.
     assert m["false_unknown_rate"] <= 0.25
+    assert m["unknown_detection_rate"] >= 0.1 and m["unknown_detection_rate"] > m["false_unknown_rate"]
 
 
 def test_inference_search_and_retrieval_outputs(world):

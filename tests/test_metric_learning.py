@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from artifacts.checkpoint import load_checkpoint_file
 from data.samplers import ClassBalancedSampler
 from losses import ArcFaceLoss, SupConLoss
+from tests import supcon_worker
 from tests.test_train import NO_AUG, assert_same_tensors, make_dataset, read_log, run_main, run_script
 from utils import UserError
 
@@ -124,3 +125,20 @@ def test_arcface_under_torchrun_with_class_balanced_shards_and_supcon(data, tmp_
 def test_bad_loss_flags_are_one_line_errors(data, tmp_path, argv, message):
     with pytest.raises(UserError, match=message):
         run_main("--data-path", str(data), "--output-dir", str(tmp_path), "--epochs", "1", *argv)
+
+
+@pytest.mark.slow
+def test_supcon_under_ddp_contrasts_all_processes_batches(tmp_path):
+    """Two gloo processes with 5 and 3 of 8 vectors: DDP's mean of their losses and gradients equals one process
+    on all 8 (every positive pair crosses or stays inside a process's share)."""
+    torch.multiprocessing.spawn(supcon_worker.run_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    features, targets = supcon_worker.batch()
+    whole = features.clone().requires_grad_(True)
+    expected = SupConLoss(temperature=0.2)(whole, targets)
+    expected.backward()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert torch.allclose((ranks[0]["loss"] + ranks[1]["loss"]) / 2, expected.detach(), atol=1e-5)
+    # DDP averages the model's gradients over the 2 processes; the gather sends every rank's share back.
+    assert torch.allclose(torch.cat([ranks[0]["grad"], ranks[1]["grad"]]) / 2, whole.grad, atol=1e-5)
+    alone = SupConLoss(temperature=0.2)(features[:5], targets[:5])  # without the gather: its own share only
+    assert not torch.allclose(ranks[0]["loss"], alone)
