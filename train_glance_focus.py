@@ -3,7 +3,7 @@
     python train_glance_focus.py --data-path dataset --output-dir runs/gf --init-from runs/artist
     python train_glance_focus.py --data-path dataset --output-dir runs/gf --calibrate-budget --eval
 
-    torchrun --nproc_per_node 2 train_glance_focus.py --data-path dataset --output-dir runs/gf
+    torchrun --standalone --nproc_per_node=2 train_glance_focus.py --data-path dataset --output-dir runs/gf
 
 See docs/glance-focus.md. The three stages (``--stage 1|2|3|all``) resume from ``--output-dir``.
 """

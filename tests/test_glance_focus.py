@@ -37,7 +37,7 @@ from perf.flop_count import count_flops
 from tools.make_texture_world import make_texture_world, render_image
 from utils import UserError
 
-# End-to-end settings and margins (chance 1/3); the measured figures are in texture_run's docstring.
+# End-to-end settings and margins (chance 1/3); texture_run's docstring has the figures of three seeds.
 E2E_SEED, E2E_SIZE, E2E_EPOCHS, E2E_LR = 0, 192, "3", "4e-3"
 E2E_PLAIN_MAX, E2E_GF_MIN = 0.55, 0.65
 
@@ -202,7 +202,11 @@ def _train_plain_at_glance_size(data_path, classes, epochs: int, batch_size: int
 @pytest.fixture(scope="module")
 def texture_run(tmp_path_factory) -> dict:
     """A texture world (192 px, 2-px textures, 3 artists); glance and focus trained on it (32 px glance, two 32 px
-    crops at native resolution), calibrated and evaluated; a plain lsnet_t trained as long on the 32 px glances."""
+    crops at native resolution), calibrated and evaluated; a plain lsnet_t trained as long on the 32 px glances.
+
+    Seeds 0, 1, 2 gave val top-1: plain at 32 px 0.40, 0.31, 0.46; glance 0.29, 0.33, 0.33; glance + 2 crops 0.90,
+    0.92, 0.79; 0.040 GFLOPs against 0.213 for a plain lsnet_t at 192 px. About 50-80 s on a shared 2-core CPU.
+    """
     root = tmp_path_factory.mktemp("texture")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a shared CPU one thread is several times faster than contending threads

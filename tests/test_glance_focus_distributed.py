@@ -1,8 +1,8 @@
 """train_glance_focus.py under torchrun: two processes (gloo, CPU) train the three stages on a tiny texture world.
 
-Each stage checkpoint records every process's parameter digest; they must agree (DistributedDataParallel), match
-the weights the main process saved and differ from stage to stage. The model folder loads for inference and the
-stages written by two processes resume in one.
+Gradients are accumulated over 2 steps (the first without the all-reduce). Each stage checkpoint records every
+process's parameter digest: they must agree (DistributedDataParallel), match the weights the main process saved and
+differ from stage to stage. The model folder loads for inference, and stages written by two processes resume in one.
 """
 
 import os
@@ -32,7 +32,7 @@ def test_torchrun_trains_every_stage_with_identical_weights_then_resumes_on_one_
                                  everywhere=True)
     out = tmp_path / "gf"
     flags = ["--data-path", str(tmp_path / "world"), "--output-dir", str(out), *GF, "--batch-size", "4",
-             "--workers", "0", "--device", "cpu"]
+             "--accumulation-steps", "2", "--workers", "0", "--device", "cpu"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(ROOT / "train_glance_focus.py"), *flags, "--epochs", "1"],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
