@@ -28,17 +28,17 @@ GF = ["--glance-size", "32", "--patch-size", "32", "--focus-resolution", "64", "
 
 
 def test_torchrun_trains_every_stage_with_identical_weights_then_resumes_on_one_process(tmp_path):
-    classes = make_texture_world(tmp_path / "world", artists=3, train=8, val=1, size=(64, 64), amplitude=28,
+    classes = make_texture_world(tmp_path / "world", artists=3, train=4, val=1, size=(64, 64), amplitude=28,
                                  everywhere=True)
     out = tmp_path / "gf"
-    flags = ["--data-path", str(tmp_path / "world"), "--output-dir", str(out), *GF, "--batch-size", "4",
+    flags = ["--data-path", str(tmp_path / "world"), "--output-dir", str(out), *GF, "--batch-size", "2",
              "--accumulation-steps", "2", "--workers", "0", "--device", "cpu"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(ROOT / "train_glance_focus.py"), *flags, "--epochs", "1"],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "distributed: 2 processes, backend gloo" in result.stdout
-    for stage in (1, 2, 3):  # 24 images in batches of 4 over 2 processes: 3 steps each; only rank 0 prints
+    for stage in (1, 2, 3):  # 12 images in batches of 2 over 2 processes: 3 steps each; only rank 0 prints
         assert result.stdout.count(f"stage {stage} epoch 1/1 [3/3]") == 1
     model = create_model("lsnet_t_gf", len(classes), glance_size=32, patch_size=32, focus_resolution=64,
                          focus_steps=2)
