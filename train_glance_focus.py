@@ -3,13 +3,16 @@
     python train_glance_focus.py --data-path dataset --output-dir runs/gf --init-from runs/artist
     python train_glance_focus.py --data-path dataset --output-dir runs/gf --calibrate-budget --eval
 
+    torchrun --standalone --nproc_per_node=2 train_glance_focus.py --data-path dataset --output-dir runs/gf
+
 See docs/glance-focus.md. The three stages (``--stage 1|2|3|all``) resume from ``--output-dir``.
 """
 
 import argparse
 
 from gfnet.train import calibrate, evaluate, train
-from utils import UserError, run_cli
+from training.distributed import start_process
+from utils import UserError, cleanup_distributed, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -26,7 +29,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init-from", help="trained artist model folder (or LSNet checkpoint) for both encoders")
     parser.add_argument("--epochs", type=int, nargs="+", default=[30, 10, 10],
                         help="epochs of stage 1, 2, 3 (one value: all stages)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="per process under torchrun")
     parser.add_argument("--lr", type=float, default=1e-3, help="stage 1 (stage 3 uses a tenth)")
     parser.add_argument("--policy-lr", type=float, default=3e-4, help="stage 2 (PPO)")
     parser.add_argument("--accumulation-steps", type=int, default=1)
@@ -50,14 +53,18 @@ def main(args: argparse.Namespace | None = None) -> dict:
     if args.patch_size < 32 or args.glance_size < 32 or args.focus_steps < 1 or args.accumulation_steps < 1:
         raise UserError("--patch-size and --glance-size must be at least 32, --focus-steps and "
                         "--accumulation-steps at least 1")
-    result: dict = {}
-    if not (args.eval or args.calibrate_budget):
-        result["folder"] = train(args)
-    if args.calibrate_budget:
-        result["budget_table"] = calibrate(args)
-    if args.eval:
-        result["eval"] = evaluate(args)
-    return result
+    try:
+        dist = start_process(args.device, args.seed)
+        result: dict = {}
+        if not (args.eval or args.calibrate_budget):
+            result["folder"] = train(args, dist)
+        if dist.is_main and args.calibrate_budget:  # under torchrun the main process calibrates and evaluates
+            result["budget_table"] = calibrate(args)
+        if dist.is_main and args.eval:
+            result["eval"] = evaluate(args)
+        return result
+    finally:
+        cleanup_distributed()
 
 
 if __name__ == "__main__":

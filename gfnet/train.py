@@ -6,14 +6,15 @@ from pathlib import Path
 
 import timm
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from artifacts.checkpoint import load_checkpoint, load_checkpoint_file
 from artifacts.config_file import read_config
 from artifacts.model_folder import resolve_model_source
 from data.class_mapping import read_class_mapping
 from data.datasets import dataset_classes
-from utils import UserError, resolve_device, seed_everything
+from training.distributed import DistEnv
+from utils import UserError, print_main, resolve_device
 
 from .api import GlanceFocusPredictor
 from .compute import cumulative_gflops
@@ -26,22 +27,39 @@ from .stages import TrainConfig, run_stage
 __all__ = ["train", "calibrate", "evaluate"]
 
 
-def _loader(args: argparse.Namespace, split: str, classes: list[str], shuffle: bool, train_views: bool = True):
+def _eval_loader(args: argparse.Namespace, split: str, classes: list[str]) -> DataLoader:
+    """``split`` in evaluation views (the centred window, no flip), in order."""
     dataset = build_gf_dataset(args.data_path, split, classes, args.glance_size, args.focus_resolution)
-    dataset.transform.train = train_views and split == "train"
+    dataset.transform.train = False
     if len(dataset) == 0:
         raise UserError(f"{Path(args.data_path) / split} holds no images; run prepare_dataset.py first")
-    return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.workers)
+    return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
 
 
 def _stage_list(stage: str) -> list[int]:
     return [1, 2, 3] if stage == "all" else [int(stage)]
 
 
-def _stage_config(args: argparse.Namespace, stage: int, device: torch.device) -> TrainConfig:
+def _train_loader(args: argparse.Namespace, classes: list[str], dist: DistEnv) -> DataLoader:
+    """This process's shard of ``train/`` in training views: a DistributedSampler reshuffled every epoch (as the
+    main trainer's loaders without repeated augmentation), its workers seeded by the loader's own generator."""
+    dataset = build_gf_dataset(args.data_path, "train", classes, args.glance_size, args.focus_resolution)
+    if len(dataset) == 0:
+        raise UserError(f"{Path(args.data_path) / 'train'} holds no images; run prepare_dataset.py first")
+    sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                        pin_memory=dist.device.type == "cuda", drop_last=True, generator=torch.Generator())
+    if len(loader) == 0:
+        raise UserError(f"{len(sampler)} training images per process are fewer than --batch-size {args.batch_size};"
+                        " lower --batch-size (or use fewer processes)")
+    return loader
+
+
+def _stage_config(args: argparse.Namespace, stage: int, dist: DistEnv) -> TrainConfig:
     epochs = args.epochs[min(stage - 1, len(args.epochs) - 1)]
     lr = args.policy_lr if stage == 2 else args.lr * (0.1 if stage == 3 else 1.0)
-    return TrainConfig(epochs=epochs, lr=lr, device=device, amp=args.amp, accumulation_steps=args.accumulation_steps)
+    return TrainConfig(epochs=epochs, lr=lr, dist=dist, amp=args.amp, accumulation_steps=args.accumulation_steps,
+                       seed=args.seed)
 
 
 def _resume_previous(model, run_dir: Path, stage: int) -> None:
@@ -57,27 +75,29 @@ def _resume_previous(model, run_dir: Path, stage: int) -> None:
     model.load_state_dict(state["model"])
 
 
-def train(args: argparse.Namespace) -> Path:
-    """Run the requested stages (resuming), then write the model folder ``--output-dir``."""
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
+def train(args: argparse.Namespace, dist: DistEnv) -> Path:
+    """Run the requested stages (resuming), then write the model folder ``--output-dir`` (the main process; the
+    others wait until it is written)."""
     classes = dataset_classes(args.data_path)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = create_model(args.model, len(classes), glance_size=args.glance_size, patch_size=args.patch_size,
-                         focus_resolution=args.focus_resolution, focus_steps=args.focus_steps).to(device)
+                         focus_resolution=args.focus_resolution, focus_steps=args.focus_steps).to(dist.device)
     stages = _stage_list(args.stage)
     if args.init_from and stages[0] == 1 and not (out / "stage1.pth").is_file():
-        init_encoders(model, args.init_from)
-    loader = _loader(args, "train", classes, shuffle=True)
+        init_encoders(model, args.init_from, log=print_main)
+    loader = _train_loader(args, classes, dist)
     times = json.loads((out / "stage_times.json").read_text()) if (out / "stage_times.json").is_file() else {}
+    _resume_previous(model, out, stages[0])  # later stages go on from the weights the one before ended with
     for stage in stages:
-        _resume_previous(model, out, stage)
-        record = run_stage(model, stage, loader, _stage_config(args, stage, device), out)
+        record = run_stage(model, stage, loader, _stage_config(args, stage, dist), out)
         times[f"stage{stage}"] = round(record["seconds"], 1)
-        (out / "stage_times.json").write_text(json.dumps(times))
-    save_model_folder(model.cpu(), args.model, out, classes, {"stage_seconds": times})
-    print(f"model folder written: {out} (seconds per stage: {times})")
+        if dist.is_main:
+            (out / "stage_times.json").write_text(json.dumps(times))
+    if dist.is_main:
+        save_model_folder(model.cpu(), args.model, out, classes, {"stage_seconds": times})
+        print(f"model folder written: {out} (seconds per stage: {times})")
+    dist.barrier()
     return out
 
 
@@ -85,7 +105,7 @@ def calibrate(args: argparse.Namespace) -> list[dict]:
     """Find the budget table on the training split (eval views) and store it in ``config.json``."""
     device = resolve_device(args.device)
     model, classes, config = load_model_folder(args.output_dir, device)
-    probs, labels = collect_probs(model, _loader(args, "train", classes, False, train_views=False), device)
+    probs, labels = collect_probs(model, _eval_loader(args, "train", classes), device)
     table = budget_curve(probs, labels, cumulative_gflops(config["gf"]["step_gflops"]))
     update_gf_config(Path(args.output_dir), budget_table=table, budget_calibrated_on="train")
     print(f"budget table stored: {table[0]['avg_gflops']:.4f} to {table[-1]['avg_gflops']:.4f} GFLOPs per image")
@@ -114,7 +134,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     """Anytime accuracy, budget curve (CSV + PNG in ``--output-dir/eval``) and references on the val split."""
     device = resolve_device(args.device)
     model, classes, config = load_model_folder(args.output_dir, device)
-    loader = _loader(args, "val", classes, shuffle=False)
+    loader = _eval_loader(args, "val", classes)
     per_step = config["gf"]["step_gflops"]
     result = {"step_gflops": per_step}
     for policy in ("learned", "fallback", "random"):

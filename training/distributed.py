@@ -28,6 +28,11 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def barrier(self) -> None:
+        """Wait until every process gets here (nothing in a single process)."""
+        if self.distributed:
+            torch.distributed.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
 
 def init_distributed(device_name: str | None) -> DistEnv:
     """Join the process group when started by ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK in the environment).
