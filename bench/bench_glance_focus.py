@@ -140,7 +140,7 @@ def train_gf(steps: Steps, world: str, data: Path, side: int, init: Path, args: 
             "stage_seconds": stage_s}
 
 
-def measure(world: str, data: Path, side: int, gf: dict, plains: list[dict], args: argparse.Namespace) -> dict:
+def measure(data: Path, side: int, gf: dict, plains: list[dict], args: argparse.Namespace) -> dict:
     """``--eval`` of the GF folder and both plain models on the same val images; the curve redrawn with both."""
     ns = argparse.Namespace(**vars(train_ns(data, gf["folder"], side, args)), reference=None,
                             reference_sizes=[0], exit_threshold=0.9, save_crops=None, eval=True)
@@ -180,7 +180,7 @@ def run_world(steps: Steps, world: str, args: argparse.Namespace) -> dict:
     plains = [train_plain(steps, world, data, 224, args.plain_epochs, args.batch_size, args)]
     gf = train_gf(steps, world, data, side, plains[0]["folder"], args)
     plains.append(train_plain(steps, world, data, side, args.full_epochs, args.full_batch_size, args))
-    result = measure(world, data, side, gf, plains, args)
+    result = measure(data, side, gf, plains, args)
     return {"side": side, "data": str(data), "gf_folder": str(gf["folder"]),
             "gf_command": gf["command"],
             "stage_seconds": gf["stage_seconds"], "calibrate_seconds": gf["calibrate_seconds"],
