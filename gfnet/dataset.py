@@ -10,7 +10,7 @@ from data.datasets import RobustImageFolder
 
 from .crops import View, make_view
 
-__all__ = ["GlanceFocusTransform", "build_gf_dataset", "to_tensor"]
+__all__ = ["GlanceFocusTransform", "build_gf_dataset", "collate_views", "to_tensor"]
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -43,3 +43,14 @@ def build_gf_dataset(data_path: str | os.PathLike, split: str, classes: list[str
     transform = GlanceFocusTransform(glance_size, focus_resolution, train=split == "train")
     return RobustImageFolder(Path(data_path) / split, classes=classes, transform=transform, allow_empty=True,
                              verbose=verbose)
+
+
+def collate_views(batch: list[tuple[tuple[torch.Tensor, torch.Tensor], int]]
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A batch of views: the glances stacked, the square focus windows centre-cropped to the smallest side in the
+    batch (at ``--focus-resolution 0`` each image keeps its native size, so the windows differ), the labels."""
+    side = min(focus.shape[-1] for (_, focus), _ in batch)
+    focus = [TF.center_crop(focus, [side, side]) for (_, focus), _ in batch]
+    glance = torch.stack([glance for (glance, _), _ in batch])
+    return (glance, torch.stack(focus)), torch.tensor([label for _, label in batch])
+

@@ -18,7 +18,7 @@ from utils import UserError, print_main, resolve_device
 
 from .api import GlanceFocusPredictor
 from .compute import cumulative_gflops
-from .dataset import build_gf_dataset
+from .dataset import build_gf_dataset, collate_views
 from .early_exit import budget_curve, exit_summary, threshold_thresholds
 from .evaluate import anytime_accuracy, collect_probs, evaluate_curve, plain_reference, write_curve
 from .folder import create_model, init_encoders, load_model_folder, save_model_folder, update_gf_config
@@ -33,7 +33,7 @@ def _eval_loader(args: argparse.Namespace, split: str, classes: list[str]) -> Da
     dataset.transform.train = False
     if len(dataset) == 0:
         raise UserError(f"{Path(args.data_path) / split} holds no images; run prepare_dataset.py first")
-    return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_views)
 
 
 def _stage_list(stage: str) -> list[int]:
@@ -48,7 +48,8 @@ def _train_loader(args: argparse.Namespace, classes: list[str], dist: DistEnv) -
         raise UserError(f"{Path(args.data_path) / 'train'} holds no images; run prepare_dataset.py first")
     sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                        pin_memory=dist.device.type == "cuda", drop_last=True, generator=torch.Generator())
+                        collate_fn=collate_views, pin_memory=dist.device.type == "cuda", drop_last=True,
+                        generator=torch.Generator())
     if len(loader) == 0:
         raise UserError(f"{len(sampler)} training images per process are fewer than --batch-size {args.batch_size};"
                         " lower --batch-size (or use fewer processes)")

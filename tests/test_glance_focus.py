@@ -281,6 +281,28 @@ def test_stages_save_after_each_epoch_and_resume(tmp_path, gf):
     gf.eval()
 
 
+def test_native_focus_resolution_trains_and_calibrates_on_images_of_different_sizes(tmp_path):
+    """--focus-resolution 0 reads every image at its own size: batches of different window sides are collated
+    (they stopped the first batch with 'stack expects each tensor to be equal size')."""
+    for split, count in (("train", 4), ("val", 2)):
+        for a, artist in enumerate(("ann", "bob")):
+            for i in range(count):
+                size = (64 + 12 * i, 96 - 8 * i)
+                gen.noise_image(tmp_path / "data" / split / artist / f"{i}.png", size, seed=a * 9 + i)
+    flags = ["--data-path", str(tmp_path / "data"), "--output-dir", str(tmp_path / "gf"), "--glance-size", "32",
+             "--patch-size", "32", "--focus-resolution", "0", "--focus-steps", "1", "--batch-size", "4", "--epochs",
+             "1", "--workers", "0", "--device", "cpu"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_glance_focus.main(train_glance_focus.get_args_parser().parse_args(flags))
+        train_glance_focus.main(train_glance_focus.get_args_parser().parse_args([*flags, "--calibrate-budget"]))
+    finally:
+        torch.set_num_threads(threads)
+    gf = load_glance_focus(tmp_path / "gf", "cpu")
+    assert gf.predict(tmp_path / "data" / "val" / "bob" / "1.png").steps == 1
+
+
 def test_inference_script_and_api_read_a_glance_focus_folder(tmp_path, gf):
     """inference_artist.py and load_model_bundle take a glance-and-focus folder: the usual outputs plus, per image,
     the steps used, the crop boxes in original pixels and the GFLOPs; the exit threshold stops early."""
