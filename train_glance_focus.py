@@ -38,7 +38,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2, help="data loading processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--calibrate-budget", action="store_true",
-                        help="store per-step exit thresholds for budgets (found on train/) in config.json")
+                        help="store per-step exit thresholds for budgets (found on --calibrate-on) in config.json")
+    parser.add_argument("--calibrate-on", default="train", metavar="SPLIT",
+                        help="folder under --data-path the budget thresholds are found on (default: train; a held-out "
+                             "split such as val or calib when the model has memorised a small train/)")
     parser.add_argument("--eval", action="store_true", help="evaluate the model folder on val/ (no training)")
     parser.add_argument("--exit-threshold", type=float, help="with --eval: also report this early-exit rule")
     parser.add_argument("--reference", help="with --eval: a plain artist model folder measured as reference")

@@ -103,12 +103,12 @@ def train(args: argparse.Namespace, dist: DistEnv) -> Path:
 
 
 def calibrate(args: argparse.Namespace) -> list[dict]:
-    """Find the budget table on the training split (eval views) and store it in ``config.json``."""
+    """Find the budget table on the ``--calibrate-on`` split (eval views) and store it in ``config.json``."""
     device = resolve_device(args.device)
     model, classes, config = load_model_folder(args.output_dir, device)
-    probs, labels = collect_probs(model, _eval_loader(args, "train", classes), device)
+    probs, labels = collect_probs(model, _eval_loader(args, args.calibrate_on, classes), device)
     table = budget_curve(probs, labels, cumulative_gflops(config["gf"]["step_gflops"]))
-    update_gf_config(Path(args.output_dir), budget_table=table, budget_calibrated_on="train")
+    update_gf_config(Path(args.output_dir), budget_table=table, budget_calibrated_on=args.calibrate_on)
     print(f"budget table stored: {table[0]['avg_gflops']:.4f} to {table[-1]['avg_gflops']:.4f} GFLOPs per image")
     return table
 

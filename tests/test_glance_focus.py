@@ -296,11 +296,16 @@ def test_native_focus_resolution_trains_and_calibrates_on_images_of_different_si
     torch.set_num_threads(1)
     try:
         train_glance_focus.main(train_glance_focus.get_args_parser().parse_args(flags))
-        train_glance_focus.main(train_glance_focus.get_args_parser().parse_args([*flags, "--calibrate-budget"]))
+        train_glance_focus.main(train_glance_focus.get_args_parser().parse_args(
+            [*flags, "--calibrate-budget", "--calibrate-on", "val"]))
     finally:
         torch.set_num_threads(threads)
     gf = load_glance_focus(tmp_path / "gf", "cpu")
     assert gf.predict(tmp_path / "data" / "val" / "bob" / "1.png").steps == 1
+    assert gf.gf["budget_calibrated_on"] == "val" and len(gf.gf["budget_table"]) >= 1
+    with pytest.raises(UserError, match="holds no images"):
+        train_glance_focus.main(train_glance_focus.get_args_parser().parse_args(
+            [*flags, "--calibrate-budget", "--calibrate-on", "calib"]))
 
 
 def test_inference_script_and_api_read_a_glance_focus_folder(tmp_path, gf):
