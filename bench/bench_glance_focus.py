@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from gfnet.evaluate import write_curve  # noqa: E402
-from gfnet.train import _loader, _plain_references, evaluate  # noqa: E402
+from gfnet.train import eval_loader, evaluate, plain_references  # noqa: E402
 from utils import run_cli  # noqa: E402
 
 WORLDS = ("texture", "demo")
@@ -146,11 +146,11 @@ def measure(data: Path, side: int, gf: dict, plains: list[dict], args: argparse.
                             reference_sizes=[0], exit_threshold=0.9, save_crops=None, eval=True)
     start = time.perf_counter()
     result = evaluate(ns)
-    loader = _loader(ns, "val", json_classes(gf["folder"]), shuffle=False)
+    loader = eval_loader(ns, "val", json_classes(gf["folder"]))
     refs = {}
     for plain in plains:
         ns.reference, ns.reference_sizes = str(plain["folder"]), [plain["size"] if plain["size"] != side else 0]
-        for name, ref in _plain_references(ns, loader, json_classes(gf["folder"]), torch.device("cpu")).items():
+        for name, ref in plain_references(ns, loader, json_classes(gf["folder"]), torch.device("cpu")).items():
             refs[f"{name} (trained at {plain['size']} px)"] = {**ref, "train_seconds": plain["seconds"],
                                                                "epochs": plain["epochs"]}
     write_curve(Path(gf["folder"]) / "eval", result["anytime_learned"], result["step_gflops"], result["curve"], refs)

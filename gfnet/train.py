@@ -24,10 +24,10 @@ from .evaluate import anytime_accuracy, collect_probs, evaluate_curve, plain_ref
 from .folder import create_model, init_encoders, load_model_folder, save_model_folder, update_gf_config
 from .stages import TrainConfig, run_stage
 
-__all__ = ["train", "calibrate", "evaluate"]
+__all__ = ["train", "calibrate", "evaluate", "eval_loader", "plain_references"]
 
 
-def _eval_loader(args: argparse.Namespace, split: str, classes: list[str]) -> DataLoader:
+def eval_loader(args: argparse.Namespace, split: str, classes: list[str]) -> DataLoader:
     """``split`` in evaluation views (the centred window, no flip), in order."""
     dataset = build_gf_dataset(args.data_path, split, classes, args.glance_size, args.focus_resolution)
     dataset.transform.train = False
@@ -106,14 +106,15 @@ def calibrate(args: argparse.Namespace) -> list[dict]:
     """Find the budget table on the ``--calibrate-on`` split (eval views) and store it in ``config.json``."""
     device = resolve_device(args.device)
     model, classes, config = load_model_folder(args.output_dir, device)
-    probs, labels = collect_probs(model, _eval_loader(args, args.calibrate_on, classes), device)
+    probs, labels = collect_probs(model, eval_loader(args, args.calibrate_on, classes), device)
     table = budget_curve(probs, labels, cumulative_gflops(config["gf"]["step_gflops"]))
     update_gf_config(Path(args.output_dir), budget_table=table, budget_calibrated_on=args.calibrate_on)
     print(f"budget table stored: {table[0]['avg_gflops']:.4f} to {table[-1]['avg_gflops']:.4f} GFLOPs per image")
     return table
 
 
-def _plain_references(args: argparse.Namespace, loader, classes: list[str], device: torch.device) -> dict:
+def plain_references(args: argparse.Namespace, loader, classes: list[str], device: torch.device) -> dict:
+    """``--reference`` (a plain artist model folder) measured on ``loader`` at each of ``--reference-sizes``."""
     if not args.reference:
         return {}
     source = resolve_model_source(args.reference)
@@ -135,7 +136,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     """Anytime accuracy, budget curve (CSV + PNG in ``--output-dir/eval``) and references on the val split."""
     device = resolve_device(args.device)
     model, classes, config = load_model_folder(args.output_dir, device)
-    loader = _eval_loader(args, "val", classes)
+    loader = eval_loader(args, "val", classes)
     per_step = config["gf"]["step_gflops"]
     result = {"step_gflops": per_step}
     for policy in ("learned", "fallback", "random"):
@@ -147,7 +148,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.exit_threshold is not None:
         thresholds = threshold_thresholds(model.focus_steps, args.exit_threshold)
         result["exit_threshold"] = exit_summary(learned, labels, thresholds, cumulative_gflops(per_step))
-    refs = _plain_references(args, loader, classes, device)
+    refs = plain_references(args, loader, classes, device)
     csv_path, png = write_curve(Path(args.output_dir) / "eval", result["anytime_learned"], per_step, curve, refs)
     result.update(curve=curve, references=refs)
     _print_eval(result, cumulative_gflops(per_step), csv_path, png)
