@@ -11,7 +11,15 @@ from artifacts.checkpoint import load_checkpoint_file
 from data.samplers import ClassBalancedSampler
 from losses import ArcFaceLoss, SupConLoss
 from tests import supcon_worker
-from tests.test_train import NO_AUG, assert_same_tensors, make_dataset, read_log, run_main, run_script
+from tests.test_train import (
+    NO_AUG,
+    assert_same_tensors,
+    make_dataset,
+    read_log,
+    run_main,
+    run_script,
+    train_straight_and_resumed,
+)
 from utils import UserError
 
 
@@ -86,12 +94,7 @@ def test_subcenter_arcface_resumes_exactly_and_evaluates(data, tmp_path):
     """Class-balanced batches, accumulation and EMA: 2 epochs straight == 1 epoch + --resume (proxies included)."""
     common = ["--data-path", str(data), "--loss", "subcenter-arcface", "--subcenters", "2", "--sampler",
               "class-balanced", "--samples-per-class", "2", "--accumulation-steps", "2", *METRIC]
-    run_main(*common, "--output-dir", str(tmp_path / "straight"), "--epochs", "2")
-    run_main(*common, "--output-dir", str(tmp_path / "resumed"), "--epochs", "1")
-    run_main(*common, "--output-dir", str(tmp_path / "resumed"), "--epochs", "2", "--resume",
-             str(tmp_path / "resumed"))
-    straight = load_checkpoint_file(tmp_path / "straight" / "checkpoint.pth")
-    resumed = load_checkpoint_file(tmp_path / "resumed" / "checkpoint.pth")
+    _, straight, resumed = train_straight_and_resumed(run_main, common, tmp_path)
     assert straight["criterion"]["metric.proxies"].shape == (4 * 2, 32)
     for key in ("model", "model_ema", "optimizer", "criterion"):
         assert_same_tensors(straight[key], resumed[key], key)

@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score
-from test_train import ENV, read_log
+from test_train import ENV, read_log, train_straight_and_resumed
 
 import predict_artist_multilabel
 import train_artist_multilabel
@@ -245,12 +245,7 @@ def test_eval_reproduces_the_logged_metrics(trained, mixed_data):
 def test_resume_gives_the_same_weights(small_data, tmp_path):
     common = [*small_data, "--batch-size", "8", "--accumulation-steps", "2", "--drop-path", "0.1", "--lr", "0.5",
               "--mixup", "0.8"]
-    run_main(*common, "--output-dir", str(tmp_path / "straight"), "--epochs", "2")
-    run_main(*common, "--output-dir", str(tmp_path / "resumed"), "--epochs", "1")
-    run_main(*common, "--output-dir", str(tmp_path / "resumed"), "--epochs", "2", "--resume",
-             str(tmp_path / "resumed"))
-    straight = load_checkpoint_file(tmp_path / "straight" / "checkpoint.pth")
-    resumed = load_checkpoint_file(tmp_path / "resumed" / "checkpoint.pth")
+    _, straight, resumed = train_straight_and_resumed(run_main, common, tmp_path)
     assert straight["epoch"] == resumed["epoch"] == 1
     for key in ("model", "model_ema"):
         for name, tensor in straight[key].items():

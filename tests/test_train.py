@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,18 @@ def run_main(*argv: str):
         return train_artist_style.main(train_artist_style.get_args_parser().parse_args([*FAST, *argv]))
     finally:
         torch.set_num_threads(threads)
+
+
+def train_straight_and_resumed(run: Callable[..., object], common: list[str], tmp_path: Path
+                               ) -> tuple[dict, dict, dict]:
+    """``run`` 2 epochs in one go (``tmp_path/straight``) and 1 epoch, then --resume for the second
+    (``tmp_path/resumed``); returns the resumed run's checkpoint after epoch 1 and both final checkpoint.pth files."""
+    run(*common, "--output-dir", str(tmp_path / "straight"), "--epochs", "2")
+    run(*common, "--output-dir", str(tmp_path / "resumed"), "--epochs", "1")
+    first = load_checkpoint_file(tmp_path / "resumed" / "checkpoint.pth")
+    run(*common, "--output-dir", str(tmp_path / "resumed"), "--epochs", "2", "--resume", str(tmp_path / "resumed"))
+    return (first, load_checkpoint_file(tmp_path / "straight" / "checkpoint.pth"),
+            load_checkpoint_file(tmp_path / "resumed" / "checkpoint.pth"))
 
 
 def run_script(*argv: str, launcher: tuple[str, ...] = (), timeout: int = 300) -> subprocess.CompletedProcess:
@@ -179,14 +192,7 @@ def test_resume_gives_the_same_weights(small_data, tmp_path):
     augmentation, accumulation and EMA all on: every random stream is restored)."""
     common = ["--data-path", str(small_data), "--batch-size", "4", "--accumulation-steps", "2", "--drop-path", "0.1",
               "--lr", "0.5", "--model-ema-decay", "0.9"]
-    run_main(*common, "--output-dir", str(tmp_path / "straight"), "--epochs", "2")
-    run_main(*common, "--output-dir", str(tmp_path / "resumed"), "--epochs", "1")
-    first = load_checkpoint_file(tmp_path / "resumed" / "checkpoint.pth")
-    run_main(*common, "--output-dir", str(tmp_path / "resumed"), "--epochs", "2", "--resume",
-             str(tmp_path / "resumed"))
-
-    straight = load_checkpoint_file(tmp_path / "straight" / "checkpoint.pth")
-    resumed = load_checkpoint_file(tmp_path / "resumed" / "checkpoint.pth")
+    first, straight, resumed = train_straight_and_resumed(run_main, common, tmp_path)
     assert straight["epoch"] == resumed["epoch"] == 1
     assert not torch.equal(first["model"]["head.l.weight"], resumed["model"]["head.l.weight"])
     for key in ("model", "model_ema", "optimizer", "rng_states"):
