@@ -27,12 +27,18 @@ from .stages import TrainConfig, run_stage
 __all__ = ["train", "calibrate", "evaluate", "eval_loader", "plain_references"]
 
 
-def eval_loader(args: argparse.Namespace, split: str, classes: list[str]) -> DataLoader:
-    """``split`` in evaluation views (the centred window, no flip), in order."""
+def _dataset(args: argparse.Namespace, split: str, classes: list[str]):
+    """``--data-path/split`` as glance-and-focus views; an empty or missing split is a one-line error."""
     dataset = build_gf_dataset(args.data_path, split, classes, args.glance_size, args.focus_resolution)
-    dataset.transform.train = False
     if len(dataset) == 0:
         raise UserError(f"{Path(args.data_path) / split} holds no images; run prepare_dataset.py first")
+    return dataset
+
+
+def eval_loader(args: argparse.Namespace, split: str, classes: list[str]) -> DataLoader:
+    """``split`` in evaluation views (the centred window, no flip), in order."""
+    dataset = _dataset(args, split, classes)
+    dataset.transform.train = False
     return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_views)
 
 
@@ -43,9 +49,7 @@ def _stage_list(stage: str) -> list[int]:
 def _train_loader(args: argparse.Namespace, classes: list[str], dist: DistEnv) -> DataLoader:
     """This process's shard of ``train/`` in training views: a DistributedSampler reshuffled every epoch (as the
     main trainer's loaders without repeated augmentation), its workers seeded by the loader's own generator."""
-    dataset = build_gf_dataset(args.data_path, "train", classes, args.glance_size, args.focus_resolution)
-    if len(dataset) == 0:
-        raise UserError(f"{Path(args.data_path) / 'train'} holds no images; run prepare_dataset.py first")
+    dataset = _dataset(args, "train", classes)
     sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         collate_fn=collate_views, pin_memory=dist.device.type == "cuda", drop_last=True,
