@@ -34,6 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import train_glance_focus  # noqa: E402
+from artifacts.config_file import read_config  # noqa: E402
+from data.class_mapping import CLASS_MAPPING_FILE, read_class_mapping  # noqa: E402
 from gfnet.evaluate import write_curve  # noqa: E402
 from gfnet.train import eval_loader, evaluate, plain_references  # noqa: E402
 from utils import run_cli  # noqa: E402
@@ -132,7 +135,7 @@ def train_gf(steps: Steps, world: str, data: Path, side: int, init: Path, args: 
     command = ["train_glance_focus.py", *flags, "--init-from", init, "--epochs", *args.gf_epochs, "--batch-size",
                args.gf_batch_size, "--lr", args.gf_lr]
     train_s = steps.run(f"{world}: gf train", command, (out / "model_best.pth").is_file())
-    calibrated = "budget_table" in json.loads((out / "config.json").read_text())["gf"]
+    calibrated = "budget_table" in read_config(out)["gf"]
     calib_s = steps.run(f"{world}: gf calibrate", ["train_glance_focus.py", *flags, "--calibrate-budget"], calibrated)
     stage_s = json.loads((out / "stage_times.json").read_text())
     shown = " ".join(["python", *(os.path.relpath(c, ROOT) if isinstance(c, Path) else str(c) for c in command)])
@@ -142,15 +145,18 @@ def train_gf(steps: Steps, world: str, data: Path, side: int, init: Path, args: 
 
 def measure(data: Path, side: int, gf: dict, plains: list[dict], args: argparse.Namespace) -> dict:
     """``--eval`` of the GF folder and both plain models on the same val images; the curve redrawn with both."""
-    ns = argparse.Namespace(**vars(train_ns(data, gf["folder"], side, args)), reference=None,
-                            reference_sizes=[0], exit_threshold=0.9, save_crops=None, eval=True)
+    ns = train_glance_focus.get_args_parser().parse_args([str(flag) for flag in (
+        "--data-path", data, "--output-dir", gf["folder"], "--glance-size", args.glance_size, "--patch-size",
+        args.patch_size, "--focus-resolution", side, "--batch-size", args.gf_batch_size, "--workers", 0, "--device",
+        "cpu", "--eval", "--exit-threshold", 0.9)])
+    classes = read_class_mapping(Path(gf["folder"]) / CLASS_MAPPING_FILE)
     start = time.perf_counter()
     result = evaluate(ns)
-    loader = eval_loader(ns, "val", json_classes(gf["folder"]))
+    loader = eval_loader(ns, "val", classes)
     refs = {}
     for plain in plains:
         ns.reference, ns.reference_sizes = str(plain["folder"]), [plain["size"] if plain["size"] != side else 0]
-        for name, ref in plain_references(ns, loader, json_classes(gf["folder"]), torch.device("cpu")).items():
+        for name, ref in plain_references(ns, loader, classes, torch.device("cpu")).items():
             refs[f"{name} (trained at {plain['size']} px)"] = {**ref, "train_seconds": plain["seconds"],
                                                                "epochs": plain["epochs"]}
     write_curve(Path(gf["folder"]) / "eval", result["anytime_learned"], result["step_gflops"], result["curve"], refs)
@@ -158,20 +164,6 @@ def measure(data: Path, side: int, gf: dict, plains: list[dict], args: argparse.
     result["eval_seconds"] = round(time.perf_counter() - start, 1)
     result["val_images"] = len(loader.dataset)
     return result
-
-
-def train_ns(data: Path, folder: Path, side: int, args: argparse.Namespace) -> argparse.Namespace:
-    """The train_glance_focus.py arguments ``evaluate`` reads."""
-    return argparse.Namespace(data_path=str(data), output_dir=str(folder), glance_size=args.glance_size,
-                              patch_size=args.patch_size, focus_resolution=side, batch_size=args.gf_batch_size,
-                              workers=0, device="cpu")
-
-
-def json_classes(folder: Path) -> list[str]:
-    """The class names of a model folder (its class_mapping.csv)."""
-    from data.class_mapping import read_class_mapping
-
-    return read_class_mapping(Path(folder) / "class_mapping.csv")
 
 
 def run_world(steps: Steps, world: str, args: argparse.Namespace) -> dict:
