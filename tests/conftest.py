@@ -1,6 +1,7 @@
 """Fixtures shared by several test modules."""
 
 import os
+import shutil
 
 import huggingface_hub.constants
 import pytest
@@ -27,6 +28,23 @@ def offline_hub(tmp_path, monkeypatch):
         torch.save(checkpoint, repo / "snapshots" / HUB_COMMIT / filename)
 
     return add
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_module_disk(request, tmp_path_factory):
+    """Delete the temporary folders a test module made once all its tests passed.
+
+    Trained checkpoints take 40-180 MB each, and a whole run left about 10 GB behind, more than a CI disk may have.
+    ``tmp_path_retention_policy = "failed"`` removes each passing test's ``tmp_path``; this removes the module-scoped
+    folders too. Under ``--dist loadfile`` a worker runs one module at a time, so the new folders are this module's.
+    """
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed_before:
+        for path in set(base.iterdir()) - before:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_configure(config):
