@@ -40,7 +40,7 @@ from artifacts.outputs import (
 )
 from data import ImageLoadError
 from errors import import_optional
-from predictor import MODES, ArtistModel, BatchResult, FocusOptions, add_runtime_args, load_model_bundle
+from predictor import DESCRIPTORS, MODES, ArtistModel, BatchResult, FocusOptions, add_runtime_args, load_model_bundle
 from utils import NumberRange, UserError, run_cli
 
 if TYPE_CHECKING:
@@ -91,6 +91,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gallery", default=None,
                         help="identify artists by similarity to this gallery (tools/build_gallery.py); "
                              "works without --class-csv")
+    parser.add_argument("--descriptor", choices=DESCRIPTORS, default=None,
+                        help="style vector of the features: pooled (default; the classifier head's input) or texture "
+                             "(channel spreads of the first three stages); with --gallery, the gallery's")
     parser.add_argument("--unknown-threshold", type=NumberRange(float, -1, 1), default=None,
                         help="with --gallery: best cosine below which an image is 'unknown' (default: the gallery's "
                              "calibrated threshold, none if it has none)")
@@ -111,7 +114,10 @@ def load_matcher(args: argparse.Namespace, artist_model: ArtistModel) -> Gallery
         return None
     galleries = import_optional("retrieval.gallery", "requirements-retrieval.txt", "--gallery")
     gallery = galleries.load_gallery(args.gallery)
-    gallery.check_model(galleries.model_identity(artist_model), args.gallery)
+    if args.descriptor not in (None, gallery.descriptor):
+        raise UserError(f"gallery {args.gallery} holds {gallery.descriptor} style vectors; drop --descriptor "
+                        f"{args.descriptor}")
+    gallery.check_model(artist_model, args.gallery)
     threshold = args.unknown_threshold if args.unknown_threshold is not None else gallery.unknown_threshold
     return GalleryMatcher(gallery, threshold, args.gallery)
 
@@ -124,8 +130,13 @@ def effective_mode(mode: str, matcher: GalleryMatcher | None, artist_model: Arti
 
 
 def _metadata(artist_model: ArtistModel, mode: str, input_path: Path) -> dict[str, Any]:
-    return {"model": artist_model.model_name, "checkpoint": str(artist_model.checkpoint), "mode": mode,
-            "input": str(input_path), "input_size": artist_model.input_size}
+    metadata = {"model": artist_model.model_name, "checkpoint": str(artist_model.checkpoint), "mode": mode,
+                "input": str(input_path), "input_size": artist_model.input_size}
+    if mode != "classify":
+        # Texture vectors are unit length; pooled ones are as the head sees them (compare them by cosine).
+        metadata["style_vector"] = {"descriptor": artist_model.descriptor,
+                                    "normalized": artist_model.descriptor == "texture"}
+    return metadata
 
 
 def save_batch(output_dir: Path, result: BatchResult, metadata: dict[str, Any], include_features: bool,
@@ -220,6 +231,8 @@ def main(args: argparse.Namespace | None = None) -> dict[str, Any] | BatchResult
         require_class_names=args.mode != "cluster" and not args.gallery, compile=args.compile,
         focus=FocusOptions(args.exit_threshold, args.budget, args.save_crops),
     )
+    if args.descriptor is not None:
+        artist_model.use_descriptor(args.descriptor)
     matcher = load_matcher(args, artist_model)
     if input_path.is_dir():
         return run_batch(artist_model, args, output_dir, matcher)

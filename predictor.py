@@ -25,7 +25,7 @@ from inference.flags import add_runtime_args
 from inference.glance_focus import FocusOptions, GlanceFocusModel
 from inference.loading import build_eval_transform, load_model_bundle
 from inference.onnx_model import OnnxModel
-from inference.results import MODES, BatchedModel, BatchResult, ImageInput, SkippedImage, list_images
+from inference.results import DESCRIPTORS, MODES, BatchedModel, BatchResult, ImageInput, SkippedImage, list_images
 
 __all__ = [
     "ArtistModel",
@@ -33,6 +33,7 @@ __all__ = [
     "BatchedModel",
     "CHECKPOINT_FILES",
     "CONFIG_FILE",
+    "DESCRIPTORS",
     "FocusOptions",
     "GlanceFocusModel",
     "ImageInput",

@@ -90,10 +90,10 @@ def prepare(args: argparse.Namespace) -> tuple["uvicorn.Server", socket.socket]:
 
 def load_checked_gallery(path: str, model: "BatchedModel") -> "Gallery":
     """The ``--gallery`` folder, refused when it was built with another model."""
-    from retrieval.gallery import load_gallery, model_identity
+    from retrieval.gallery import load_gallery
 
     gallery = load_gallery(path)
-    gallery.check_model(model_identity(model), path)
+    gallery.check_model(model, path)
     return gallery
 
 

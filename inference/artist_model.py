@@ -13,7 +13,7 @@ from torch import nn
 from data.transforms import normalize_batch
 from inference.batching import run_batched
 from inference.compiled import PaddedCompiledModel
-from inference.results import BatchedModel, ImageInput, SkippedImage
+from inference.results import DESCRIPTORS, BatchedModel, ImageInput, SkippedImage
 from utils import UserError
 
 
@@ -74,8 +74,13 @@ class ArtistModel(BatchedModel):
 
     @property
     def feature_dim(self) -> int:
-        """Size of the style feature vector (the one place that reads the network's attribute)."""
-        return int(self.model.head_hidden_size)
+        """Size of the style feature vector (the one place that reads the network's attributes)."""
+        return int(self.model.texture_dim if self.descriptor == "texture" else self.model.head_hidden_size)
+
+    @property
+    def descriptors(self) -> tuple[str, ...]:
+        """Pooled and texture style vectors (``LSNet.forward_texture``) for LSNet models."""
+        return DESCRIPTORS if hasattr(self.model, "forward_texture") else ("pooled",)
 
     def autocast(self) -> torch.autocast:
         """The model's mixed-precision context: float16 on CUDA, bfloat16 on the CPU; a no-op unless ``amp``."""
@@ -106,10 +111,11 @@ class ArtistModel(BatchedModel):
                  progress: bool) -> Iterator[tuple[list[str], np.ndarray | None, np.ndarray | None]]:
         """Per batch of readable images: (names, features or None, probabilities or None) as float32 numpy."""
         def compute(batch: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray | None]:
+            texture = {"texture": True} if self.descriptor == "texture" else {}
             if mode == "cluster":
-                features, logits = self.run_model(batch, batch_size, return_features=True), None
+                features, logits = self.run_model(batch, batch_size, return_features=True, **texture), None
             else:
-                features, logits = self.run_model(batch, batch_size, return_both=True)
+                features, logits = self.run_model(batch, batch_size, return_both=True, **texture)
             probs = None if logits is None else self.probabilities(logits.float().cpu().numpy())
             return (None if mode == "classify" else features.float().cpu().numpy()), probs
 

@@ -21,6 +21,9 @@ from errors import UserError
 
 ImageInput = Image.Image | str | os.PathLike | BinaryIO
 MODES = ("classify", "cluster", "both")
+# Which style vector features and galleries use: "pooled" is the classifier head's input (global average of the last
+# stage, projected with --feature-dim), "texture" the channel spreads of the first three stages (LSNet.forward_texture).
+DESCRIPTORS = ("pooled", "texture")
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,23 @@ class BatchedModel:
 
     class_names: list[str] | None
     config: dict[str, Any]
+    checkpoint: Any  # the weights file (or exported model) it was loaded from
+    descriptor: str = "pooled"
+
+    @property
+    def descriptors(self) -> tuple[str, ...]:
+        """The style vectors this model computes (PyTorch LSNet models add "texture" to "pooled")."""
+        return ("pooled",)
+
+    def use_descriptor(self, descriptor: str) -> None:
+        """Make ``descriptor`` (one of :attr:`descriptors`) the style vector that features and galleries get."""
+        if descriptor not in DESCRIPTORS:
+            raise UserError(f"unknown style vector {descriptor!r}; use one of {', '.join(DESCRIPTORS)}")
+        if descriptor not in self.descriptors:
+            raise UserError(f"{self.checkpoint} computes only {' and '.join(self.descriptors)} style vectors (texture "
+                            "ones need a PyTorch LSNet model folder); use --descriptor pooled, or the folder this "
+                            "model was made from")
+        self.descriptor = descriptor
 
     @property
     def feature_dim(self) -> int:

@@ -30,8 +30,8 @@ from torch import nn
 
 from .ska import SKA
 
-__all__ = ["LSNet", "Conv2d_BN", "BN_Linear", "checkpoint_filter_fn", "backbone_filter_fn",
-           "load_pretrained_backbone", "MODEL_ARGS", "HEAD_PREFIXES"]
+__all__ = ["LSNet", "TEXTURE_STAGES", "texture_statistics", "Conv2d_BN", "BN_Linear", "checkpoint_filter_fn",
+           "backbone_filter_fn", "load_pretrained_backbone", "MODEL_ARGS", "HEAD_PREFIXES"]
 
 HEAD_PREFIXES = ("head.", "head_dist.", "projection.")  # what a backbone initialisation leaves fresh
 
@@ -452,6 +452,19 @@ class LSNet(nn.Module):
     def forward(self, x: torch.Tensor):
         return self.forward_head(self.forward_features(x))
 
+    @property
+    def texture_dim(self) -> int:
+        """Size of the :meth:`forward_texture` vector: the channels of the stages in ``TEXTURE_STAGES``."""
+        return sum(self.feature_info[i]["num_chs"] for i in TEXTURE_STAGES)
+
+    def forward_texture(self, x: torch.Tensor, with_logits: bool = False):
+        """The texture style vector (:func:`texture_statistics` of the maps of stages ``TEXTURE_STAGES``); with
+        ``with_logits``, ``(vector, logits)`` from the same pass. Works with any weights and any loss."""
+        if not with_logits:
+            return texture_statistics(self.forward_intermediates(x, list(TEXTURE_STAGES), intermediates_only=True))
+        last, maps = self.forward_intermediates(x, list(TEXTURE_STAGES))
+        return texture_statistics(maps), self.forward_head(last)
+
     @torch.no_grad()
     def fuse(self) -> "LSNet":
         """Fold every foldable BatchNorm into its neighbour for inference, in place (call in eval mode).
@@ -460,6 +473,20 @@ class LSNet(nn.Module):
         are equal. Returns the model.
         """
         return reparameterize_model(self, inplace=True)
+
+
+TEXTURE_STAGES = (0, 1, 2)
+
+
+def texture_statistics(maps: list[torch.Tensor]) -> torch.Tensor:
+    """The texture style vector of feature maps: per (N, C, H, W) map, the standard deviation of every channel over
+    the image (how strongly each filter's response varies: strokes, hatching, grain, the statistics neural style
+    transfer matches), centred over the channels and L2-normalised; the maps' parts concatenated, L2-normalised."""
+    parts = []
+    for feature_map in maps:
+        spread = feature_map.float().flatten(2).std(2, correction=0)
+        parts.append(F.normalize(spread - spread.mean(1, keepdim=True), dim=1))
+    return F.normalize(torch.cat(parts, 1), dim=1)
 
 
 def _check_pool(global_pool: str, num_classes: int) -> str:

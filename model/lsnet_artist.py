@@ -40,9 +40,14 @@ class LSNetArtist(LSNet):
             self.head_hidden_size = feature_dim
             self.reset_classifier(num_classes)
 
-    def forward(self, x: torch.Tensor, return_features: bool = False, return_both: bool = False):
+    def forward(self, x: torch.Tensor, return_features: bool = False, return_both: bool = False,
+                texture: bool = False):
         """Logits. For code written against the original fork (eager Python only; TorchScript and FX see the
-        logits path): the style vectors with ``return_features``, ``(features, logits)`` with ``return_both``."""
+        logits path): the style vectors with ``return_features``, ``(features, logits)`` with ``return_both``;
+        with ``texture`` those style vectors are :meth:`forward_texture`'s instead of the pooled ones."""
+        if texture and (return_features or return_both) and not torch.jit.is_scripting():
+            if not is_fx_symbolic_tracing():
+                return self.forward_texture(x, with_logits=return_both)
         x = self.forward_features(x)
         if not torch.jit.is_scripting():
             # Under FX the flags are graph inputs, not bools: the traced graph is the logits path.

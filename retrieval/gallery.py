@@ -49,13 +49,15 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def model_identity(artist_model: Any) -> dict[str, Any]:
-    """What a gallery's vectors depend on: architecture, weights (checkpoint SHA-256), feature size, preprocessing."""
+    """What a gallery's vectors depend on: architecture, weights (checkpoint SHA-256), style vector (descriptor) and
+    its size, preprocessing."""
     if artist_model.checkpoint is None:
         raise UserError("the model has no checkpoint file to identify it; load it with predictor.load_model_bundle")
     preprocessing = {key: artist_model.data_config.get(key) for key in PREPROCESSING_KEYS}
     return json.loads(json.dumps({
         "architecture": artist_model.model_name,
         "checkpoint_sha256": file_sha256(artist_model.checkpoint),
+        "descriptor": artist_model.descriptor,
         "feature_dim": artist_model.feature_dim,
         "preprocessing": preprocessing,
     }))
@@ -88,8 +90,19 @@ class Gallery:
         np.add.at(sums, rows, self.vectors)
         return l2_normalize(sums, "artist prototype")
 
-    def check_model(self, identity: dict[str, Any], where: str) -> None:
-        """Refuse a model other than the gallery's (its vectors would not be comparable)."""
+    @property
+    def descriptor(self) -> str:
+        """The style vector the references are (galleries from before texture vectors hold pooled ones)."""
+        return str(self.model.get("descriptor", "pooled"))
+
+    def check_model(self, artist_model: Any, where: str) -> None:
+        """Set ``artist_model`` to the gallery's style vector, and refuse a model other than the gallery's (its
+        vectors would not be comparable)."""
+        artist_model.use_descriptor(self.descriptor)
+        self.check_identity(model_identity(artist_model), where)
+
+    def check_identity(self, identity: dict[str, Any], where: str) -> None:
+        """Refuse a :func:`model_identity` other than the gallery's."""
         for key, value in self.model.items():
             if identity.get(key) != value:
                 raise UserError(f"gallery {where} was built with another model ({key}: {value} there, "

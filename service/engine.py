@@ -122,6 +122,7 @@ class Engine:
             "model": model.model_name, "classes": model.class_names,
             "num_classes": None if model.class_names is None else len(model.class_names),
             "multi_label": self.multi_label, "input_size": model.input_size, "feature_dim": model.feature_dim,
+            "descriptor": model.descriptor,
             "checkpoint": Path(model.checkpoint).name if model.checkpoint else "", "version": self.version,
             "gallery": gallery,
             "limits": {"max_files": settings.max_files, "max_upload_mb": settings.max_upload_mb,

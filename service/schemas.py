@@ -74,6 +74,8 @@ class ModelInfo(BaseModel):
     multi_label: bool
     input_size: int
     feature_dim: int
+    descriptor: str = Field(description="style vector of /v1/features and /v1/similar: pooled or texture (the "
+                                        "gallery's)")
     checkpoint: str = Field(description="checkpoint file name")
     version: str = Field(description="first 12 hex digits of the checkpoint file's SHA-256")
     gallery: GalleryInfo | None = Field(description="the gallery behind POST /v1/similar; null: none loaded")

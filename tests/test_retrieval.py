@@ -80,7 +80,7 @@ def test_gallery_round_trip_prototypes_and_identify(tmp_path):
 
 def test_another_model_is_refused_in_one_line():
     with pytest.raises(UserError, match="another model") as err:
-        make_gallery().check_model({**MODEL, "checkpoint_sha256": "cd" * 32}, "g")
+        make_gallery().check_identity({**MODEL, "checkpoint_sha256": "cd" * 32}, "g")
     assert "\n" not in str(err.value)
 
 

@@ -415,7 +415,10 @@ def test_similar_answers_as_search_similar_and_serves_only_gallery_thumbnails(mo
             ["--gallery", str(gallery_dir), "--checkpoint", str(model_dir), "--query", str(images / "photo.jpg"),
              "--top-k", "3", "--output", str(tmp_path / "s.json"), "--device", "cpu", "--num-workers", "0"]))
         np.testing.assert_allclose([w["score"] for w in other["works"]], [r["score"] for r in expected], atol=1e-4)
-        vector = load_model_bundle(model_dir, device="cpu").extract_features([images / "photo.jpg"])[0]
+        assert gallery.descriptor == "texture" and get(f"{url}/v1/model").json()["descriptor"] == "texture"
+        bundle = load_model_bundle(model_dir, device="cpu")
+        bundle.use_descriptor("texture")  # the service uses the gallery's style vector
+        vector = bundle.extract_features([images / "photo.jpg"])[0]
         unit = vector / np.linalg.norm(vector)
         for work in other["works"]:
             assert work["score"] == pytest.approx(float(gallery.vectors[work["id"]] @ unit), abs=1e-4)

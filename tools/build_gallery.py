@@ -15,7 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
-from predictor import ArtistModel, add_runtime_args, load_model_bundle
+from predictor import DESCRIPTORS, ArtistModel, add_runtime_args, load_model_bundle
 from retrieval.gallery import (
     GALLERY_FILE,
     Gallery,
@@ -41,6 +41,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="remove an artist from the gallery (repeatable)")
     parser.add_argument("--calibrate", metavar="VAL_DIR",
                         help="held-out images of enrolled artists (one sub-folder per artist) to pick the threshold")
+    parser.add_argument("--descriptor", choices=DESCRIPTORS, default=None,
+                        help="style vector of a new gallery: texture (default for PyTorch LSNet models: the channel "
+                             "spreads of the first three stages, best on artists the model never saw) or pooled "
+                             "(the classifier head's input; the only one of ONNX and glance-and-focus folders); an "
+                             "existing gallery keeps its own")
     parser.add_argument("--target-false-unknown", type=float, default=0.05,
                         help="share of enrolled artists' images allowed to fall below the threshold (default 0.05)")
     parser.add_argument("--exact-limit", type=int, default=EXACT_LIMIT,
@@ -102,9 +107,14 @@ def main(args: argparse.Namespace | None = None) -> Gallery:
     if (args.add or args.remove or (args.calibrate and not args.images)) and not exists:
         raise UserError(f"{out} holds no gallery to change; build one first with --images")
     gallery = load_gallery(out) if exists else None
+    if gallery is not None and args.descriptor not in (None, gallery.descriptor):
+        raise UserError(f"{out} holds {gallery.descriptor} style vectors; drop --descriptor {args.descriptor} or "
+                        "build a new gallery with it")
     artist_model = _model(args, "--images/--calibrate") if (args.images or args.calibrate) else None
     if gallery is not None and artist_model is not None:
-        gallery.check_model(model_identity(artist_model), str(out))
+        gallery.check_model(artist_model, str(out))
+    elif artist_model is not None:
+        artist_model.use_descriptor(args.descriptor or artist_model.descriptors[-1])
     for artist in args.remove:
         gallery = gallery.removed(artist)
         print(f"removed {artist}")

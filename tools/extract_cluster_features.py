@@ -12,7 +12,7 @@ from pathlib import Path
 
 from analysis.clustering import ClusterResult, cluster_features, write_cluster_outputs
 from artifacts.outputs import load_features
-from predictor import add_runtime_args, load_model_bundle
+from predictor import DESCRIPTORS, add_runtime_args, load_model_bundle
 from utils import UserError, run_cli
 
 
@@ -35,6 +35,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", default=None, help="checkpoint file or model folder (with --images-dir)")
     source.add_argument("--model", default=None,
                         help="architecture, e.g. lsnet_t_artist (default: recorded in config.json or the checkpoint)")
+    source.add_argument("--descriptor", choices=DESCRIPTORS, default="pooled",
+                        help="style vector extracted from the images: pooled (default; the classifier head's input) "
+                             "or texture (channel spreads of the first three stages)")
     source.add_argument("--features", default=None, help="a saved features.npy to cluster instead of images")
     source.add_argument("--names", default=None,
                         help="the image_names.txt of --features (default: image_names.txt next to it)")
@@ -65,6 +68,7 @@ def main(args: argparse.Namespace | None = None) -> ClusterResult:
         if not Path(args.images_dir).is_dir():
             raise UserError(f"--images-dir {args.images_dir} is not a directory; pass the folder of images")
         artist_model = load_model_bundle(args.checkpoint, args.model, device=args.device, input_size=args.input_size)
+        artist_model.use_descriptor(args.descriptor)
         batch = artist_model.run_directory(args.images_dir, "cluster", recursive=args.recursive,
                                            batch_size=args.batch_size, num_workers=args.num_workers, progress=True)
         features, names = batch.features, batch.names

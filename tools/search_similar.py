@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from predictor import add_runtime_args, load_model_bundle
-from retrieval.gallery import Gallery, load_gallery, model_identity
+from retrieval.gallery import Gallery, load_gallery
 from retrieval.index import search
 from retrieval.references import load_queries
 from utils import UserError, run_cli
@@ -70,7 +70,7 @@ def main(args: argparse.Namespace | None = None) -> list[dict[str, Any]]:
     artist_model = None
     if args.checkpoint:
         artist_model = load_model_bundle(args.checkpoint, device=args.device)
-        gallery.check_model(model_identity(artist_model), args.gallery)
+        gallery.check_model(artist_model, args.gallery)
     names, queries = load_queries(args.query, artist_model, args.names, batch_size=args.batch_size,
                                   num_workers=args.num_workers)
     if queries.shape[1] != gallery.vectors.shape[1]:
