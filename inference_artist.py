@@ -13,7 +13,7 @@ the files and their guarantees (written as a set, no bare NaN in JSON) are :mod:
 
 With ``--gallery`` (from ``tools/build_gallery.py``) images are also identified by cosine similarity of their
 L2-normalised style vectors to the gallery's artist prototypes, so models whose head does not know those artists
-work too: ``gallery`` entries (top-k artists with scores, and ``unknown`` when the best score is below the gallery's
+work too: ``gallery`` entries (top-k artists with scores, and ``unknown`` when the best score is below that artist's
 calibrated threshold or ``--unknown-threshold``) go into the single-image JSON or ``gallery_results.json``.
 """
 
@@ -51,7 +51,8 @@ GALLERY_RESULTS_FILE = "gallery_results.json"
 
 @dataclass(frozen=True)
 class GalleryMatcher:
-    """``--gallery`` loaded and checked against the model, with the unknown threshold that applies."""
+    """``--gallery`` loaded and checked against the model, with ``--unknown-threshold`` (None: the gallery's
+    calibrated per-artist thresholds)."""
 
     gallery: "Gallery"
     threshold: float | None
@@ -59,6 +60,13 @@ class GalleryMatcher:
 
     def match(self, features: np.ndarray, top_k: int) -> list[dict[str, Any]]:
         return self.gallery.match(features, top_k, self.threshold)
+
+    def thresholds(self) -> dict[str, Any]:
+        """The thresholds that applied, for the report: one for every artist, or per artist."""
+        if self.threshold is not None:
+            return {"unknown_threshold": self.threshold, "artist_thresholds": None}
+        return {"unknown_threshold": self.gallery.unknown_threshold,
+                "artist_thresholds": self.gallery.artist_thresholds}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -118,8 +126,7 @@ def load_matcher(args: argparse.Namespace, artist_model: ArtistModel) -> Gallery
         raise UserError(f"gallery {args.gallery} holds {gallery.descriptor} style vectors; drop --descriptor "
                         f"{args.descriptor}")
     gallery.check_model(artist_model, args.gallery)
-    threshold = args.unknown_threshold if args.unknown_threshold is not None else gallery.unknown_threshold
-    return GalleryMatcher(gallery, threshold, args.gallery)
+    return GalleryMatcher(gallery, args.unknown_threshold, args.gallery)
 
 
 def effective_mode(mode: str, matcher: GalleryMatcher | None, artist_model: ArtistModel) -> str:
@@ -162,7 +169,7 @@ def gallery_report(matcher: GalleryMatcher, result: BatchResult, top_k: int) -> 
     """``gallery_results.json``: per image, the closest gallery artists and the unknown decision."""
     matches = matcher.match(result.features, top_k)
     print(f"gallery: {sum(m['unknown'] for m in matches)} of {len(matches)} images unknown")
-    return {"gallery": matcher.path, "metric": "cosine", "normalized": True, "unknown_threshold": matcher.threshold,
+    return {"gallery": matcher.path, "metric": "cosine", "normalized": True, **matcher.thresholds(),
             "results": dict(zip(result.names, matches, strict=True))}
 
 

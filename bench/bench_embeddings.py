@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Compare training losses for style embeddings on artists the model never saw (generated data, CPU).
 
-For each ``--losses`` entry: train lsnet_t_artist on ``--trained`` generated artists, enroll ``--enrolled`` other
-artists in a gallery from ``--refs`` images each, calibrate the unknown threshold (5% false unknown) on ``--calib``
-held-out images of each, then measure on new images of the enrolled artists and of ``--unknown`` artists outside the
-gallery: retrieval (Recall@1, mAP@R, leave-one-out among the query images), identification top-1 and the share of
-unknown artists' images marked unknown at the calibrated threshold. Every loss sees the same images and seed.
+For each ``--losses`` entry: train lsnet_t_artist on ``--trained`` generated artists; for each style vector (pooled,
+texture) enroll ``--enrolled`` other artists in a gallery from ``--refs`` images each, calibrate the per-artist unknown
+thresholds (5% false unknown) on ``--calib`` held-out images of each, then measure on new images of the enrolled
+artists and of ``--unknown`` artists outside the gallery: retrieval (Recall@1, mAP@R, leave-one-out among the query
+images), identification top-1 and the share of unknown artists' images marked unknown at the calibrated thresholds.
+Every loss sees the same images and seed.
 
     python bench/bench_embeddings.py --output bench_embeddings.json
 """
@@ -81,33 +82,41 @@ def make_world(root: Path, args: argparse.Namespace) -> dict[str, Path]:
     return {name: root / name for name in ("data", "refs", "calib", "queries")}
 
 
-def measure(loss: str, world: dict[str, Path], work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Train with ``loss``, build and calibrate the gallery, and evaluate retrieval and open-set identification."""
-    run_dir, gallery, started = work / loss / "run", work / loss / "gallery", time.time()
+def measure(loss: str, world: dict[str, Path], work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Train with ``loss``; per style vector (pooled, texture) build and calibrate a gallery, and evaluate retrieval
+    and open-set identification."""
+    run_dir, started = work / loss / "run", time.time()
     train_artist_style.main(train_artist_style.get_args_parser().parse_args(
         [*TRAIN, "--loss", loss, *LOSS_FLAGS[loss], "--epochs", str(args.epochs), "--seed", str(args.seed),
          "--input-size", str(args.input_size), "--lr-abs", str(args.lr_abs), "--data-path", str(world["data"]),
          "--output-dir", str(run_dir), *(["--feature-dim", str(args.feature_dim)] if args.feature_dim else [])]))
     train_seconds = time.time() - started
-    build_gallery.main(build_gallery.get_args_parser().parse_args(
-        ["--checkpoint", str(run_dir), "--images", str(world["refs"]), "--output-dir", str(gallery),
-         "--calibrate", str(world["calib"]), *RUN]))
-    ident = evaluate_retrieval.main(evaluate_retrieval.get_args_parser().parse_args(
-        ["--gallery", str(gallery), "--queries", str(world["queries"]), "--checkpoint", str(run_dir),
-         "--output", str(work / loss / "identification.json"), *RUN]))["identification"]
-    bundle = load_model_bundle(str(run_dir), device="cpu")
-    names, vectors = embed_images(bundle, world["queries"], artist_images(world["queries"]), 32, 0)
-    retrieval = retrieval_metrics(vectors, [artist_of(name, str(world["queries"])) for name in names])
-    return {"loss": loss, "recall@1": retrieval["recall@1"], "map@r": retrieval["map@r"], "top1": ident["top1"],
-            "unknown_detection": ident["unknown_detection_rate"], "false_unknown": ident["false_unknown_rate"],
-            "train_seconds": round(train_seconds, 1)}
+    rows = []
+    for descriptor in ("pooled", "texture"):
+        gallery = work / loss / f"gallery_{descriptor}"
+        build_gallery.main(build_gallery.get_args_parser().parse_args(
+            ["--checkpoint", str(run_dir), "--images", str(world["refs"]), "--output-dir", str(gallery),
+             "--calibrate", str(world["calib"]), "--descriptor", descriptor, *RUN]))
+        ident = evaluate_retrieval.main(evaluate_retrieval.get_args_parser().parse_args(
+            ["--gallery", str(gallery), "--queries", str(world["queries"]), "--checkpoint", str(run_dir),
+             "--output", str(work / loss / f"identification_{descriptor}.json"), *RUN]))["identification"]
+        bundle = load_model_bundle(str(run_dir), device="cpu")
+        bundle.use_descriptor(descriptor)
+        names, vectors = embed_images(bundle, world["queries"], artist_images(world["queries"]), 32, 0)
+        retrieval = retrieval_metrics(vectors, [artist_of(name, str(world["queries"])) for name in names])
+        rows.append({"loss": loss, "descriptor": descriptor, "recall@1": retrieval["recall@1"],
+                     "map@r": retrieval["map@r"], "top1": ident["top1"],
+                     "unknown_detection": ident["unknown_detection_rate"],
+                     "false_unknown": ident["false_unknown_rate"], "train_seconds": round(train_seconds, 1)})
+    return rows
 
 
-HEADER = f"{'loss':<18} {'Recall@1':>8} {'mAP@R':>7} {'top-1':>6} {'unknown':>8} {'false unk':>9} {'train s':>8}"
+HEADER = (f"{'loss':<18} {'vector':<8} {'Recall@1':>8} {'mAP@R':>7} {'top-1':>6} {'unknown':>8} {'false unk':>9} "
+          f"{'train s':>8}")
 
 
 def format_row(r: dict[str, Any]) -> str:
-    return (f"{r['loss']:<18} {r['recall@1']:>8.3f} {r['map@r']:>7.3f} {r['top1']:>6.3f} "
+    return (f"{r['loss']:<18} {r['descriptor']:<8} {r['recall@1']:>8.3f} {r['map@r']:>7.3f} {r['top1']:>6.3f} "
             f"{r['unknown_detection']:>8.3f} {r['false_unknown']:>9.3f} {r['train_seconds']:>8.1f}")
 
 
@@ -117,8 +126,9 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="bench_embeddings_") as tmp:
         world = make_world(Path(tmp) / "world", args)
         for loss in args.losses.split(","):
-            rows.append(measure(loss.strip(), world, Path(tmp) / "runs", args))
-            print(f"result: {format_row(rows[-1])}", flush=True)
+            rows.extend(measure(loss.strip(), world, Path(tmp) / "runs", args))
+            for row in rows[-2:]:
+                print(f"result: {format_row(row)}", flush=True)
     print(f"unseen artists: {args.enrolled} enrolled ({args.refs} refs each), {args.unknown} unknown; chance top-1 "
           f"{1 / args.enrolled:.3f}\n{HEADER}")
     for r in rows:

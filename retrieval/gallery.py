@@ -74,6 +74,7 @@ class Gallery:
     unknown_threshold: float | None = None
     calibration: dict[str, Any] | None = None
     exact_limit: int = EXACT_LIMIT
+    artist_thresholds: dict[str, float] | None = None  # per calibrated artist; unknown_threshold for the others
     _index: tuple[faiss.Index, dict] | None = field(default=None, repr=False)
 
     @cached_property
@@ -120,14 +121,26 @@ class Gallery:
         index.add(self.prototypes)
         return search(index, queries, top_k)
 
-    def match(self, features: np.ndarray, top_k: int, threshold: float | None) -> list[dict[str, Any]]:
+    def unknown(self, scores: np.ndarray, ids: np.ndarray, threshold: float | None = None) -> np.ndarray | None:
+        """Whether each query of :meth:`identify`'s ``(scores, ids)`` is an unknown artist: its best score is below
+        ``threshold`` when given, else below its nearest artist's calibrated threshold. None: no threshold at all."""
+        if threshold is None and self.unknown_threshold is None:
+            return None
+        if threshold is None:
+            own = self.artist_thresholds or {}
+            limits = np.array([own.get(name, self.unknown_threshold) for name in self.artist_names])
+            return scores[:, 0] < limits[ids[:, 0]]
+        return scores[:, 0] < threshold
+
+    def match(self, features: np.ndarray, top_k: int, threshold: float | None = None) -> list[dict[str, Any]]:
         """Per image: ``{"artists": [{"artist", "score"}, ...], "unknown": bool}``, cosine to the artist prototypes;
-        ``unknown`` when the best score is below ``threshold`` (never when it is None)."""
+        ``unknown`` as :meth:`unknown` decides (``threshold`` overrides the calibrated thresholds)."""
         scores, ids = self.identify(l2_normalize(features, "style vector"), top_k)
+        unknown = self.unknown(scores, ids, threshold)
         return [{"artists": [{"artist": self.artist_names[i], "score": float(s)}
                              for s, i in zip(row_scores, row_ids, strict=True)],
-                 "unknown": bool(threshold is not None and row_scores[0] < threshold)}
-                for row_scores, row_ids in zip(scores, ids, strict=True)]
+                 "unknown": bool(unknown is not None and unknown[row])}
+                for row, (row_scores, row_ids) in enumerate(zip(scores, ids, strict=True))]
 
     def removed(self, artist: str) -> "Gallery":
         """A copy without ``artist``'s references; its threshold is kept but marked as calibrated before."""
@@ -136,14 +149,41 @@ class Gallery:
         keep = [i for i, a in enumerate(self.artists) if a != artist]
         if not keep:
             raise UserError(f"{artist!r} is the only artist in the gallery; delete the gallery folder instead")
+        thresholds = {a: t for a, t in (self.artist_thresholds or {}).items() if a != artist} or None
         return Gallery(self.vectors[keep], [self.artists[i] for i in keep], [self.paths[i] for i in keep],
-                       self.model, self.unknown_threshold, self.calibration, self.exact_limit)
+                       self.model, self.unknown_threshold, self.calibration, self.exact_limit, thresholds)
 
     def extended(self, vectors: np.ndarray, artists: list[str], paths: list[str]) -> "Gallery":
         """A copy with more references appended (vectors are normalised here)."""
         return Gallery(np.concatenate([self.vectors, l2_normalize(vectors, "reference vector")]),
                        self.artists + artists, self.paths + paths, self.model, self.unknown_threshold,
-                       self.calibration, self.exact_limit)
+                       self.calibration, self.exact_limit, self.artist_thresholds)
+
+    def calibrate(self, vectors: np.ndarray, truth: list[str], target_false_unknown: float) -> float:
+        """Set the unknown thresholds from unit vectors of held-out images of enrolled artists (``truth``: their
+        artists); returns the share of them marked unknown.
+
+        Artists differ in how alike their works are, so each gets its own threshold: the mean score of its held-out
+        images against its prototype, plus one shared offset, the largest that marks at most
+        ``target_false_unknown`` of the images unknown (each judged by the threshold of its nearest artist). Artists
+        without held-out images get the mean of those means plus the offset (:attr:`unknown_threshold`).
+        """
+        if not truth:
+            raise UserError("no calibration images of enrolled artists; pass a --calibrate folder with one "
+                            "sub-folder per enrolled artist")
+        position = {name: i for i, name in enumerate(self.artist_names)}
+        own = np.array([position[a] for a in truth])
+        similarity = vectors @ self.prototypes.T
+        genuine = similarity[np.arange(len(own)), own]
+        typical = {name: float(genuine[own == i].mean()) for name, i in position.items() if (own == i).any()}
+        overall = float(np.mean(list(typical.values())))
+        nearest = similarity.argmax(1)
+        offsets = similarity.max(1) - np.array([typical.get(self.artist_names[i], overall) for i in nearest])
+        offset = calibrate_threshold(offsets, target_false_unknown)
+        self.artist_thresholds = {name: mean + offset for name, mean in typical.items()}
+        self.unknown_threshold = overall + offset
+        scores, ids = self.identify(vectors, 1)
+        return float(self.unknown(scores, ids).mean())
 
 
 def calibrate_threshold(best_scores: np.ndarray, target_false_unknown: float) -> float:
@@ -151,9 +191,6 @@ def calibrate_threshold(best_scores: np.ndarray, target_false_unknown: float) ->
     held-out images) unknown: a score below the threshold is unknown."""
     if not 0.0 <= target_false_unknown < 1.0:
         raise UserError(f"--target-false-unknown is a rate in [0, 1), got {target_false_unknown}")
-    if len(best_scores) == 0:
-        raise UserError("no calibration images of enrolled artists; pass a --calibrate folder with one sub-folder "
-                        "per enrolled artist")
     ordered = np.sort(np.asarray(best_scores, np.float64))
     return float(ordered[int(np.floor(target_false_unknown * len(ordered)))])
 
@@ -165,7 +202,8 @@ def _metadata(gallery: Gallery, index_params: dict) -> dict[str, Any]:
     return {"format": FORMAT, "version": VERSION, "model": gallery.model, "normalized": True, "metric": "cosine",
             "feature_dim": int(gallery.vectors.shape[1]), "num_vectors": len(gallery.artists),
             "artists": gallery.artist_names, "images_per_artist": counts,
-            "unknown_threshold": gallery.unknown_threshold, "calibration": gallery.calibration,
+            "unknown_threshold": gallery.unknown_threshold, "artist_thresholds": gallery.artist_thresholds,
+            "calibration": gallery.calibration,
             "index": index_params}
 
 
@@ -242,13 +280,15 @@ def load_gallery(gallery_dir: str | os.PathLike) -> Gallery:
     try:
         dim, count, index_params = int(meta["feature_dim"]), int(meta["num_vectors"]), dict(meta["index"])
         threshold = None if meta["unknown_threshold"] is None else float(meta["unknown_threshold"])
+        own = meta.get("artist_thresholds")  # galleries calibrated before per-artist thresholds have none
+        own = None if own is None else {str(a): float(t) for a, t in dict(own).items()}
     except (KeyError, TypeError, ValueError) as err:
         raise _corrupt(path, f"{GALLERY_FILE} field {err}") from None
     if not (len(artists) == len(paths) == count) or not count:
         raise _corrupt(path, f"{count} vectors but {len(artists)} artists and {len(paths)} paths")
     vectors = _read_vectors(path, VECTORS_FILE, count, dim)
     gallery = Gallery(vectors, artists, paths, meta["model"], threshold, meta.get("calibration"),
-                      int(index_params.get("exact_limit", EXACT_LIMIT)))
+                      int(index_params.get("exact_limit", EXACT_LIMIT)), own)
     prototypes = _read_vectors(path, PROTOTYPES_FILE, len(gallery.artist_names), dim)
     if not np.allclose(prototypes, gallery.prototypes, atol=1e-4):
         raise _corrupt(path, f"{PROTOTYPES_FILE} does not match {VECTORS_FILE}")

@@ -55,14 +55,13 @@ def retrieval_metrics(features: np.ndarray, labels: list[str] | np.ndarray,
             **{f"recall@{k}": recall[k] / n for k in ks}, "map@r": ap_sum / n, "mrr": rr_sum / n}
 
 
-def identification_metrics(predicted: list[list[str]], scores: np.ndarray, truth: list[str],
-                           enrolled: set[str], threshold: float | None) -> dict[str, Any]:
-    """Closed- and open-set identification: ``predicted[i]`` are query ``i``'s artists best first, ``scores[:, 0]``
-    its best scores, ``truth[i]`` its real artist.
+def identification_metrics(predicted: list[list[str]], truth: list[str], enrolled: set[str],
+                           unknown: np.ndarray | None) -> dict[str, Any]:
+    """Closed- and open-set identification: ``predicted[i]`` are query ``i``'s artists best first, ``truth[i]`` its
+    real artist, ``unknown[i]`` whether it was marked unknown (None: no threshold).
 
-    top-1/top-5 count queries of enrolled artists; with a ``threshold``, ``false_unknown_rate`` is the share of those
-    marked unknown (best score below it) and ``unknown_detection_rate`` the share of queries of artists outside the
-    gallery marked unknown.
+    top-1/top-5 count queries of enrolled artists; ``false_unknown_rate`` is the share of those marked unknown and
+    ``unknown_detection_rate`` the share of queries of artists outside the gallery marked unknown.
     """
     known = np.array([t in enrolled for t in truth], bool)
     result: dict[str, Any] = {"num_known_queries": int(known.sum()), "num_unknown_queries": int((~known).sum()),
@@ -70,9 +69,7 @@ def identification_metrics(predicted: list[list[str]], scores: np.ndarray, truth
     for k in (1, 5):
         hits = [truth[i] in predicted[i][:k] for i in np.flatnonzero(known)]
         result[f"top{k}"] = float(np.mean(hits)) if hits else None
-    result["unknown_threshold"] = threshold
-    if threshold is not None:
-        unknown = scores[:, 0] < threshold
+    if unknown is not None:
         result["false_unknown_rate"] = float(unknown[known].mean()) if known.any() else None
         result["unknown_detection_rate"] = float(unknown[~known].mean()) if (~known).any() else None
         correct = np.array([not unknown[i] and predicted[i][0] == truth[i] for i in np.flatnonzero(known)], bool)

@@ -73,7 +73,7 @@ def _add_gallery_routes(router: APIRouter, engine: Engine, gallery: GallerySearc
     async def similar(files: Uploads, top_k: Annotated[int, Query(ge=1, le=1000)] = 10,
                       top_artists: Annotated[int, Query(ge=1, le=1000)] = 5) -> dict[str, Any]:
         """The gallery's nearest works and closest artists of each image (cosine of L2-normalised style vectors);
-        ``unknown`` when the best artist score is below the gallery's calibrated threshold."""
+        ``unknown`` when the best artist score is below that artist's calibrated threshold."""
         search = loaded()
         names, rows = await engine.feature_rows(files)
         matches = search.similar(np.stack(rows), top_k, top_artists)

@@ -63,7 +63,8 @@ class Limits(BaseModel):
 class GalleryInfo(BaseModel):
     artists: int = Field(description="enrolled artists")
     works: int = Field(description="reference images (ids 0 .. works - 1)")
-    unknown_threshold: float | None = Field(description="calibrated cosine below which an image is unknown")
+    unknown_threshold: float | None = Field(description="calibrated cosine below which an image is unknown (for "
+                                                        "artists without a threshold of their own)")
     index: str = Field(description="Faiss index type (flat_ip exact, ivf_flat_ip approximate)")
 
 
@@ -98,7 +99,8 @@ class SimilarWork(BaseModel):
 class FileSimilar(BaseModel):
     file: str
     artists: list[ArtistScore] = Field(description="closest artists, best first")
-    unknown: bool = Field(description="best artist score below the gallery's threshold (never without one)")
+    unknown: bool = Field(description="best artist score below that artist's calibrated threshold (never "
+                                         "without calibration)")
     works: list[SimilarWork] = Field(description="nearest works, most similar first")
 
 

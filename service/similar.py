@@ -36,7 +36,7 @@ class GallerySearch:
         """Per feature row: the closest artists (cosine to their prototypes, with the unknown decision when the
         gallery has a threshold) and the ``top_k`` nearest works (cosine, artist, thumbnail URL)."""
         vectors = l2_normalize(np.asarray(features, np.float32), "style vector")
-        matches = self.gallery.match(vectors, top_artists, self.gallery.unknown_threshold)
+        matches = self.gallery.match(vectors, top_artists)
         scores, ids = search(self.index, vectors, top_k)
         results = []
         for match, row_scores, row_ids in zip(matches, scores, ids, strict=True):

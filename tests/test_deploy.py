@@ -130,6 +130,11 @@ def test_exported_folder_classifies_like_pytorch(env, tmp_path):
     batch = json.loads((tmp_path / "out" / "batch_results.json").read_text())
     assert batch["skipped"][0]["path"] == "broken.jpg"
     assert np.load(tmp_path / "out" / "features.npy").shape == (5, 24)
+    assert batch["style_vector"] == {"descriptor": "pooled", "normalized": False}
+    # The exported graph holds the pooled style vector only: texture vectors are refused in one line.
+    assert onnx_model.descriptors == ("pooled",) and torch_model.descriptors == ("pooled", "texture")
+    with pytest.raises(UserError, match="computes only pooled style vectors"):
+        onnx_model.use_descriptor("texture")
 
 
 def test_onnx_path_runs_without_torch(env, tmp_path):

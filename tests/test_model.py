@@ -183,6 +183,32 @@ def test_timm_head_api():
     assert net.num_features == 384 and net.head_hidden_size == 32
 
 
+def test_texture_vector_is_the_channel_spread_of_the_first_three_stages():
+    net = timm.create_model("lsnet_t_artist", num_classes=3, feature_dim=32).eval()
+    randomize_batchnorm(net)
+    x = torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        texture, logits = net(x, return_both=True, texture=True)
+        assert texture.shape == (2, net.texture_dim) and net.texture_dim == 64 + 128 + 256
+        assert torch.allclose(texture.norm(dim=1), torch.ones(2)) and torch.allclose(logits, net(x), atol=1e-5)
+        assert torch.equal(net(x, return_features=True, texture=True), net.forward_texture(x))
+        maps = net.forward_intermediates(x, [0, 1, 2], intermediates_only=True)
+        spread = maps[1].flatten(2).std(2, correction=0)  # stage 2's part, by hand
+        part = torch.nn.functional.normalize(spread - spread.mean(1, keepdim=True), dim=1) / 3**0.5
+        assert torch.allclose(texture[:, 64:192], part, atol=1e-5)
+        # A statistic over positions: a shuffled copy of the image's 16 px tiles (whole-map content moved around)
+        # keeps most of it, while another image's vector differs more.
+        tiles = x.unfold(2, 16, 16).unfold(3, 16, 16)  # (2, 3, 6, 5, 16, 16)
+        shuffled = tiles.flatten(2, 3)[:, :, torch.randperm(30, generator=torch.Generator().manual_seed(0))]
+        shuffled = shuffled.view(2, 3, 6, 5, 16, 16).permute(0, 1, 2, 4, 3, 5).reshape(2, 3, 96, 80)
+        same = (net.forward_texture(shuffled) * texture).sum(1)
+        other = (texture[0] * texture[1]).sum()
+        assert bool((same > other).all())
+    fused = reparameterize_model(net, inplace=False)
+    with torch.no_grad():
+        assert torch.allclose(fused.forward_texture(x), texture, atol=1e-4)
+
+
 def test_no_projection_with_other_feature_dim_is_an_error():
     with pytest.raises(ValueError, match="needs the projection"):
         timm.create_model("lsnet_t_artist", num_classes=3, feature_dim=32, use_projection=False)

@@ -40,7 +40,7 @@ def test_retrieval_metrics_match_hand_computed_values():
 def test_identification_and_open_set_rates():
     predicted = [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
     scores = np.array([[0.9, 0.1], [0.4, 0.3], [0.8, 0.2], [0.3, 0.1]])
-    m = identification_metrics(predicted, scores, ["a", "a", "x", "y"], {"a", "b"}, threshold=0.5)
+    m = identification_metrics(predicted, ["a", "a", "x", "y"], {"a", "b"}, scores[:, 0] < 0.5)
     assert (m["top1"], m["top5"]) == (0.5, 1.0)
     assert m["false_unknown_rate"] == 0.5 and m["unknown_detection_rate"] == 0.5 and m["open_set_top1"] == 0.5
 
@@ -51,6 +51,49 @@ def test_calibrated_threshold_keeps_the_target_rate():
     assert (scores < threshold).mean() <= 0.05 < (scores <= threshold).mean() + 0.01
     with pytest.raises(UserError, match="rate"):
         calibrate_threshold(scores, 1.5)
+
+
+def test_per_artist_thresholds_reject_an_impostor_a_global_threshold_admits(tmp_path):
+    """A tight artist (works nearly alike) and a loose one: one global threshold must sit below the loose artist's
+    least typical works, so it admits an impostor close to the tight artist; per-artist thresholds do not."""
+    rng = np.random.default_rng(0)
+
+    def works(axis: int, spread: float, count: int) -> np.ndarray:
+        return l2_normalize(np.eye(8)[axis] + spread * rng.normal(size=(count, 8)))
+
+    gallery = Gallery(np.concatenate([works(0, 0.05, 4), works(1, 0.5, 4)]), ["tight"] * 4 + ["loose"] * 4,
+                      [f"/r/{i}.png" for i in range(8)], MODEL)
+    held_out = np.concatenate([works(0, 0.05, 20), works(1, 0.5, 20)])
+    rate = gallery.calibrate(held_out, ["tight"] * 20 + ["loose"] * 20, 0.05)
+    assert rate <= 0.05 and set(gallery.artist_thresholds) == {"tight", "loose"}
+    assert gallery.artist_thresholds["tight"] > gallery.artist_thresholds["loose"] + 0.1
+    impostor = l2_normalize((np.eye(8)[0] + 1.5 * np.eye(8)[2])[None])  # cosine 0.55 to the tight artist
+    assert gallery.match(impostor, 1)[0]["unknown"]
+    assert not gallery.match(impostor, 1, threshold=gallery.artist_thresholds["loose"])[0]["unknown"]
+    assert not gallery.match(held_out[:1], 1)[0]["unknown"]
+
+    loaded = load_gallery(save_gallery(gallery, tmp_path / "g"))
+    assert loaded.artist_thresholds == pytest.approx(gallery.artist_thresholds)
+    assert loaded.unknown_threshold == pytest.approx(gallery.unknown_threshold)
+    assert loaded.removed("loose").artist_thresholds == {"tight": pytest.approx(gallery.artist_thresholds["tight"])}
+    # An artist enrolled after calibration is judged by the threshold for artists without their own.
+    newcomer = loaded.extended(works(3, 0.05, 2), ["new", "new"], ["/r/n0.png", "/r/n1.png"])
+    scores, ids = newcomer.identify(l2_normalize((np.eye(8)[3] + 0.9 * np.eye(8)[4])[None]), 1)
+    assert newcomer.artist_names[ids[0, 0]] == "new"
+    assert newcomer.unknown(scores, ids)[0] == (scores[0, 0] < newcomer.unknown_threshold)
+
+
+def test_gallery_calibrated_before_per_artist_thresholds_still_loads(tmp_path):
+    gallery = make_gallery()
+    folder = save_gallery(gallery, tmp_path / "g")
+    meta = json.loads((folder / GALLERY_FILE).read_text())
+    del meta["artist_thresholds"]
+    meta["model"].pop("descriptor", None)
+    (folder / GALLERY_FILE).write_text(json.dumps(meta))
+    loaded = load_gallery(folder)
+    assert loaded.artist_thresholds is None and loaded.descriptor == "pooled"
+    scores = np.array([[0.2], [0.3]])
+    assert loaded.unknown(scores, np.zeros((2, 1), int)).tolist() == [True, False]  # the one threshold, 0.25
 
 
 def make_gallery(count=6):

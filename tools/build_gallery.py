@@ -19,7 +19,6 @@ from predictor import DESCRIPTORS, ArtistModel, add_runtime_args, load_model_bun
 from retrieval.gallery import (
     GALLERY_FILE,
     Gallery,
-    calibrate_threshold,
     load_gallery,
     model_identity,
     save_gallery,
@@ -79,20 +78,21 @@ def enroll(gallery: Gallery | None, artist_model: ArtistModel, args: argparse.Na
 
 
 def calibrate(gallery: Gallery, artist_model: ArtistModel, args: argparse.Namespace) -> Gallery:
-    """Store the threshold that marks ``--target-false-unknown`` of the enrolled artists' held-out images unknown."""
+    """Store the per-artist thresholds that mark ``--target-false-unknown`` of the enrolled artists' held-out
+    images unknown (:meth:`Gallery.calibrate`)."""
     names = artist_images(args.calibrate)
     enrolled = [name for name in names if artist_of(name, args.calibrate) in set(gallery.artist_names)]
     if len(enrolled) < len(names):
         print(f"calibration: ignoring {len(names) - len(enrolled)} images of artists not in the gallery")
     kept, vectors = embed_images(artist_model, args.calibrate, enrolled, args.batch_size, args.num_workers)
-    best = gallery.identify(vectors, 1)[0][:, 0]
-    threshold = calibrate_threshold(best, args.target_false_unknown)
-    gallery.unknown_threshold = threshold
+    rate = gallery.calibrate(vectors, [artist_of(name, args.calibrate) for name in kept], args.target_false_unknown)
     gallery.calibration = {"images": len(kept), "folder": os.path.abspath(args.calibrate),
-                           "target_false_unknown": args.target_false_unknown,
-                           "false_unknown_rate": float((best < threshold).mean())}
-    print(f"unknown threshold {threshold:.4f}: {gallery.calibration['false_unknown_rate']:.1%} of {len(kept)} "
-          f"held-out images of enrolled artists score below it")
+                           "target_false_unknown": args.target_false_unknown, "false_unknown_rate": rate,
+                           "per_artist": True}
+    thresholds = sorted(gallery.artist_thresholds.values())
+    print(f"unknown thresholds {thresholds[0]:.4f}-{thresholds[-1]:.4f} ({len(thresholds)} artists, "
+          f"{gallery.unknown_threshold:.4f} for the others): {rate:.1%} of {len(kept)} held-out images of enrolled "
+          "artists score below them")
     return gallery
 
 

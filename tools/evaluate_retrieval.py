@@ -7,8 +7,8 @@
 Retrieval: every image of ``--features`` queries all the others (its own image excluded); labels are the top
 folder of each line of ``--names`` (``artist/file.jpg``). Identification: the images of ``--queries`` (one
 sub-folder per artist) are matched to the gallery's artist prototypes; top-1/top-5 over artists in the gallery,
-and with the gallery's calibrated threshold (or ``--unknown-threshold``) the share of enrolled artists' images
-marked unknown (false unknown) and of other artists' images marked unknown (unknown detection).
+and with the gallery's calibrated per-artist thresholds (or one ``--unknown-threshold``) the share of enrolled
+artists' images marked unknown (false unknown) and of other artists' images marked unknown (unknown detection).
 """
 
 import argparse
@@ -32,7 +32,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queries", help="query images, one sub-folder per artist (with --gallery)")
     parser.add_argument("--checkpoint", help="the gallery's model (with --queries)")
     parser.add_argument("--unknown-threshold", type=float, default=None,
-                        help="cosine below which a query is unknown (default: the gallery's calibrated one)")
+                        help="cosine below which a query is unknown, for every artist (default: the gallery's "
+                             "calibrated per-artist thresholds)")
     parser.add_argument("--output", default="retrieval_metrics.json", help="JSON report (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32)
     return add_runtime_args(parser, precision=False)
@@ -55,9 +56,13 @@ def evaluate_gallery(args: argparse.Namespace) -> dict[str, Any]:
                                  args.num_workers)
     scores, ids = gallery.identify(vectors, 5)
     predicted = [[gallery.artist_names[i] for i in row] for row in ids]
-    threshold = args.unknown_threshold if args.unknown_threshold is not None else gallery.unknown_threshold
     truth = [artist_of(name, args.queries) for name in kept]
-    return identification_metrics(predicted, scores, truth, set(gallery.artist_names), threshold)
+    result = identification_metrics(predicted, truth, set(gallery.artist_names),
+                                    gallery.unknown(scores, ids, args.unknown_threshold))
+    override = args.unknown_threshold
+    result["unknown_threshold"] = override if override is not None else gallery.unknown_threshold
+    result["per_artist_thresholds"] = override is None and bool(gallery.artist_thresholds)
+    return result
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -250,7 +250,7 @@ def unseen_artists_step(args: argparse.Namespace, demo: Demo, work: Path, model_
     return (f"unseen artists, gallery    top-1 {m['top1']:.2f} (chance {m['chance_top1']:.2f}) over "
             f"{len(enrolled)} artists never trained on, {UNSEEN_REFS} references each\n"
             f"unknown artist             {m['unknown_detection_rate']:.2f} of {unknown}'s images marked unknown "
-            f"(false unknown {m['false_unknown_rate']:.2f}, threshold {m['unknown_threshold']:.3f})\n"
+            f"(false unknown {m['false_unknown_rate']:.2f}; texture style vectors, per-artist thresholds)\n"
             f"similar works              {same} of the {len(works)} works closest to one {enrolled[0]} image are "
             f"{enrolled[0]}'s")
 
