@@ -284,6 +284,8 @@ class LSNet(nn.Module):
     pooled vector of ``head_hidden_size``. ``fuse()`` folds the BatchNorms for inference.
     """
 
+    __jit_unused_properties__ = ["texture_dim"]  # TorchScript compiles properties; this one reads Python dicts
+
     def __init__(
         self,
         img_size: int = 224,

@@ -45,16 +45,14 @@ class LSNetArtist(LSNet):
         """Logits. For code written against the original fork (eager Python only; TorchScript and FX see the
         logits path): the style vectors with ``return_features``, ``(features, logits)`` with ``return_both``;
         with ``texture`` those style vectors are :meth:`forward_texture`'s instead of the pooled ones."""
-        if texture and (return_features or return_both) and not torch.jit.is_scripting():
-            if not is_fx_symbolic_tracing():
-                return self.forward_texture(x, with_logits=return_both)
-        x = self.forward_features(x)
         if not torch.jit.is_scripting():
             # Under FX the flags are graph inputs, not bools: the traced graph is the logits path.
             if not is_fx_symbolic_tracing() and (return_features or return_both):
-                features = self.forward_head(x, pre_logits=True)
+                if texture:
+                    return self.forward_texture(x, with_logits=return_both)
+                features = self.forward_head(self.forward_features(x), pre_logits=True)
                 return features if return_features else (features, self._logits(features))
-        return self.forward_head(x)
+        return self.forward_head(self.forward_features(x))
 
 
 ARTIST_MODEL_ARGS = {

@@ -113,9 +113,11 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
 
 
 def create_app(model: BatchedModel, settings: Settings | None = None, gallery: Gallery | None = None) -> FastAPI:
-    """The service for a loaded model. ``gallery``: the retrieval gallery behind ``POST /v1/similar`` (checked
-    against the model by the caller)."""
+    """The service for a loaded model. ``gallery``: the retrieval gallery behind ``POST /v1/similar``; a gallery of
+    another model is refused (:class:`UserError`), and the model computes the gallery's style vector from now on."""
     settings = settings or Settings()
+    if gallery is not None:
+        gallery.check_model(model, "given to create_app")
     engine = Engine(model, settings)
     app = FastAPI(title="Artist style recognition", lifespan=engine.lifespan,
                   description="Classify images by artist and extract style vectors with one loaded model. "
