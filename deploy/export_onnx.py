@@ -1,8 +1,9 @@
 """ONNX export of an artist model with standard operators, and its check against PyTorch with onnxruntime.
 
 The graph: BatchNorm fused (``model.fuse()``), SKA as pad/slice/mul/add (``SKA(impl="plain")``), one input ``input``
-(N, 3, H, W) normalised float32, two outputs ``logits`` and ``features`` (the style vector), a dynamic batch axis
-and, with ``dynamic_size``, dynamic height and width (the attention biases are resized in the graph).
+(N, 3, H, W) normalised float32, three outputs ``logits``, ``features`` (the pooled style vector) and ``texture`` (the
+texture style vector, ``LSNet.forward_texture``), a dynamic batch axis and, with ``dynamic_size``, dynamic height and
+width (the attention biases are resized in the graph).
 """
 
 import base64
@@ -17,39 +18,39 @@ import torch
 from torch import nn
 
 from artifacts.config_file import write_json_atomic
-from model.lsnet import Attention, relative_offset_index
+from model.lsnet import TEXTURE_STAGES, Attention, relative_offset_index, texture_statistics
 from model.ska import SKA
 from utils import UserError
 
-INPUT_NAME, OUTPUT_NAMES = "input", ("logits", "features")
+INPUT_NAME, OUTPUT_NAMES = "input", ("logits", "features", "texture")
 FP32_RTOL = 1e-4  # max |onnx - torch| / max |torch| per output
 PROBE_COUNT = 2
 
 
-class LogitsAndFeatures(nn.Module):
-    """``(logits, features)`` of a timm-contract model: ``forward_head`` on ``forward_features``, with and without
-    ``pre_logits``."""
+class ExportedOutputs(nn.Module):
+    """``(logits, features, texture)`` of an LSNet in one pass: ``forward_head`` on the last map with and without
+    ``pre_logits``, and :func:`model.lsnet.texture_statistics` of the first three stages' maps."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feature_map = self.net.forward_features(x)
-        return self.net.forward_head(feature_map), self.net.forward_head(feature_map, pre_logits=True)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        last, maps = self.net.forward_intermediates(x, list(TEXTURE_STAGES))
+        return self.net.forward_head(last), self.net.forward_head(last, pre_logits=True), texture_statistics(maps)
 
 
-def export_ready(net: nn.Module) -> LogitsAndFeatures:
+def export_ready(net: nn.Module) -> ExportedOutputs:
     """A fused eval-mode copy of ``net`` with every SKA on its plain (standard operator) path."""
     net = copy.deepcopy(net).eval()
     net.fuse()
     for module in net.modules():
         if isinstance(module, SKA):
             module.impl = "plain"
-    return LogitsAndFeatures(net).eval()
+    return ExportedOutputs(net).eval()
 
 
-def _attention_grids(wrapper: LogitsAndFeatures, size: int) -> list[tuple[int, int, int]]:
+def _attention_grids(wrapper: ExportedOutputs, size: int) -> list[tuple[int, int, int]]:
     """(grid height, grid width, stored resolution) of every attention layer at a ``size`` input."""
     seen: list[tuple[int, int, int]] = []
     hooks = [m.register_forward_pre_hook(lambda m, a: seen.append((*a[0].shape[-2:], m.resolution)))
@@ -61,7 +62,7 @@ def _attention_grids(wrapper: LogitsAndFeatures, size: int) -> list[tuple[int, i
     return seen
 
 
-def trace_size(wrapper: LogitsAndFeatures, input_size: int) -> int:
+def trace_size(wrapper: ExportedOutputs, input_size: int) -> int:
     """An input size at which no attention grid equals its stored resolution, so the traced graph holds the general
     (resized bias) path for every size; at the stored size that path gives the stored table exactly."""
     for size in range(input_size, input_size + 8 * 64, 32):
@@ -70,7 +71,7 @@ def trace_size(wrapper: LogitsAndFeatures, input_size: int) -> int:
     raise UserError(f"found no trace size near {input_size} for a dynamic-size export; export without --dynamic-size")
 
 
-def export_onnx(wrapper: LogitsAndFeatures, path: Path, input_size: int, opset: int, dynamic_size: bool) -> None:
+def export_onnx(wrapper: ExportedOutputs, path: Path, input_size: int, opset: int, dynamic_size: bool) -> None:
     """Write ``wrapper`` as an ONNX graph (weights embedded) with a dynamic batch axis (and H/W with
     ``dynamic_size``), using PyTorch's TorchScript-based exporter."""
     size = trace_size(wrapper, input_size) if dynamic_size else input_size
@@ -116,7 +117,7 @@ class Comparison:
         return f"{self.label}: {diffs}, top-5 agreement {self.top5_agreement:.0%}"
 
 
-def compare(label: str, session: Any, wrapper: LogitsAndFeatures, inputs: np.ndarray) -> Comparison:
+def compare(label: str, session: Any, wrapper: ExportedOutputs, inputs: np.ndarray) -> Comparison:
     """Run ``inputs`` through onnxruntime and PyTorch; max abs and relative (to the largest reference value)
     differences per output, and the share of rows with the same top-5 classes in the same order."""
     ours = session.run(list(OUTPUT_NAMES), {INPUT_NAME: inputs})

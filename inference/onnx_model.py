@@ -25,6 +25,7 @@ from data.resize import resize_center_crop
 from errors import UserError, import_optional
 from inference.results import BatchedModel, ImageInput, SkippedImage
 
+STYLE_OUTPUTS = {"pooled": "features", "texture": "texture"}  # graph output of each style vector (deploy/export_onnx)
 _RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -84,21 +85,29 @@ class OnnxModel(BatchedModel):
         return int(self.data_config["input_size"][-1])
 
     @property
+    def descriptors(self) -> tuple[str, ...]:
+        """Pooled style vectors, and texture ones when the graph has the ``texture`` output (exports from before
+        texture vectors have not)."""
+        outputs = {output.name for output in self.session.get_outputs()}
+        return ("pooled", "texture") if "texture" in outputs else ("pooled",)
+
+    @property
     def feature_dim(self) -> int:
-        return int(self.session.get_outputs()[1].shape[-1])
+        wanted = STYLE_OUTPUTS[self.descriptor]
+        return int(next(o.shape[-1] for o in self.session.get_outputs() if o.name == wanted))
 
     def transform(self, image: Image.Image) -> np.ndarray:
         """The eval preprocessing of one RGB image: ``(3, size, size)`` uint8."""
         return eval_preprocess(image, self.input_size, self.config)
 
     def run_model(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(logits, features)`` of a uint8 batch from :meth:`transform` (normalised here); the first batch's
+        """``(logits, style vectors)`` of a uint8 batch from :meth:`transform` (normalised here); the first batch's
         outputs must be finite."""
         shape = (1, -1, 1, 1)
         mean = np.asarray(self.data_config["mean"], np.float32).reshape(shape)
         std = np.asarray(self.data_config["std"], np.float32).reshape(shape)
         inputs = (batch.astype(np.float32) / 255.0 - mean) / std
-        logits, features = self.session.run(["logits", "features"], {self._input.name: inputs})
+        logits, features = self.session.run(["logits", STYLE_OUTPUTS[self.descriptor]], {self._input.name: inputs})
         if not self._outputs_checked:
             if not (np.isfinite(logits).all() and np.isfinite(features).all()):
                 raise UserError(f"{self.checkpoint} gives NaN or infinite outputs on the first batch; export the "

@@ -146,8 +146,8 @@ class BatchedModel:
             raise UserError(f"unknown style vector {descriptor!r}; use one of {', '.join(DESCRIPTORS)}")
         if descriptor not in self.descriptors:
             raise UserError(f"{self.checkpoint} computes only {' and '.join(self.descriptors)} style vectors (texture "
-                            "ones need a PyTorch LSNet model folder); use --descriptor pooled, or the folder this "
-                            "model was made from")
+                            "ones need an LSNet model folder or a newer export); use --descriptor pooled, or export "
+                            "the model again")
         self.descriptor = descriptor
 
     @property

@@ -486,7 +486,10 @@ def texture_statistics(maps: list[torch.Tensor]) -> torch.Tensor:
     transfer matches), centred over the channels and L2-normalised; the maps' parts concatenated, L2-normalised."""
     parts = []
     for feature_map in maps:
-        spread = feature_map.float().flatten(2).std(2, correction=0)
+        # The standard deviation over positions, written with means over (H, W): an exported ONNX graph then keeps
+        # the channel count static (flatten + std leave it symbolic).
+        centred = feature_map.float() - feature_map.float().mean((2, 3), keepdim=True)
+        spread = centred.square().mean((2, 3)).sqrt()
         parts.append(F.normalize(spread - spread.mean(1, keepdim=True), dim=1))
     return F.normalize(torch.cat(parts, 1), dim=1)
 

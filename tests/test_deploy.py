@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,15 +83,16 @@ def test_export_writes_a_standard_verified_folder(env):
     graph = onnx.load(str(exported / ONNX_FILE))
     onnx.checker.check_model(graph)
     assert {node.domain for node in graph.graph.node} <= STANDARD_DOMAINS  # no custom SKA operator
-    assert [o.name for o in graph.graph.output] == ["logits", "features"]
+    assert [o.name for o in graph.graph.output] == ["logits", "features", "texture"]
     config = json.loads((exported / "config.json").read_text())
     assert config["model"] == "lsnet_t_artist" and config["feature_dim"] == 24 and config["input_size"] == SIZE
     assert config["onnx"]["opset"] == 18 and config["format"] == "onnx+safetensors"
     inputs, outputs = read_reference(exported / REFERENCE_FILE)
     session = onnxruntime.InferenceSession(str(exported / ONNX_FILE), providers=["CPUExecutionProvider"])
-    logits, features = session.run(None, {"input": inputs})
+    logits, features, texture = session.run(None, {"input": inputs})
     np.testing.assert_allclose(logits, outputs["logits"], rtol=1e-5, atol=1e-5)
-    assert features.shape == (2, 24)
+    np.testing.assert_allclose(texture, outputs["texture"], rtol=1e-5, atol=1e-5)
+    assert features.shape == (2, 24) and texture.shape == (2, 64 + 128 + 256)
 
 
 def test_int8_folder_is_quantized_and_runs(env):
@@ -106,11 +108,13 @@ def test_onnx_matches_pytorch_at_two_batch_sizes(env):
     session = onnxruntime.InferenceSession(str(exported / ONNX_FILE), providers=["CPUExecutionProvider"])
     for batch in (1, 4):
         x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
-        logits, features = session.run(None, {"input": x.numpy()})
+        logits, features, texture = session.run(None, {"input": x.numpy()})
         with torch.no_grad():
             want_features, want_logits = net(x, return_both=True)
+            want_texture = net.forward_texture(x).numpy()
         assert np.abs(logits - want_logits.numpy()).max() <= 1e-4 * np.abs(want_logits.numpy()).max()
         assert np.abs(features - want_features.numpy()).max() <= 1e-4 * np.abs(want_features.numpy()).max()
+        assert np.abs(texture - want_texture).max() <= 1e-4 * np.abs(want_texture).max()
 
 
 def test_exported_folder_classifies_like_pytorch(env, tmp_path):
@@ -131,10 +135,22 @@ def test_exported_folder_classifies_like_pytorch(env, tmp_path):
     assert batch["skipped"][0]["path"] == "broken.jpg"
     assert np.load(tmp_path / "out" / "features.npy").shape == (5, 24)
     assert batch["style_vector"] == {"descriptor": "pooled", "normalized": False}
-    # The exported graph holds the pooled style vector only: texture vectors are refused in one line.
-    assert onnx_model.descriptors == ("pooled",) and torch_model.descriptors == ("pooled", "texture")
+    # Texture style vectors come from the graph's third output, as PyTorch computes them.
+    onnx_model.use_descriptor("texture")
+    torch_model.use_descriptor("texture")
+    assert onnx_model.feature_dim == torch_model.feature_dim == 448
+    np.testing.assert_allclose(onnx_model.extract_features([images / "img1.png"]),
+                               torch_model.extract_features([images / "img1.png"]), atol=1e-4)
+    # An export from before texture vectors (no third output) gives pooled vectors only, and says so in one line.
+    old = tmp_path / "old_export"
+    shutil.copytree(exported, old, ignore=shutil.ignore_patterns("int8"))
+    graph = onnx.load(str(old / ONNX_FILE))
+    graph.graph.output.pop()
+    onnx.save(graph, str(old / ONNX_FILE))
+    old_model = load_model_bundle(old)
+    assert old_model.descriptors == ("pooled",) and old_model.feature_dim == 24
     with pytest.raises(UserError, match="computes only pooled style vectors"):
-        onnx_model.use_descriptor("texture")
+        old_model.use_descriptor("texture")
 
 
 def test_onnx_path_runs_without_torch(env, tmp_path):
@@ -178,7 +194,7 @@ def test_dynamic_size_multilabel_and_plain_lsnet_t(tmp_path):
     session = onnxruntime.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
     for size, batch in ((SIZE, 2), (SIZE + 64, 3)):
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(size))
-        logits, _ = session.run(None, {"input": x.numpy()})
+        logits, _, _ = session.run(None, {"input": x.numpy()})
         with torch.no_grad():
             want = net(x).numpy()
         assert np.abs(logits - want).max() <= 1e-4 * np.abs(want).max(), size

@@ -41,9 +41,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibrate", metavar="VAL_DIR",
                         help="held-out images of enrolled artists (one sub-folder per artist) to pick the threshold")
     parser.add_argument("--descriptor", choices=DESCRIPTORS, default=None,
-                        help="style vector of a new gallery: texture (default for PyTorch LSNet models: the channel "
+                        help="style vector of a new gallery: texture (default for LSNet and ONNX models: the channel "
                              "spreads of the first three stages, best on artists the model never saw) or pooled "
-                             "(the classifier head's input; the only one of ONNX and glance-and-focus folders); an "
+                             "(the classifier head's input; the only one of glance-and-focus folders); an "
                              "existing gallery keeps its own")
     parser.add_argument("--target-false-unknown", type=float, default=0.05,
                         help="share of enrolled artists' images allowed to fall below the threshold (default 0.05)")
