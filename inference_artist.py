@@ -62,11 +62,8 @@ class GalleryMatcher:
         return self.gallery.match(features, top_k, self.threshold)
 
     def thresholds(self) -> dict[str, Any]:
-        """The thresholds that applied, for the report: one for every artist, or per artist."""
-        if self.threshold is not None:
-            return {"unknown_threshold": self.threshold, "artist_thresholds": None}
-        return {"unknown_threshold": self.gallery.unknown_threshold,
-                "artist_thresholds": self.gallery.artist_thresholds}
+        """The thresholds that applied, for the report."""
+        return self.gallery.thresholds(self.threshold)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

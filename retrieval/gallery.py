@@ -177,13 +177,19 @@ class Gallery:
         genuine = similarity[np.arange(len(own)), own]
         typical = {name: float(genuine[own == i].mean()) for name, i in position.items() if (own == i).any()}
         overall = float(np.mean(list(typical.values())))
-        nearest = similarity.argmax(1)
-        offsets = similarity.max(1) - np.array([typical.get(self.artist_names[i], overall) for i in nearest])
+        best, nearest = similarity.max(1, keepdims=True), similarity.argmax(1)[:, None]
+        offsets = best[:, 0] - np.array([typical.get(self.artist_names[i], overall) for i in nearest[:, 0]])
         offset = calibrate_threshold(offsets, target_false_unknown)
         self.artist_thresholds = {name: mean + offset for name, mean in typical.items()}
         self.unknown_threshold = overall + offset
-        scores, ids = self.identify(vectors, 1)
-        return float(self.unknown(scores, ids).mean())
+        return float(self.unknown(best, nearest).mean())
+
+    def thresholds(self, threshold: float | None = None) -> dict[str, Any]:
+        """The thresholds :meth:`unknown` applies, for reports: ``threshold`` for every artist when given, else the
+        calibrated ones (``artist_thresholds``, and ``unknown_threshold`` for artists without their own)."""
+        if threshold is not None:
+            return {"unknown_threshold": threshold, "artist_thresholds": None}
+        return {"unknown_threshold": self.unknown_threshold, "artist_thresholds": self.artist_thresholds}
 
 
 def calibrate_threshold(best_scores: np.ndarray, target_false_unknown: float) -> float:

@@ -114,7 +114,8 @@ def main(args: argparse.Namespace | None = None) -> Gallery:
     if gallery is not None and artist_model is not None:
         gallery.check_model(artist_model, str(out))
     elif artist_model is not None:
-        artist_model.use_descriptor(args.descriptor or artist_model.descriptors[-1])
+        default = "texture" if "texture" in artist_model.descriptors else "pooled"
+        artist_model.use_descriptor(args.descriptor or default)
     for artist in args.remove:
         gallery = gallery.removed(artist)
         print(f"removed {artist}")

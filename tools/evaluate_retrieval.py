@@ -59,9 +59,8 @@ def evaluate_gallery(args: argparse.Namespace) -> dict[str, Any]:
     truth = [artist_of(name, args.queries) for name in kept]
     result = identification_metrics(predicted, truth, set(gallery.artist_names),
                                     gallery.unknown(scores, ids, args.unknown_threshold))
-    override = args.unknown_threshold
-    result["unknown_threshold"] = override if override is not None else gallery.unknown_threshold
-    result["per_artist_thresholds"] = override is None and bool(gallery.artist_thresholds)
+    result.update(gallery.thresholds(args.unknown_threshold))
+    result["per_artist_thresholds"] = bool(result["artist_thresholds"])
     return result
 
 
