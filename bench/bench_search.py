@@ -16,21 +16,8 @@ import faiss
 import numpy as np
 
 from retrieval.index import build_index, search
+from scale_common import clustered_vectors
 from utils import run_cli
-
-
-def generated_vectors(count: int, dim: int, artists: int, noise: float, seed: int) -> np.ndarray:
-    """``count`` unit vectors around ``artists`` unit centres, made in chunks to keep memory at one copy."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((artists, dim), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    out = np.empty((count, dim), np.float32)
-    for start in range(0, count, 100_000):
-        stop = min(count, start + 100_000)
-        chunk = centres[rng.integers(0, artists, stop - start)]
-        chunk += rng.standard_normal(chunk.shape, dtype=np.float32) * (noise / np.sqrt(dim))
-        out[start:stop] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
-    return out
 
 
 def peak_rss_gib() -> float:
@@ -45,7 +32,7 @@ def timed_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.nd
 
 def main(args: argparse.Namespace | None = None) -> dict:
     args = args if args is not None else get_args_parser().parse_args()
-    vectors = generated_vectors(args.count + args.queries, args.dim, args.artists, args.noise, args.seed)
+    vectors = clustered_vectors(args.count + args.queries, args.dim, args.artists, args.noise, args.seed)
     queries, vectors = vectors[:args.queries], vectors[args.queries:]
     print(f"{args.count} vectors x {args.dim}, {args.queries} queries, {faiss.omp_get_max_threads()} Faiss threads; "
           f"vectors {vectors.nbytes / 2**30:.2f} GiB, peak RSS {peak_rss_gib():.2f} GiB")
