@@ -14,9 +14,9 @@ import time
 
 import faiss
 import numpy as np
+from scale_common import clustered_vectors
 
 from retrieval.index import build_index, search
-from scale_common import clustered_vectors
 from utils import run_cli
 
 
