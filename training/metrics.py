@@ -1,7 +1,7 @@
 """Validation metrics: single-label top-k accuracy and the multi-label precision / recall / F1 / mAP family."""
 
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -143,29 +143,47 @@ class MultiLabelMetrics:
         self.targets.append(present)
 
     def compute(self, distributed: bool = False) -> dict[str, float]:
-        parts = [(self.scores, self.targets, self.counts)]
-        if distributed:
-            parts = utils.all_gather_objects(parts[0])
-        scores = [batch for process_scores, _, _ in parts for batch in process_scores]
-        targets = [batch for _, process_targets, _ in parts for batch in process_targets]
-        tp, fp, fn = sum(counts for _, _, counts in parts if counts is not None).astype(np.float64)
-        present = tp + fn > 0
+        """The values over this process's batches, or (``distributed``) over every process's, computed once by the
+        main process and sent to the others."""
+        part = (self.scores, self.targets, self.counts)
+        return _once_on_main(_label_metrics, part) if distributed else _label_metrics([part])
 
-        def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-            return np.where(den > 0, num / np.maximum(den, 1), 0.0)
 
-        def macro(values: np.ndarray) -> float:
-            return float(values[present].mean()) if present.any() else 0.0
+def _once_on_main(compute: Callable[[list[Any]], Any], part: Any) -> Any:
+    """``compute(parts)`` over the ``part`` of every process, run by the main process only; every process gets
+    its result."""
+    if not utils.is_dist_avail_and_initialized():
+        return compute([part])
+    parts = [None] * utils.get_world_size() if utils.is_main_process() else None
+    torch.distributed.gather_object(part, parts, dst=0)
+    result = [compute(parts) if utils.is_main_process() else None]
+    torch.distributed.broadcast_object_list(result, src=0)
+    return result[0]
 
-        micro = _ap(_sorted_pieces(scores), np.concatenate([s[t] for s, t in zip(scores, targets, strict=True)]))
-        return {
-            "map_macro": macro(_label_ap(scores, targets)),
-            "map_micro": float(np.nan_to_num(micro, nan=0.0)),
-            "f1_macro": macro(ratio(2 * tp, 2 * tp + fp + fn)),
-            "f1_micro": float(ratio(2 * tp.sum(), 2 * tp.sum() + fp.sum() + fn.sum())),
-            "precision_macro": macro(ratio(tp, tp + fp)),
-            "precision_micro": float(ratio(tp.sum(), tp.sum() + fp.sum())),
-            "recall_macro": macro(ratio(tp, tp + fn)),
-            "recall_micro": float(ratio(tp.sum(), tp.sum() + fn.sum())),
-            "labels_without_positives": int((~present).sum()),
-        }
+
+def _label_metrics(parts: list[tuple]) -> dict[str, float]:
+    """The values of :class:`MultiLabelMetrics` from ``(score batches, presence batches, threshold counts)`` of
+    one or more processes."""
+    scores = [batch for process_scores, _, _ in parts for batch in process_scores]
+    targets = [batch for _, process_targets, _ in parts for batch in process_targets]
+    tp, fp, fn = sum(counts for _, _, counts in parts if counts is not None).astype(np.float64)
+    present = tp + fn > 0
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        return np.where(den > 0, num / np.maximum(den, 1), 0.0)
+
+    def macro(values: np.ndarray) -> float:
+        return float(values[present].mean()) if present.any() else 0.0
+
+    micro = _ap(_sorted_pieces(scores), np.concatenate([s[t] for s, t in zip(scores, targets, strict=True)]))
+    return {
+        "map_macro": macro(_label_ap(scores, targets)),
+        "map_micro": float(np.nan_to_num(micro, nan=0.0)),
+        "f1_macro": macro(ratio(2 * tp, 2 * tp + fp + fn)),
+        "f1_micro": float(ratio(2 * tp.sum(), 2 * tp.sum() + fp.sum() + fn.sum())),
+        "precision_macro": macro(ratio(tp, tp + fp)),
+        "precision_micro": float(ratio(tp.sum(), tp.sum() + fp.sum())),
+        "recall_macro": macro(ratio(tp, tp + fn)),
+        "recall_micro": float(ratio(tp.sum(), tp.sum() + fn.sum())),
+        "labels_without_positives": int((~present).sum()),
+    }
