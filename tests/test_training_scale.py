@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import average_precision_score, confusion_matrix
+from test_multilabel_train import make_mixed_set, run_main
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -136,3 +137,12 @@ def test_a_report_that_does_not_fit_is_one_warning_and_the_run_is_kept(tmp_path,
     monkeypatch.undo()
     assert write_run_report(tmp_path, model, RECORDS, ["a", "b", "c"], data, torch.device("cpu"), **common)
     assert (tmp_path / "report_per_class.png").is_file()
+
+
+def test_multilabel_training_checks_the_validation_memory_before_it_starts(tmp_path, monkeypatch):
+    data = make_mixed_set(tmp_path / "mixed", num_artists=3, num_mixed=10, num_val=4)
+    monkeypatch.setattr(training.metrics, "available_memory", lambda: 32)  # 4 x 3 x 5 bytes do not fit
+    with pytest.raises(UserError, match=r"^multi-label validation of 4 images x 3 labels \(5 bytes each\) needs "
+                                        r"0\.00 GiB of memory, 0\.00 GiB are available; validate on fewer images"):
+        run_main(*data, "--output-dir", str(tmp_path / "run"), "--epochs", "1")
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()
