@@ -15,8 +15,8 @@ import copy
 import html
 import os
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +67,8 @@ class Predictions:
     @classmethod
     def concat(cls, parts: Sequence["Predictions"], paths: Sequence[str]) -> "Predictions":
         """The batches ``parts`` as one, with the image ``paths``."""
-        return cls(*(np.concatenate([getattr(part, name) for part in parts]) for name in _PER_IMAGE), list(paths))
-
-
-_PER_IMAGE = ("targets", "predicted", "predicted_score", "true_score")
+        per_image = [f.name for f in fields(cls) if f.name != "paths"]
+        return cls(*(np.concatenate([getattr(part, name) for part in parts]) for name in per_image), list(paths))
 
 
 @dataclass
@@ -83,31 +81,32 @@ class LabelScores:
 
 @torch.no_grad()
 def predict(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int,
-            multi_label: bool = False) -> Predictions | LabelScores:
+            multi_label: bool = False) -> Predictions | LabelScores | None:
     """The outputs of ``model`` on every image of ``dataset``, in order: :class:`Predictions` from the softmax, or
     (``multi_label``) :class:`LabelScores` from the sigmoid, whose size is checked before it is allocated."""
     model.eval()
-    parts, labels, start = [], None, 0
-    for images, target in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-        output = model(images.to(device)).float()
-        if not multi_label:
-            parts.append(Predictions.from_scores(output.softmax(dim=1), target.to(device)))
-            continue
-        if labels is None:
-            labels = _label_scores(len(dataset), output.shape[1])
-        labels.scores[start:start + len(output)] = output.sigmoid().cpu().numpy()
-        labels.present[start:start + len(output)] = (target > 0).numpy()
-        start += len(output)
+    batches = ((model(images.to(device)).float(), target)
+               for images, target in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0))
     if multi_label:
-        return labels
+        return _label_scores(batches, len(dataset))
+    parts = [Predictions.from_scores(output.softmax(dim=1), target.to(device)) for output, target in batches]
     return Predictions.concat(parts, [str(sample[0]) for sample in getattr(dataset, "samples", [])])
 
 
-def _label_scores(images: int, labels: int) -> LabelScores:
-    require_memory(images * labels * LABEL_SCORE_BYTES,
-                   f"the report's average precision of {images:,} images x {labels:,} labels",
-                   "validate on fewer images (a shorter --val-ann CSV)")
-    return LabelScores(np.empty((images, labels), np.float32), np.empty((images, labels), bool))
+def _label_scores(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], images: int) -> LabelScores | None:
+    """The sigmoid outputs of ``images`` images, stored as the batches arrive (no concatenated copy)."""
+    labels, start = None, 0
+    for output, target in batches:
+        if labels is None:
+            need = images * output.shape[1] * LABEL_SCORE_BYTES
+            require_memory(need, f"the report's average precision of {images:,} images x {output.shape[1]:,} labels",
+                           "validate on fewer images (a shorter --val-ann CSV)")
+            labels = LabelScores(np.empty((images, output.shape[1]), np.float32),
+                                 np.empty((images, output.shape[1]), bool))
+        labels.scores[start:start + len(output)] = output.sigmoid().cpu().numpy()
+        labels.present[start:start + len(output)] = (target > 0).numpy()
+        start += len(output)
+    return labels
 
 
 def best_summary(records: Sequence[dict[str, Any]], best_epoch: int | None, best_key: str,
