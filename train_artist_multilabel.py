@@ -103,6 +103,7 @@ def main(args: argparse.Namespace) -> dict:
         dataset_train, dataset_val = load_datasets(cfg, dist.is_main)
         classes = dataset_train.classes
         num_classes = resolve_num_classes(cfg.model.num_classes, len(classes), cfg.run.data_path)
+        MultiLabelMetrics.check_memory(len(dataset_val), num_classes)
         positives, target_sums = label_statistics(dataset_train)
         pos_weight = multilabel_pos_weight(torch.from_numpy(positives), len(dataset_train), ml.max_pos_weight)
         if not cfg.run.eval_only:

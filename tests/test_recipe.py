@@ -152,7 +152,7 @@ def test_report_with_many_classes_lists_the_confused_pairs(tmp_path):
     scores = np.full((2 * n, n), 0.1 / n)
     scores[np.arange(2 * n), targets] = 0.9
     scores[0, 0], scores[0, 7] = 0.0, 0.95  # one image of artist_0 taken for artist_7
-    write_report(tmp_path, RECORDS, names, Predictions(scores, targets, []), "acc1", "best acc1: epoch 3")
+    write_report(tmp_path, RECORDS, names, Predictions.from_scores(scores, targets), "acc1", "best acc1: epoch 3")
     page = read_page(tmp_path)
     assert "report_confusion.png" not in page.images and not (tmp_path / "report_confusion.png").exists()
     assert {"report_loss.png", "report_metric.png", "report_lr.png", "report_per_class.png"} <= set(page.images)

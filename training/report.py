@@ -5,14 +5,18 @@ Loss and metric curves and the learning-rate schedule from ``train_log.txt``; fr
 ``model_best.pth``: a confusion matrix (up to :data:`MAX_MATRIX_CLASSES` classes, else the most confused pairs
 listed), per-class accuracy sorted, and the worst-classified validation images as thumbnails. Multi-label runs
 get the curves and the per-label average precision.
+
+Single-label validation is kept as a few numbers per image (:class:`Predictions`) and counted sparsely, so the
+report's memory grows with images + classes, never with classes squared; the multi-label confidences (images x
+labels) are checked against the available memory before they are allocated.
 """
 
 import copy
 import html
 import os
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +28,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from artifacts.checkpoint import BEST_FILE, load_checkpoint
 from data.images import ImageLoadError, load_image
-from training.metrics import average_precision
+from training.metrics import LABEL_SCORE_BYTES, average_precision, require_memory
 from utils import UserError
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix  # noqa: E402
 
-__all__ = ["MAX_MATRIX_CLASSES", "REPORT_FILE", "Predictions", "best_summary", "predict", "write_report",
-           "write_run_report"]
+__all__ = ["MAX_MATRIX_CLASSES", "REPORT_FILE", "LabelScores", "Predictions", "best_summary", "most_confused",
+           "per_class_accuracy", "predict", "write_report", "write_run_report"]
 
 REPORT_FILE = "report.html"
 MAX_MATRIX_CLASSES = 50
@@ -42,26 +46,67 @@ PAIRS_SHOWN = 20
 
 @dataclass
 class Predictions:
-    """Validation outputs of the best weights: ``scores`` (N, C) probabilities, ``targets`` (N,) class ids or
-    (N, C) label weights, and the image paths (dataset order)."""
+    """What the report keeps of single-label validation outputs, per image in dataset order (memory linear in the
+    images, whatever the class count): the true class id, the top-1 class id, their probabilities, the paths."""
+
+    targets: np.ndarray
+    predicted: np.ndarray
+    predicted_score: np.ndarray
+    true_score: np.ndarray
+    paths: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_scores(cls, scores: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray,
+                    paths: Sequence[str] = ()) -> "Predictions":
+        """From class probabilities ``scores`` (N, C) and class ids ``targets`` (N,); ties go to the lowest id."""
+        scores, targets = torch.as_tensor(scores), torch.as_tensor(targets).long()
+        top, predicted = scores.max(dim=1)
+        true = scores.gather(1, targets.unsqueeze(1)).squeeze(1)
+        return cls(*(t.cpu().numpy() for t in (targets, predicted, top.float(), true.float())), list(paths))
+
+    @classmethod
+    def concat(cls, parts: Sequence["Predictions"], paths: Sequence[str]) -> "Predictions":
+        """The batches ``parts`` as one, with the image ``paths``."""
+        per_image = [f.name for f in fields(cls) if f.name != "paths"]
+        return cls(*(np.concatenate([getattr(part, name) for part in parts]) for name in per_image), list(paths))
+
+
+@dataclass
+class LabelScores:
+    """Multi-label validation outputs: sigmoid ``scores`` (N, C) float32 and label ``present`` (N, C) bool."""
 
     scores: np.ndarray
-    targets: np.ndarray
-    paths: list[str]
+    present: np.ndarray
 
 
 @torch.no_grad()
 def predict(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int,
-            multi_label: bool = False) -> Predictions:
-    """Softmax (multi-label: sigmoid) scores of ``model`` on every image of ``dataset``, in order."""
+            multi_label: bool = False) -> Predictions | LabelScores | None:
+    """The outputs of ``model`` on every image of ``dataset``, in order: :class:`Predictions` from the softmax, or
+    (``multi_label``) :class:`LabelScores` from the sigmoid, whose size is checked before it is allocated."""
     model.eval()
-    scores, targets = [], []
-    for images, target in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-        output = model(images.to(device)).float()
-        scores.append((output.sigmoid() if multi_label else output.softmax(dim=1)).cpu())
-        targets.append(target)
-    paths = [str(sample[0]) for sample in getattr(dataset, "samples", [])]
-    return Predictions(torch.cat(scores).numpy(), torch.cat(targets).numpy(), paths)
+    batches = ((model(images.to(device)).float(), target)
+               for images, target in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0))
+    if multi_label:
+        return _label_scores(batches, len(dataset))
+    parts = [Predictions.from_scores(output.softmax(dim=1), target.to(device)) for output, target in batches]
+    return Predictions.concat(parts, [str(sample[0]) for sample in getattr(dataset, "samples", [])])
+
+
+def _label_scores(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], images: int) -> LabelScores | None:
+    """The sigmoid outputs of ``images`` images, stored as the batches arrive (no concatenated copy)."""
+    labels, start = None, 0
+    for output, target in batches:
+        if labels is None:
+            need = images * output.shape[1] * LABEL_SCORE_BYTES
+            require_memory(need, f"the report's average precision of {images:,} images x {output.shape[1]:,} labels",
+                           "validate on fewer images (a shorter --val-ann CSV)")
+            labels = LabelScores(np.empty((images, output.shape[1]), np.float32),
+                                 np.empty((images, output.shape[1]), bool))
+        labels.scores[start:start + len(output)] = output.sigmoid().cpu().numpy()
+        labels.present[start:start + len(output)] = (target > 0).numpy()
+        start += len(output)
+    return labels
 
 
 def best_summary(records: Sequence[dict[str, Any]], best_epoch: int | None, best_key: str,
@@ -132,16 +177,27 @@ def _per_class_png(folder: Path, names: Sequence[str], values: np.ndarray, title
     return _figure(folder / "report_per_class.png", draw, (6.4, height))
 
 
-def _confusion(folder: Path, preds: Predictions, names: Sequence[str]) -> tuple[str | None, list[tuple]]:
-    """The confusion matrix PNG (up to 50 classes) and the most confused (true, predicted, count) pairs."""
-    predicted = preds.scores.argmax(axis=1)
-    matrix = confusion_matrix(preds.targets, predicted, labels=list(range(len(names))))
-    off = matrix.copy()
-    np.fill_diagonal(off, 0)
-    pairs = [(names[i], names[j], int(off[i, j])) for i, j in zip(*np.unravel_index(
-        np.argsort(off, axis=None)[::-1][:PAIRS_SHOWN], off.shape), strict=True) if off[i, j] > 0]
-    if len(names) > MAX_MATRIX_CLASSES:
-        return None, pairs
+def per_class_accuracy(preds: Predictions, num_classes: int) -> np.ndarray:
+    """Top-1 accuracy of each class on its validation images; NaN for a class without one."""
+    counts = np.bincount(preds.targets, minlength=num_classes)
+    correct = np.bincount(preds.targets[preds.predicted == preds.targets], minlength=num_classes)
+    return np.where(counts > 0, correct / np.maximum(counts, 1), np.nan)
+
+
+def most_confused(preds: Predictions, num_classes: int, limit: int = PAIRS_SHOWN) -> list[tuple[int, int, int]]:
+    """The ``limit`` most frequent ``(true id, predicted id, images)`` with true != predicted: images descending,
+    ties by true id then predicted id. Counted over the misclassified images' pair codes, memory linear in them."""
+    wrong = preds.targets != preds.predicted
+    codes = preds.targets[wrong].astype(np.int64) * num_classes + preds.predicted[wrong]  # < 2**63 up to 3e9 classes
+    codes, counts = np.unique(codes, return_counts=True)  # in (true, predicted) order
+    top = np.argsort(-counts, kind="stable")[:limit]
+    return [(int(code // num_classes), int(code % num_classes), int(count))
+            for code, count in zip(codes[top], counts[top], strict=True)]
+
+
+def _confusion_png(folder: Path, preds: Predictions, names: Sequence[str]) -> str:
+    """The confusion matrix (only drawn up to :data:`MAX_MATRIX_CLASSES` classes)."""
+    matrix = confusion_matrix(preds.targets, preds.predicted, labels=list(range(len(names))))
     side = 3 + 0.3 * len(names)
 
     def draw(fig, ax):
@@ -149,15 +205,15 @@ def _confusion(folder: Path, preds: Predictions, names: Sequence[str]) -> tuple[
                                                                        xticks_rotation="vertical")
         ax.set_title("confusion matrix (validation, best weights)")
 
-    return _figure(folder / "report_confusion.png", draw, (side, side)), pairs
+    return _figure(folder / "report_confusion.png", draw, (side, side))
 
 
 def _worst_png(folder: Path, preds: Predictions, names: Sequence[str]) -> str | None:
     """Thumbnails of the validation images whose true class got the lowest probability."""
     if not preds.paths:
         return None
-    true_scores = preds.scores[np.arange(len(preds.targets)), preds.targets]
-    worst = [i for i in np.argsort(true_scores)[:WORST_SHOWN] if preds.scores[i].argmax() != preds.targets[i]]
+    lowest = np.argsort(preds.true_score, kind="stable")[:WORST_SHOWN]
+    worst = [i for i in lowest if preds.predicted[i] != preds.targets[i]]
     if not worst:
         return None
     cols = min(4, len(worst))
@@ -173,8 +229,8 @@ def _worst_png(folder: Path, preds: Predictions, names: Sequence[str]) -> str | 
                 ax.imshow(image)
             except ImageLoadError:
                 pass
-            guess = int(preds.scores[i].argmax())
-            ax.set_title(f"{names[preds.targets[i]]}\n-> {names[guess]} ({preds.scores[i, guess]:.2f})", fontsize=8)
+            ax.set_title(f"{names[preds.targets[i]]}\n-> {names[preds.predicted[i]]} ({preds.predicted_score[i]:.2f})",
+                         fontsize=8)
         _save(fig, folder / "report_worst.png")
     finally:
         plt.close(fig)
@@ -182,16 +238,13 @@ def _worst_png(folder: Path, preds: Predictions, names: Sequence[str]) -> str | 
 
 
 def _single_label_section(folder: Path, preds: Predictions, names: Sequence[str]) -> str:
-    predicted = preds.scores.argmax(axis=1)
-    counts = np.bincount(preds.targets, minlength=len(names))
-    correct = np.bincount(preds.targets[predicted == preds.targets], minlength=len(names))
-    accuracy = np.where(counts > 0, correct / np.maximum(counts, 1), np.nan)
-    shown = np.nan_to_num(accuracy, nan=1.0)
+    shown = np.nan_to_num(per_class_accuracy(preds, len(names)), nan=1.0)
     parts = [_img(_per_class_png(folder, names, shown, "accuracy per class (validation)"))]
-    matrix, pairs = _confusion(folder, preds, names)
-    if matrix:
-        parts.append(_img(matrix))
-    rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{n}</td></tr>" for a, b, n in pairs)
+    if len(names) <= MAX_MATRIX_CLASSES:
+        parts.append(_img(_confusion_png(folder, preds, names)))
+    pairs = most_confused(preds, len(names))
+    rows = "".join(f"<tr><td>{html.escape(names[a])}</td><td>{html.escape(names[b])}</td><td>{n}</td></tr>"
+                   for a, b, n in pairs)
     parts.append("<h2>Most confused pairs</h2><table><tr><th>true</th><th>predicted as</th><th>images</th></tr>"
                  f"{rows}</table>" if pairs else "<p>No validation image was confused.</p>")
     worst = _worst_png(folder, preds, names)
@@ -200,9 +253,8 @@ def _single_label_section(folder: Path, preds: Predictions, names: Sequence[str]
     return "".join(parts)
 
 
-def _multi_label_section(folder: Path, preds: Predictions, names: Sequence[str]) -> str:
-    targets = torch.from_numpy(preds.targets > 0)
-    ap = average_precision(torch.from_numpy(preds.scores).double(), targets).numpy()
+def _multi_label_section(folder: Path, preds: LabelScores, names: Sequence[str]) -> str:
+    ap = average_precision(torch.from_numpy(preds.scores), torch.from_numpy(preds.present)).numpy()
     return _img(_per_class_png(folder, names, np.nan_to_num(ap, nan=0.0), "average precision per label"))
 
 
@@ -211,14 +263,14 @@ def _img(name: str) -> str:
 
 
 def write_report(folder: str | os.PathLike, records: Sequence[dict[str, Any]], class_names: Sequence[str],
-                 preds: Predictions | None, best_key: str, summary: str, multi_label: bool = False) -> Path:
+                 preds: Predictions | LabelScores | None, best_key: str, summary: str) -> Path:
     """Write ``report.html`` and its PNGs into ``folder``; ``preds``: the best weights' validation outputs."""
     folder = Path(folder)
     body = [f"<h1>Training report</h1><p>{html.escape(summary)}</p><h2>Curves</h2>"]
     body += [_img(name) for name in _curve_pngs(folder, records, best_key)]
     if preds is not None:
         body.append("<h2>Validation of the best weights</h2>")
-        section = _multi_label_section if multi_label else _single_label_section
+        section = _multi_label_section if isinstance(preds, LabelScores) else _single_label_section
         body.append(section(folder, preds, class_names))
     page = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Training report</title><style>body{font-family:"
             "sans-serif;max-width:60em;margin:1em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
@@ -239,8 +291,8 @@ def write_run_report(folder: Path, model: nn.Module, records: Sequence[dict[str,
             best = copy.deepcopy(model)
             load_checkpoint(folder / BEST_FILE, best, log=lambda _: None)
             preds = predict(best, val_dataset, device, batch_size, multi_label)
-        path = write_report(folder, records, class_names, preds, best_key, summary, multi_label)
-    except (OSError, ValueError, RuntimeError, UserError) as err:
+        path = write_report(folder, records, class_names, preds, best_key, summary)
+    except (OSError, ValueError, RuntimeError, MemoryError, UserError) as err:
         print(f"warning: the training report could not be written ({err}); the run itself is saved", flush=True)
         return None
     print(f"training report: {path}", flush=True)

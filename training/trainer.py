@@ -84,9 +84,14 @@ def amp_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
 def _validate(cfg: TrainConfig, dist: DistEnv, loaders: Loaders, task: Task, model: nn.Module, metric: Metric,
               header: str = "Val") -> dict[str, float]:
     eval_criterion = task.eval_criterion if task.eval_criterion is not None else nn.CrossEntropyLoss()
-    return evaluate(model, loaders.val, dist.device, eval_criterion, metric,
-                    amp_dtype=amp_dtype(cfg.run.amp, dist.device), distributed=dist.distributed and cfg.run.dist_eval,
-                    print_freq=cfg.run.print_freq, header=header, memory_format=memory_format(cfg.run.channels_last))
+    try:
+        return evaluate(model, loaders.val, dist.device, eval_criterion, metric,
+                        amp_dtype=amp_dtype(cfg.run.amp, dist.device),
+                        distributed=dist.distributed and cfg.run.dist_eval, print_freq=cfg.run.print_freq,
+                        header=header, memory_format=memory_format(cfg.run.channels_last))
+    except MemoryError as err:  # numpy's: one line, and the epochs saved so far stay
+        raise UserError(f"validation ran out of memory ({err}); the checkpoints saved so far are kept; validate on "
+                        "fewer images or with a smaller --batch-size") from None
 
 
 def build_training_state(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.device,
