@@ -77,7 +77,12 @@ def script_parser(script: str) -> argparse.ArgumentParser | None:
     spec = importlib.util.spec_from_file_location("_documented_" + re.sub(r"\W", "_", script), ROOT / script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses and pickling look their module up there
-    spec.loader.exec_module(module)
+    folder = str((ROOT / script).parent)
+    sys.path.insert(0, folder)  # as `python bench/x.py` does: its neighbours (bench/scale_common.py) import
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
     if not hasattr(module, "get_args_parser"):
         return None
     parser = module.get_args_parser()
