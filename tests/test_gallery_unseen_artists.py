@@ -106,12 +106,13 @@ def test_identifies_unseen_artists_and_flags_unknown_ones(world):
     assert m["unknown_detection_rate"] >= 0.6
 
 
-def test_inference_search_and_retrieval_outputs(world):
+def test_inference_search_and_retrieval_outputs(world, capsys):
     tmp = world["tmp"]
     args = inference_artist.get_args_parser().parse_args(
         ["--checkpoint", str(tmp / "run"), "--gallery", str(world["gallery"]), "--input", str(tmp / "queries"),
          "--output", str(tmp / "inference"), "--top-k", "3", *RUN])
     inference_artist.main(args)
+    assert "features.npy: texture style vectors, 448 values per image" in capsys.readouterr().out
     report = json.loads((tmp / "inference" / inference_artist.GALLERY_RESULTS_FILE).read_text())
     assert report["normalized"] and len(report["results"]) == 60
     entry = report["results"][f"{world['enrolled'][0]}/0000.jpg"]

@@ -27,7 +27,8 @@ from pydantic import BaseModel, ValidationError
 
 import export
 from artifacts.model_folder import build_export_config
-from data import write_class_mapping
+from data import read_class_mapping, write_class_mapping
+from data.multilabel import read_multilabel_csv
 from gfnet.folder import save_model_folder
 from predictor import load_model_bundle
 from service import create_app, schemas
@@ -328,6 +329,17 @@ def test_json_examples_parse(page):
     for lang, body in code_blocks(read(page)):
         if lang == "json":
             json.loads(body)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_csv_examples_are_read_by_their_reader(page, tmp_path):
+    """Class mappings and annotation CSVs shown on a page are files the project reads as shown."""
+    readers = {"class_id,class_name": read_class_mapping, "image_path,labels": read_multilabel_csv}
+    for number, (lang, body) in enumerate(code_blocks(read(page))):
+        if lang == "csv":
+            (tmp_path / f"{number}.csv").write_text(body, encoding="utf-8")
+            rows = readers[body.splitlines()[0]](tmp_path / f"{number}.csv")
+            assert len(rows) == len(body.splitlines()) - 1
 
 
 def nested_model(annotation: object) -> type[BaseModel] | None:
