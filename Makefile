@@ -26,7 +26,7 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
 
-# The whole workflow on a generated dataset (about 3 minutes on a 2-core CPU; a GPU is used when present).
+# The whole workflow on a generated dataset (about 5 minutes on a 2-core CPU; a GPU is used when present).
 demo: $(STAMP)
 	$(PY) tools/run_demo.py --work-dir demo_run
 

@@ -65,6 +65,18 @@ class GalleryMatcher:
         """The thresholds that applied, for the report."""
         return self.gallery.thresholds(self.threshold)
 
+    def verdict(self, match: dict[str, Any]) -> str:
+        """One line for an image's ``match``: its closest artist and cosine, and whether it was judged unknown."""
+        best, applied = match["artists"][0], self.thresholds()
+        limit = (applied["artist_thresholds"] or {}).get(best["artist"], applied["unknown_threshold"])
+        closest = f"{best['artist']} (cosine {best['score']:.4f}"
+        if limit is None:
+            return (f"closest {closest}); not judged known or unknown: the gallery has no threshold (build it with "
+                    "--calibrate, or pass --unknown-threshold)")
+        if match["unknown"]:
+            return f"unknown artist: closest {closest}, below its threshold {limit:.4f})"
+        return f"{closest}, not below its threshold {limit:.4f}): known artist"
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -189,12 +201,11 @@ def run_single(artist_model: ArtistModel, args: argparse.Namespace, output_dir: 
     if "features" in prediction:
         features = prediction["features"]
         record["features"] = features.tolist()
-        print(f"features: {features.size} values, L2 norm {np.linalg.norm(features):.4f}")
+        print(f"features: {artist_model.descriptor} style vector, {features.size} values, "
+              f"L2 norm {np.linalg.norm(features):.4f}")
     if matcher is not None:
         record["gallery"] = matcher.match(prediction["features"][None], args.top_k)[0]
-        best = record["gallery"]["artists"][0]
-        print(f"gallery: {'unknown, ' if record['gallery']['unknown'] else ''}closest {best['artist']} "
-              f"(cosine {best['score']:.4f})")
+        print(f"gallery: {matcher.verdict(record['gallery'])}")
     out_path = output_dir / result_file_name(image)
     if write_json_file(out_path, record):
         print("warning: NaN or infinite outputs, written as null", file=sys.stderr)
@@ -217,6 +228,8 @@ def run_batch(artist_model: ArtistModel, args: argparse.Namespace, output_dir: P
                          report)
     print(f"{len(result.names)} images in {elapsed:.1f}s ({len(result.names) / max(elapsed, 1e-9):.1f} img/s), "
           f"{len(result.skipped)} skipped; wrote {', '.join(written)} to {output_dir}")
+    if result.features is not None:
+        print(f"{FEATURES_FILE}: {artist_model.descriptor} style vectors, {result.features.shape[1]} values per image")
     if mode == "cluster":
         print(f"cluster them: python tools/extract_cluster_features.py --features {output_dir / FEATURES_FILE} "
               f"--names {output_dir / NAMES_FILE} --num-clusters auto --output-dir {output_dir / 'clusters'}")

@@ -4,6 +4,7 @@ state, progress."""
 import argparse
 import datetime
 import math
+import os
 import random
 import sys
 import time
@@ -20,12 +21,22 @@ from errors import UserError  # the one error type, defined without torch; re-ex
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a script's ``main`` and turn :class:`UserError` (and Ctrl-C) into a one-line message and exit code."""
+    """Run a script's ``main`` and turn :class:`UserError`, running out of memory and Ctrl-C into a one-line
+    message and exit code; a closed standard output (``script | head``) ends the script quietly."""
     try:
         main()
+        sys.stdout.flush()  # here, not at exit: a reader that went away is handled below
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except MemoryError as err:
+        print(f"error: not enough memory: {str(err) or 'an allocation failed'}; lower the batch size, the number of "
+              "images or vectors, or the input size (see the script's --help), or free memory", file=sys.stderr)
+        sys.exit(2)
+    except BrokenPipeError:
+        # Whatever is still buffered cannot be written: point stdout at devnull so the exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a command stopped by a closed pipe
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from data.prepare import prepare_dataset
 from data.scan import CACHE_FILE, ScanCache, default_workers, verify_images
+from utils import run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -72,4 +73,4 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

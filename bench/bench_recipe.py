@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from artifacts.run_folder import read_log_records  # noqa: E402
+from utils import run_cli  # noqa: E402
 
 # name: (artists, images per artist of the first artist, share kept by each later artist: 1.0 = balanced)
 WORLDS = {
@@ -124,4 +125,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(lambda: main(get_args_parser().parse_args()))

@@ -24,6 +24,7 @@ import torch
 from model.ska import HAS_TRITON, ska
 from perf.benchmark import MIB
 from perf.probes import synchronize, transient_peak_bytes
+from utils import run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -117,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

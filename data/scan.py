@@ -7,6 +7,7 @@ so several processes (e.g. distributed ranks) may scan at once without corruptin
 
 import contextlib
 import hashlib
+import math
 import multiprocessing
 import os
 import sqlite3
@@ -20,7 +21,8 @@ from tqdm import tqdm
 
 from .images import verify_image
 
-__all__ = ["CACHE_FILE", "WORKER_MEMORY", "ScanCache", "available_memory", "default_workers", "memory_workers",
+__all__ = ["CACHE_FILE", "WORKER_MEMORY", "ScanCache", "available_memory", "cgroup_cpu_limit", "default_workers",
+           "memory_workers", "usable_cpus",
            "verify_images", "walk_files"]
 
 CACHE_FILE = ".image_scan_cache.sqlite"
@@ -51,9 +53,32 @@ def memory_workers() -> int | None:
     return None if memory is None else max(1, memory // WORKER_MEMORY)
 
 
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """CPUs a container's CPU quota allows, rounded up (cgroup v2 ``cpu.max``, else v1 ``cpu/cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``), or None without a quota."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        return max(1, math.ceil(int(quota) / int(period))) if int(quota) > 0 else None
+    except (ValueError, ZeroDivisionError):  # "max": no quota
+        return None
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may use: its CPU affinity (else all cores), no more than a container's CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, cgroup_cpu_limit() or cores)
+
+
 def default_workers() -> int:
     """CPU cores this process may use, no more than the available memory holds verifying processes."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cpus()
     return min(cores, memory_workers() or cores)
 
 

@@ -9,6 +9,7 @@ width (the attention biases are resized in the graph).
 import base64
 import copy
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,15 @@ def trace_size(wrapper: ExportedOutputs, input_size: int) -> int:
     raise UserError(f"found no trace size near {input_size} for a dynamic-size export; export without --dynamic-size")
 
 
+def ignore_harmless_export_warnings() -> None:
+    """Silence the exporter's warnings that are expected here: the tracer reading Python values of the kernel size
+    (SKA) and of the attention grid (the branch taken at the traced size is the intended one: see
+    :func:`trace_size`), and constant folding skipping the Slice nodes of SKA's padding (the graph stays correct)."""
+    warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean", torch.jit.TracerWarning,
+                            r"model\.(ska|lsnet)$")
+    warnings.filterwarnings("ignore", "Constant folding - Only steps=1 can be constant folded", UserWarning)
+
+
 def export_onnx(wrapper: ExportedOutputs, path: Path, input_size: int, opset: int, dynamic_size: bool) -> None:
     """Write ``wrapper`` as an ONNX graph (weights embedded) with a dynamic batch axis (and H/W with
     ``dynamic_size``), using PyTorch's TorchScript-based exporter."""
@@ -78,11 +88,13 @@ def export_onnx(wrapper: ExportedOutputs, path: Path, input_size: int, opset: in
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
     relative_offset_index.cache_clear()  # a cached index would be recorded as a constant of one size
     try:
-        torch.onnx.export(
-            wrapper, (torch.zeros(2, 3, size, size),), str(path), input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES), opset_version=opset, dynamo=False,
-            dynamic_axes={INPUT_NAME: axes, **{name: {0: "batch"} for name in OUTPUT_NAMES}},
-        )
+        with warnings.catch_warnings():
+            ignore_harmless_export_warnings()
+            torch.onnx.export(
+                wrapper, (torch.zeros(2, 3, size, size),), str(path), input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES), opset_version=opset, dynamo=False,
+                dynamic_axes={INPUT_NAME: axes, **{name: {0: "batch"} for name in OUTPUT_NAMES}},
+            )
     except (RuntimeError, ValueError) as err:
         detail = (str(err).splitlines() or [type(err).__name__])[0][:160]
         raise UserError(f"ONNX export failed at opset {opset} ({detail}); try another --opset") from None

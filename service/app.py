@@ -77,7 +77,7 @@ def _add_gallery_routes(router: APIRouter, engine: Engine, gallery: GallerySearc
         search = loaded()
         names, rows = await engine.feature_rows(files)
         matches = search.similar(np.stack(rows), top_k, top_artists)
-        return {"model": engine.model.model_name or "", "unknown_threshold": search.gallery.unknown_threshold,
+        return {"model": engine.model.model_name or "", **search.gallery.thresholds(),
                 "results": [{"file": name, **match} for name, match in zip(names, matches, strict=True)]}
 
     @router.get("/gallery/images/{image_id}", response_class=Response,

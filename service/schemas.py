@@ -65,6 +65,9 @@ class GalleryInfo(BaseModel):
     works: int = Field(description="reference images (ids 0 .. works - 1)")
     unknown_threshold: float | None = Field(description="calibrated cosine below which an image is unknown (for "
                                                         "artists without a threshold of their own)")
+    artist_thresholds: dict[str, float] | None = Field(description="each calibrated artist's own threshold: an image "
+                                                                   "whose closest artist it is and whose score is "
+                                                                   "below it is unknown")
     index: str = Field(description="Faiss index type (flat_ip exact, ivf_flat_ip approximate)")
 
 
@@ -107,6 +110,7 @@ class FileSimilar(BaseModel):
 class SimilarResponse(BaseModel):
     model: str
     unknown_threshold: float | None
+    artist_thresholds: dict[str, float] | None = Field(description="the per-artist thresholds (GET /v1/model)")
     results: list[FileSimilar]
 
 

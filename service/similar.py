@@ -29,7 +29,7 @@ class GallerySearch:
     def info(self) -> dict[str, Any]:
         """What ``GET /v1/model`` says about the gallery."""
         g = self.gallery
-        return {"artists": len(g.artist_names), "works": len(g.paths), "unknown_threshold": g.unknown_threshold,
+        return {"artists": len(g.artist_names), "works": len(g.paths), **g.thresholds(),
                 "index": self.index_params.get("type", "")}
 
     def similar(self, features: np.ndarray, top_k: int, top_artists: int) -> list[dict[str, Any]]:

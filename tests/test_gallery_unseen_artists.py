@@ -106,12 +106,13 @@ def test_identifies_unseen_artists_and_flags_unknown_ones(world):
     assert m["unknown_detection_rate"] >= 0.6
 
 
-def test_inference_search_and_retrieval_outputs(world):
+def test_inference_search_and_retrieval_outputs(world, capsys):
     tmp = world["tmp"]
     args = inference_artist.get_args_parser().parse_args(
         ["--checkpoint", str(tmp / "run"), "--gallery", str(world["gallery"]), "--input", str(tmp / "queries"),
          "--output", str(tmp / "inference"), "--top-k", "3", *RUN])
     inference_artist.main(args)
+    assert "features.npy: texture style vectors, 448 values per image" in capsys.readouterr().out
     report = json.loads((tmp / "inference" / inference_artist.GALLERY_RESULTS_FILE).read_text())
     assert report["normalized"] and len(report["results"]) == 60
     entry = report["results"][f"{world['enrolled'][0]}/0000.jpg"]
@@ -170,3 +171,25 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(world):
                            str(broken)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "is damaged" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
+
+
+def test_single_image_says_whether_its_artist_is_unknown(world, capsys):
+    """One image with --gallery prints its closest artist, the threshold that judged it and the verdict, and names
+    the style vector it computed."""
+    tmp, gallery = world["tmp"], load_gallery(world["gallery"])
+    query = tmp / "queries" / world["unknown"][0] / "0000.jpg"
+    for extra in ([], ["--unknown-threshold", "1"]):
+        record = inference_artist.main(inference_artist.get_args_parser().parse_args(
+            ["--checkpoint", str(tmp / "run"), "--gallery", str(world["gallery"]), "--input", str(query),
+             "--output", str(tmp / "single"), *RUN, *extra]))
+        out = capsys.readouterr().out
+        best = record["gallery"]["artists"][0]
+        limit = 1.0 if extra else gallery.artist_thresholds[best["artist"]]
+        assert record["gallery"]["unknown"] == (best["score"] < limit)
+        verdict = (f"gallery: unknown artist: closest {best['artist']} (cosine {best['score']:.4f}, below its "
+                   f"threshold {limit:.4f})" if record["gallery"]["unknown"] else
+                   f"gallery: {best['artist']} (cosine {best['score']:.4f}, not below its threshold {limit:.4f}): "
+                   "known artist")
+        assert verdict in out.splitlines()
+        assert f"features: texture style vector, {gallery.vectors.shape[1]} values" in out
+    assert "unknown artist" in out  # --unknown-threshold 1: no cosine reaches it

@@ -197,3 +197,20 @@ def test_split_rows_drops_rows_left_without_labels():
     assert report == {"dropped_labels": ["y", "z"], "dropped_rows": 1, "val_only_labels": []}
     assert len(train) == 2 and len(val) == 1
     assert all(labels == {"x": 1.0} for _, labels in train + val)
+
+
+def test_split_multilabel_dataset_says_why_no_image_is_labelled(tmp_path):
+    """Images without .txt labels name the missing label files (never --recursive when it was given); images only
+    in sub-folders suggest --recursive; labels all too rare suggest --min-label-count."""
+    gen.noise_image(tmp_path / "images" / "sub" / "a.png")
+    gen.noise_image(tmp_path / "images" / "sub" / "b.png")
+    argv = ["--input-dir", str(tmp_path / "images"), "--train-csv", str(tmp_path / "t.csv"), "--val-csv",
+            str(tmp_path / "v.csv"), "--val-ratio", "0"]
+    with pytest.raises(UserError, match=r"no image file in .*images; add --recursive"):
+        split_multilabel_dataset.main(argv)
+    with pytest.raises(UserError, match=r"or its sub-folders has a usable \.txt label file \(2 without one") as err:
+        split_multilabel_dataset.main(argv + ["--recursive"])
+    assert "--recursive" not in str(err.value) and "--min-label-count" not in str(err.value)
+    (tmp_path / "images" / "sub" / "a.txt").write_text("cat")
+    with pytest.raises(UserError, match=r"seen fewer than 2 times; lower --min-label-count$"):
+        split_multilabel_dataset.main(argv + ["--recursive", "--min-label-count", "2"])

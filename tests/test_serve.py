@@ -403,10 +403,13 @@ def test_similar_answers_as_search_similar_and_serves_only_gallery_thumbnails(mo
     with running(*serve.prepare(args)) as url:
         assert "gallery of 3 artists" in capsys.readouterr().out
         info = get(f"{url}/v1/model").json()["gallery"]
-        assert info == {"artists": 3, "works": 6, "unknown_threshold": gallery.unknown_threshold, "index": "flat_ip"}
+        assert info == {"artists": 3, "works": 6, "unknown_threshold": gallery.unknown_threshold,
+                        "artist_thresholds": gallery.artist_thresholds, "index": "flat_ip"}
+        assert sorted(info["artist_thresholds"]) == ["anna", "ben", "cleo"]  # what decides "unknown"
         response = post(f"{url}/v1/similar?top_k=3&top_artists=2", [upload(Path(reference)),
                                                                     upload(images / "photo.jpg")])
         assert response.status == 200, response.data
+        assert response.json()["artist_thresholds"] == gallery.artist_thresholds
         own, other = response.json()["results"]
         # A random model's style vectors are close together: check scores and ids, not the order of near-ties.
         top = own["works"][0]
@@ -424,7 +427,7 @@ def test_similar_answers_as_search_similar_and_serves_only_gallery_thumbnails(mo
             assert work["score"] == pytest.approx(float(gallery.vectors[work["id"]] @ unit), abs=1e-4)
             assert work["artist"] == gallery.artists[work["id"]]
             assert work["name"] == Path(gallery.paths[work["id"]]).name
-        match = gallery.match(vector[None], 2, gallery.unknown_threshold)[0]
+        match = gallery.match(vector[None], 2)[0]  # judged by the closest artist's own threshold
         assert other["unknown"] == match["unknown"]
         np.testing.assert_allclose([a["score"] for a in other["artists"]], [a["score"] for a in match["artists"]],
                                    atol=1e-4)

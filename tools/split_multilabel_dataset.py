@@ -33,6 +33,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def no_labelled_images(input_dir: str, recursive: bool, unlabeled: int, invalid: int) -> str:
+    """Why ``input_dir`` gave no labelled image, and what to do."""
+    where = f"{input_dir}{' or its sub-folders' if recursive else ''}"
+    if unlabeled or invalid:
+        return (f"no image in {where} has a usable .txt label file ({unlabeled} without one, {invalid} unusable, "
+                "listed above); put the labels beside each image (a.jpg + a.txt with 'artist_a,artist_b' or "
+                "'(artist_a:0.7),(artist_b:0.3)')")
+    return f"no image file in {where}" + ("" if recursive else "; add --recursive to look in sub-folders")
+
+
 def main(args: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(args)
     if not 0 <= args.val_ratio < 1:
@@ -47,10 +57,12 @@ def main(args: list[str] | None = None) -> None:
         confirm_overwrite(f"{' and '.join(existing)} already exist.", args.yes)
     rows, unlabeled, invalid = collect_labeled_images(args.input_dir, args.recursive, args.relative_paths)
     report_unusable_images(unlabeled, invalid)
+    if not rows:
+        raise UserError(no_labelled_images(args.input_dir, args.recursive, len(unlabeled), len(invalid)))
     train, val, report = split_multilabel_rows(rows, args.val_ratio, args.min_label_count, args.seed)
     if not train:
-        raise UserError(f"no image in {args.input_dir} is left with a label (found {len(rows)} labelled images); "
-                        "lower --min-label-count or add --recursive")
+        raise UserError(f"no image in {args.input_dir} is left with a label: every label of its {len(rows)} "
+                        f"labelled images is seen fewer than {args.min_label_count} times; lower --min-label-count")
     write_multilabel_csv(train_csv, train)
     write_multilabel_csv(val_csv, val)
 

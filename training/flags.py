@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from data.scan import usable_cpus
 from losses import DISTILLATION_TYPES, LOSSES
 from model.lsnet_artist import ARTIST_MODELS
 from utils import NumberRange
@@ -207,7 +208,8 @@ def _add_run_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--eval-every", type=int, default=1, metavar="N", help="validate every N epochs (and the last)")
     group.add_argument("--patience", type=int, default=0, metavar="N",
                        help="stop when the validation metric has not improved for N validations (0: off)")
-    group.add_argument("--num-workers", "--num_workers", type=int, default=10, help="data loading processes")
+    group.add_argument("--num-workers", "--num_workers", type=int, default=min(10, usable_cpus()),
+                       help="data loading processes (default: the CPU cores this process may use, at most 10)")
     group.add_argument("--pin-mem", action=BOOL, default=True, help="pin CPU memory for faster GPU transfer")
     group.add_argument("--amp", action=BOOL, default=None,
                        help="mixed precision: float16 + grad scaler on CUDA, bfloat16 on CPU (default: on for CUDA)")
