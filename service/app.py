@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute
 
 from predictor import BatchedModel
 from retrieval.gallery import Gallery
@@ -158,16 +159,17 @@ def create_app(model: BatchedModel, settings: Settings | None = None, gallery: G
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization"])
     _add_error_handlers(app, settings)
-    app.include_router(api_router(service, settings))
+    router = api_router(service, settings)
+    app.include_router(router)
     _add_health_routes(app, service, in_flight)
-    if settings.metrics:
-        _add_metrics(app, service, in_flight, settings)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if settings.metrics:
+        _add_metrics(app, service, in_flight, settings, [*router.routes])
     return app
 
 
@@ -186,8 +188,10 @@ def _add_health_routes(app: FastAPI, service: Service, in_flight: InFlight) -> N
         return {"status": "ready"}
 
 
-def _add_metrics(app: FastAPI, service: Service, in_flight: InFlight, settings: Settings) -> None:
-    """``GET /metrics`` (behind the API key when there is one) and the request counts behind it."""
+def _add_metrics(app: FastAPI, service: Service, in_flight: InFlight, settings: Settings,
+                 included: list[BaseRoute]) -> None:
+    """``GET /metrics`` (behind the API key when there is one) and the request counts behind it (by the route
+    templates of the app and of its ``included`` routers)."""
     metrics = service.metrics
 
     def gallery_size(artists: bool) -> float:
@@ -206,4 +210,5 @@ def _add_metrics(app: FastAPI, service: Service, in_flight: InFlight, settings: 
         images processed, gallery size, reloads and gallery changes."""
         return Response(metrics.exposition(), media_type=metrics.content_type)
 
-    app.add_middleware(RequestMetrics, metrics=metrics, routes=app.router.routes)  # outermost: sees every answer
+    routes = [*app.router.routes, *included]
+    app.add_middleware(RequestMetrics, metrics=metrics, routes=routes)  # outermost: sees every answer

@@ -61,12 +61,19 @@ class Metrics:
 
 
 def route_of(routes: Sequence[BaseRoute], scope: Scope) -> str:
-    """The path template of the route ``scope`` goes to (``other`` when none matches)."""
+    """The path template of the route ``scope`` goes to (of one with another method for a 405; ``other`` when none
+    matches). Routes without a ``path`` (FastAPI's included routers) are skipped: pass their routes too."""
+    partial = OTHER_ROUTE
     for route in routes:
+        path = getattr(route, "path", None)
+        if path is None:
+            continue
         match, _ = route.matches(scope)
         if match == Match.FULL:
-            return str(getattr(route, "path", OTHER_ROUTE))
-    return OTHER_ROUTE
+            return str(path)
+        if match == Match.PARTIAL and partial == OTHER_ROUTE:
+            partial = str(path)
+    return partial
 
 
 class RequestMetrics:
@@ -82,7 +89,7 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start, status = time.perf_counter(), ["500"]
+        start, status, route = time.perf_counter(), ["500"], route_of(self.routes, scope)
 
         async def send_status(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -92,6 +99,6 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            labels = (route_of(self.routes, scope), scope["method"], status[0])
+            labels = (route, scope["method"], status[0])
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)
