@@ -7,8 +7,9 @@
 
     app = create_app(load_model_bundle("runs/artists"), Settings(max_batch=16))   # any ASGI server runs it
 
-    source = Source("runs/artists", gallery="gallery")      # reloadable, and a gallery it may change
-    app = create_app(*source.load()[:2], Settings(), source=source)
+    source = Source("runs/artists", gallery="gallery")      # reloadable, with a gallery it may change
+    model, gallery, _ = source.load()
+    app = create_app(model, Settings(), gallery, source)
 
 Requests arriving together are batched into one model call (:mod:`service.batcher`); uploads are checked against
 the :class:`Settings` limits and decoded off the event loop by the project's one image loader (:mod:`service.limits`).

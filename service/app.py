@@ -30,10 +30,12 @@ STATIC_DIR = Path(__file__).parent / "static"
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in (
         (400, "more files than --max-files in one request"), (401, "missing or wrong API key"),
-        (404, "no gallery is loaded, or no such gallery image"),
+        (403, "a gallery change or reload on a service without an API key that listens beyond this machine"),
+        (404, "no gallery is loaded, or no such gallery image or artist"),
+        (409, "the artist is enrolled already, or the gallery changed on disk since it was loaded"),
         (413, "request body or image too large"),
         (422, "an upload is not a readable image, or a parameter is invalid"), (429, "too many requests in progress"),
-        (500, "the model failed on the batch"))
+        (500, "the model failed on the batch, or the references could not be stored"))
 }
 
 
