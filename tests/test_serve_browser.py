@@ -157,11 +157,16 @@ def test_page_adds_an_artist_shows_it_in_similar_works_and_removes_it(browser, g
         assert get(f"{url}/v1/gallery/artists").json()["total"] == 3
 
         browser.find_element(By.ID, "artists-summary").click()
+        browser.set_window_size(390, 844)
+        width = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert width[0] <= width[1], f"the gallery panel is wider than a phone: {width}"
         row = WebDriverWait(browser, WAIT_S).until(
             lambda d: d.find_element(By.CSS_SELECTOR, '#artist-list li[data-artist="Cara"]'))
         assert "2 references" in row.text
         row.find_element(By.CSS_SELECTOR, "button.remove").click()
         browser.switch_to.alert.accept()
-        WebDriverWait(browser, WAIT_S).until(lambda d: "Removed Cara" in d.find_element(By.ID, "status").text)
+        WebDriverWait(browser, WAIT_S).until(
+            lambda d: "Removed Cara (2 references)" in d.find_element(By.ID, "status").text)
         assert not browser.find_elements(By.CSS_SELECTOR, '#artist-list li[data-artist="Cara"]')
+        assert "gallery of 2 artists" in browser.find_element(By.ID, "model-info").text
     assert load_gallery(source.gallery).artist_names == ["anna", "ben"]

@@ -84,8 +84,9 @@ async function removeArtist(artist) {
     setStatus(`${artist} was not removed: ` + (await errorText(response)), true);
     return;
   }
-  setStatus(`Removed ${artist} (${(await response.json()).removed} references).`);
+  const removed = (await response.json()).removed;
   await loadModelInfo();
+  setStatus(`Removed ${artist} (${removed} references).`);
 }
 
 async function enrollArtist(event) {
