@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def test_enroll_identify_extend_and_remove_an_artist_through_the_api(served, bas
         assert not (refs / "Dora Maar").exists()
 
 
-def test_refused_and_failed_writes_change_nothing(served, base, dora, tmp_path):
+def test_refused_and_failed_writes_change_nothing_and_concurrent_ones_are_serialized(served, base, dora, tmp_path):
     with served() as (url, gallery_dir, _):
         stored = (gallery_dir / "gallery.json").read_bytes()
         refs = Path(f"{gallery_dir}.references")
@@ -167,7 +168,13 @@ def test_refused_and_failed_writes_change_nothing(served, base, dora, tmp_path):
         assert sorted(artists(url)) == ["anna", "ben", "cleo"]
         assert sorted(p.name for p in refs.iterdir()) == ["eve"] and (refs / "eve").is_file()
         assert (gallery_dir / "gallery.json").read_bytes() == stored
-        assert enroll(url, "zoe", one).status == 201  # and the service goes on changing it
+        # Concurrent writes are serialized: none is lost, and one name is enrolled once.
+        with ThreadPoolExecutor(3) as pool:
+            statuses = sorted(pool.map(lambda name: enroll(url, name, one).status, ["zoe", "yan", "zoe"]))
+        assert statuses == [201, 201, 409]
+        assert {a: e["references"] for a, e in artists(url).items()} == {"anna": 2, "ben": 2, "cleo": 2, "yan": 1,
+                                                                          "zoe": 1}
+        assert load_gallery(gallery_dir).artist_names == ["anna", "ben", "cleo", "yan", "zoe"]
 
 
 def test_writes_need_the_key_and_no_key_beyond_localhost_refuses_them(served, base, dora, tmp_path):
