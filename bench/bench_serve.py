@@ -2,11 +2,14 @@
 
     python bench/bench_serve.py                                   # a random lsnet_t_artist at 224 px, 8 clients
     python bench/bench_serve.py --checkpoint demo_run/model --clients 16 --requests 400
+    python bench/bench_serve.py --enroll-images 4                 # also: classify while a client enrolls artists
 
 Starts ``serve.py`` on a free 127.0.0.1 port, sends ``--requests`` one-image requests from ``--clients`` threads
 (bounded: every request has a timeout and the whole run ``--time-limit-s``), and reports requests/s, p50/p95
 latency and failed requests; then, with the server stopped, the same images through the predictor directly (one
-image per call, and batches of ``--max-batch``) for comparison.
+image per call, and batches of ``--max-batch``) for comparison. With ``--enroll-images K`` the server gets a gallery
+(``--gallery-artists`` artists of K generated works, tools/build_gallery.py) and the classify load runs twice: alone,
+then while one more client enrolls new artists of K images each (POST /v1/gallery/artists) for as long as it lasts.
 """
 
 import argparse
@@ -30,6 +33,7 @@ from PIL import Image
 import model  # noqa: F401  (registers the models)
 from data.class_mapping import write_class_mapping
 from predictor import load_model_bundle
+from tools import build_gallery
 from utils import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +52,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch threads of the server and of the direct runs (default: torch's, one per core)")
     parser.add_argument("--time-limit-s", type=float, default=300.0, help="stop sending after this (default: 300)")
+    parser.add_argument("--enroll-images", type=int, default=0,
+                        help="also measure classify while a client enrolls artists of this many images each "
+                             "(default: 0, classify only)")
+    parser.add_argument("--gallery-artists", type=int, default=8,
+                        help="artists of the starting gallery with --enroll-images (default: 8)")
     parser.add_argument("--output", type=Path, default=None, help="also write the report (markdown) here")
     return parser
 
@@ -73,13 +82,26 @@ def make_jpegs(count: int, side: int) -> list[bytes]:
     return images
 
 
-def start_server(checkpoint: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def make_gallery(checkpoint: Path, folder: Path, jpegs: list[bytes], args: argparse.Namespace) -> Path:
+    """A gallery of ``--gallery-artists`` artists with ``--enroll-images`` of the generated JPEGs each."""
+    for a in range(args.gallery_artists):
+        (folder / "refs" / f"artist_{a}").mkdir(parents=True)
+        for i in range(args.enroll_images):
+            (folder / "refs" / f"artist_{a}" / f"{i}.jpg").write_bytes(jpegs[(a + i) % len(jpegs)])
+    build_gallery.main(build_gallery.get_args_parser().parse_args(
+        ["--checkpoint", str(checkpoint), "--images", str(folder / "refs"), "--output-dir", str(folder / "gallery"),
+         "--device", "cpu"]))
+    return folder / "gallery"
+
+
+def start_server(checkpoint: Path, args: argparse.Namespace, gallery: Path | None = None
+                 ) -> tuple[subprocess.Popen, str]:
     """``serve.py`` on a free port; returns the process and its base URL once /readyz answers."""
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else {})}
     process = subprocess.Popen(
         [sys.executable, "serve.py", "--checkpoint", str(checkpoint), "--port", "0", "--log-level", "warning",
          "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-         "--max-queue", str(max(64, 2 * args.clients))],
+         "--max-queue", str(max(64, 2 * args.clients))] + (["--gallery", str(gallery)] if gallery else []),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     watchdog = threading.Timer(300, process.kill)
     watchdog.start()
@@ -154,22 +176,61 @@ def direct(checkpoint: Path, jpegs: list[bytes], args: argparse.Namespace) -> tu
     return single, args.requests / (time.perf_counter() - start)
 
 
+def enroll_while(url: str, jpegs: list[bytes], per_artist: int, stop: threading.Event) -> list[float]:
+    """Enroll new artists of ``per_artist`` images, one after the other, until ``stop``; their latencies."""
+    http = urllib3.PoolManager(retries=False, timeout=120)
+    latencies: list[float] = []
+    while not stop.is_set():
+        index = len(latencies)
+        fields = [("artist", f"enrolled_{index}")] + [
+            ("files", (f"{index}_{i}.jpg", jpegs[(index + i) % len(jpegs)], "image/jpeg")) for i in range(per_artist)]
+        start = time.perf_counter()
+        response = http.request("POST", f"{url}/v1/gallery/artists", fields=fields)
+        if response.status != 201:
+            raise UserError(f"enrolling failed: {response.status} {response.data[:300]!r}")
+        latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+def measure_service(checkpoint: Path, jpegs: list[bytes], args: argparse.Namespace, tmp: Path) -> list[str]:
+    """The report rows of the service: classify alone and, with --enroll-images, while a client enrolls."""
+    gallery = make_gallery(checkpoint, tmp, jpegs, args) if args.enroll_images else None
+    process, url = start_server(checkpoint, args, gallery)
+    try:
+        rows = [service_row("service over HTTP", *load(url, jpegs, args))]
+        if args.enroll_images:
+            stop = threading.Event()
+            with ThreadPoolExecutor(1) as pool:
+                enrolls = pool.submit(enroll_while, url, jpegs, args.enroll_images, stop)
+                try:
+                    during = load(url, jpegs, args)
+                finally:
+                    stop.set()
+                times = enrolls.result()
+            rows.append(service_row(f"service over HTTP while another client enrolls artists of "
+                                    f"{args.enroll_images} images ({len(times)} enrolled, p50 "
+                                    f"{np.percentile(times, 50) * 1000:.0f} ms each)", *during))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    return rows
+
+
+def service_row(name: str, elapsed: float, latencies: list[float], failed: int) -> str:
+    p50, p95 = (np.percentile(latencies, [50, 95]) * 1000) if latencies else (float("nan"),) * 2
+    return f"| {name} | {len(latencies) / elapsed:.1f} | {p50:.0f} | {p95:.0f} | {failed} |"
+
+
 def main(args: argparse.Namespace) -> str:
-    if args.clients < 1 or args.requests < 1:
-        raise UserError("--clients and --requests must be at least 1")
+    if args.clients < 1 or args.requests < 1 or args.enroll_images < 0:
+        raise UserError("--clients and --requests must be at least 1, --enroll-images at least 0")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else random_model_folder(Path(tmp), args.input_size)
         jpegs = make_jpegs(16, args.image_size)
-        process, url = start_server(checkpoint, args)
-        try:
-            elapsed, latencies, failed = load(url, jpegs, args)
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+        rows = measure_service(checkpoint, jpegs, args, Path(tmp))
         single, batched = direct(checkpoint, jpegs, args)
-    p50, p95 = (np.percentile(latencies, [50, 95]) * 1000) if latencies else (float("nan"),) * 2
     report = "\n".join([
         f"# serve.py load check ({args.clients} clients, {args.requests} one-image requests, "
         f"{args.image_size} px JPEGs, --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g})",
@@ -179,7 +240,7 @@ def main(args: argparse.Namespace) -> str:
         "",
         "| | requests (images)/s | p50 ms | p95 ms | failed |",
         "| --- | ---: | ---: | ---: | ---: |",
-        f"| service over HTTP | {len(latencies) / elapsed:.1f} | {p50:.0f} | {p95:.0f} | {failed} |",
+        *rows,
         f"| predictor directly, one image per call | {single:.1f} | | | |",
         f"| predictor directly, batches of {args.max_batch} | {batched:.1f} | | | |",
         "",
@@ -187,8 +248,9 @@ def main(args: argparse.Namespace) -> str:
     print(report)
     if args.output:
         args.output.write_text(report, encoding="utf-8")
+    failed = sum(int(row.rsplit("|", 2)[1]) for row in rows)
     if failed:
-        raise UserError(f"{failed} of {args.requests} requests failed")
+        raise UserError(f"{failed} requests failed")
     return report
 
 

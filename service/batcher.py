@@ -1,6 +1,7 @@
 """Dynamic batching: images from requests that arrive together go through the model in one call."""
 
 import asyncio
+import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,8 @@ from PIL import Image
 
 # Runs one batch: (key, images) -> one result per image, in order. Called on the batcher's model thread.
 BatchRunner = Callable[[Hashable, list[Image.Image]], Sequence[Any]]
+# Told of every model call: (key, images in it, seconds it took).
+BatchObserver = Callable[[Hashable, int, float], None]
 
 
 @dataclass
@@ -28,8 +31,9 @@ class DynamicBatcher:
     group is one ``run`` call. The model thread runs one group at a time, so the model is never called concurrently.
     """
 
-    def __init__(self, run: BatchRunner, max_batch: int, max_wait_s: float):
+    def __init__(self, run: BatchRunner, max_batch: int, max_wait_s: float, observe: BatchObserver | None = None):
         self._run = run
+        self._observe = observe
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._queue: asyncio.Queue[_Item] | None = None
@@ -41,6 +45,18 @@ class DynamicBatcher:
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    @property
+    def queued(self) -> int:
+        """Images waiting for the model."""
+        return 0 if self._queue is None else self._queue.qsize()
+
+    def call_blocking(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the model thread between batches and return its result; called from another thread (never
+        the event loop's), so that other work on the model (e.g. embedding gallery references) takes its turn."""
+        if not self.running or self._executor is None:
+            raise RuntimeError("the batcher is not running")
+        return self._executor.submit(fn).result()
 
     async def start(self) -> None:
         """Start the batching task on the running event loop."""
@@ -99,6 +115,7 @@ class DynamicBatcher:
                 groups[item.key].append(item)
         loop = asyncio.get_running_loop()
         for key, items in groups.items():
+            start = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, self._run, key, [i.image for i in items])
             except Exception as err:  # the error goes to the requests of this group; the service keeps serving
@@ -109,6 +126,8 @@ class DynamicBatcher:
             finally:
                 self.batches += 1
                 self.images += len(items)
+                if self._observe is not None:
+                    self._observe(key, len(items), time.perf_counter() - start)
             for item, result in zip(items, results, strict=True):
                 if not item.future.done():
                     item.future.set_result(result)

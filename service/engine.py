@@ -2,23 +2,23 @@
 
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from fastapi import FastAPI, UploadFile
+from fastapi import UploadFile
 from PIL import Image
 
 from inference.results import select_labels
 from predictor import BatchedModel
-from service.batcher import DynamicBatcher
-from service.limits import ServiceError, read_images
+from service.batcher import BatchObserver, DynamicBatcher
+from service.limits import ServiceError, Upload, read_uploads
 from service.settings import Settings
 
 LOG = logging.getLogger("uvicorn.error")  # the server's log
+T = TypeVar("T")
 
 
 def file_version(path: Path | None) -> str:
@@ -36,28 +36,34 @@ class Engine:
     """One loaded model (:class:`predictor.BatchedModel`: PyTorch, ONNX or glance-and-focus) serving requests:
     uploads are decoded on ``settings.decode_threads`` threads, their images batched with those of concurrent
     requests (:class:`DynamicBatcher`) and run with :meth:`BatchedModel.run_paths`, the computation of
-    ``inference_artist.py``."""
+    ``inference_artist.py``.
 
-    def __init__(self, model: BatchedModel, settings: Settings):
+    ``users`` counts the requests holding it (:meth:`service.runtime.Service.use`), so that an engine replaced by a
+    reload is stopped only once they are answered."""
+
+    def __init__(self, model: BatchedModel, settings: Settings, observe: BatchObserver | None = None):
         self.model = model
         self.settings = settings
         self.multi_label = bool(model.config.get("multi_label"))
         self.version = file_version(model.checkpoint)
-        self.batcher = DynamicBatcher(self._run, settings.max_batch, settings.max_wait_ms / 1000)
+        self.batcher = DynamicBatcher(self._run, settings.max_batch, settings.max_wait_ms / 1000, observe)
+        self.users = 0
         self._pool: ThreadPoolExecutor | None = None
 
-    @asynccontextmanager
-    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        """Start the decoding threads and the batcher; the loader's pixel limit is the service's meanwhile."""
-        saved_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, self.settings.max_pixels
+    async def start(self) -> None:
+        """Start the decoding threads and the batcher."""
         self._pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
         await self.batcher.start()
-        try:
-            yield
-        finally:
-            await self.batcher.stop()
+
+    async def stop(self) -> None:
+        """Stop the batcher and the decoding threads."""
+        await self.batcher.stop()
+        if self._pool is not None:
             self._pool.shutdown(wait=True)
-            Image.MAX_IMAGE_PIXELS = saved_limit
+
+    def on_model_thread(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on the model thread, in turn with the batches (call it from a worker thread)."""
+        return self.batcher.call_blocking(fn)
 
     async def _submit(self, key: Hashable, images: list[Image.Image]) -> list[Any]:
         """The batcher's results; a failed model call is a 500 for the requests in its batch (logged)."""
@@ -80,9 +86,14 @@ class Engine:
             return list(result.features)
         return [entry for _, entry in result.entries(include_features=False)]
 
-    async def _images(self, files: Sequence[UploadFile]) -> tuple[list[str], list[Image.Image]]:
+    async def uploads(self, files: Sequence[UploadFile]) -> list[Upload]:
+        """The uploads decoded on the decoding threads (the first bad one is its 4xx ServiceError)."""
         assert self._pool is not None, "the engine runs inside its app's lifespan"
-        return await read_images(files, self._pool)
+        return await read_uploads(files, self._pool)
+
+    async def _images(self, files: Sequence[UploadFile]) -> tuple[list[str], list[Image.Image]]:
+        uploads = await self.uploads(files)
+        return [u.name for u in uploads], [u.image for u in uploads]
 
     async def classify(self, files: Sequence[UploadFile], top_k: int, threshold: float) -> list[dict[str, Any]]:
         """Per upload: ``classification`` (single-label) or ``labels`` with ratios (multi-label)."""

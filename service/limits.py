@@ -10,8 +10,9 @@ import io
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import UploadFile
+from fastapi import File, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.datastructures import Headers
@@ -20,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from data import ImageLoadError, load_image
 
 LIMITED_PREFIX = "/v1/"  # POST requests under this prefix count as inference requests
+Uploads = Annotated[list[UploadFile], File(description="one or more images (multipart field 'files')")]
 
 
 class ServiceError(Exception):
@@ -95,9 +97,17 @@ def decode_upload(name: str, data: bytes) -> Image.Image:
                            name) from None
 
 
-async def read_images(files: Sequence[UploadFile], pool: Executor) -> tuple[list[str], list[Image.Image]]:
-    """The uploads' names and images, decoded on ``pool`` threads (off the event loop); the first bad one raises
-    its ServiceError."""
+@dataclass(frozen=True)
+class Upload:
+    """One decoded upload: its name, its bytes and its image."""
+
+    name: str
+    data: bytes
+    image: Image.Image
+
+
+async def read_uploads(files: Sequence[UploadFile], pool: Executor) -> list[Upload]:
+    """The uploads, decoded on ``pool`` threads (off the event loop); the first bad one raises its ServiceError."""
     names = [file.filename or f"file {index + 1}" for index, file in enumerate(files)]
     contents = [await file.read() for file in files]
     loop = asyncio.get_running_loop()
@@ -106,4 +116,4 @@ async def read_images(files: Sequence[UploadFile], pool: Executor) -> tuple[list
     for result in decoded:
         if isinstance(result, BaseException):
             raise result
-    return names, list(decoded)
+    return [Upload(name, data, image) for name, data, image in zip(names, contents, decoded, strict=True)]

@@ -82,8 +82,43 @@ class ModelInfo(BaseModel):
                                         "gallery's)")
     checkpoint: str = Field(description="checkpoint file name")
     version: str = Field(description="first 12 hex digits of the checkpoint file's SHA-256")
+    loaded_at: str = Field(description="when this model was loaded (ISO 8601, UTC)")
+    reloads: int = Field(description="reloads since start (POST /v1/admin/reload, SIGHUP)")
     gallery: GalleryInfo | None = Field(description="the gallery behind POST /v1/similar; null: none loaded")
     limits: Limits
+
+
+class ReloadRequest(BaseModel):
+    """New paths to load; a field left out keeps the current one."""
+
+    checkpoint: str | None = Field(None, description="model folder or checkpoint file on the server")
+    gallery: str | None = Field(None, description="gallery folder on the server (of that model)")
+
+
+class ArtistEntry(BaseModel):
+    artist: str
+    references: int = Field(description="reference images of the artist in the gallery")
+    threshold: float | None = Field(description="an image whose best score is this artist's and below this is "
+                                                "unknown: its own calibrated threshold, else the gallery's (null: "
+                                                "the gallery is not calibrated)")
+    calibrated: bool = Field(description="the threshold is the artist's own (tools/build_gallery.py --calibrate)")
+
+
+class ArtistList(BaseModel):
+    total: int = Field(description="enrolled artists")
+    unknown_threshold: float | None = Field(description="threshold of artists without their own")
+    artists: list[ArtistEntry] = Field(description="sorted by name, from offset, at most limit of them")
+
+
+class ArtistChange(ArtistEntry):
+    added: int = Field(description="reference images this request added")
+    gallery: GalleryInfo
+
+
+class ArtistRemoved(BaseModel):
+    artist: str
+    removed: int = Field(description="reference images removed with the artist")
+    gallery: GalleryInfo
 
 
 class ArtistScore(BaseModel):

@@ -1,5 +1,6 @@
 """The service's limits and options, checked once at start-up."""
 
+import ipaddress
 from dataclasses import dataclass
 
 from PIL import Image
@@ -18,6 +19,8 @@ class Settings:
     process-wide ``MAX_IMAGE_PIXELS`` while the app runs) and ``max_queue`` the
     inference requests in the service at once (queued or running; more get 429). ``api_key`` set: every ``/v1``
     route needs ``Authorization: Bearer <key>``. ``cors_origins``: origins allowed to call the API from a browser.
+    ``host``: the address the service listens on; without an API key, gallery changes and reloads are refused unless
+    it is a loopback address. ``metrics``: serve ``GET /metrics`` (Prometheus).
     """
 
     max_batch: int = 32
@@ -29,6 +32,8 @@ class Settings:
     decode_threads: int = 2
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    metrics: bool = True
 
     def __post_init__(self) -> None:
         for flag, value, minimum in (("--max-batch", self.max_batch, 1), ("--max-files", self.max_files, 1),
@@ -39,6 +44,16 @@ class Settings:
                 raise UserError(f"{flag} must be at least {minimum}, got {value}")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("the API key is empty; pass a non-empty --api-key or leave it out")
+
+    @property
+    def local_only(self) -> bool:
+        """The service listens on a loopback address only (this machine)."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:  # a host name other than localhost
+            return False
 
     @property
     def max_upload_bytes(self) -> int:

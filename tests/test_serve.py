@@ -160,6 +160,7 @@ def test_model_health_page_and_docs(server, model_dir):
     assert info["model"] == "lsnet_t_artist" and info["classes"] == CLASSES and info["num_classes"] == 3
     assert info["input_size"] == SIZE and info["feature_dim"] == 16 and info["multi_label"] is False
     assert info["checkpoint"] == "model_best.pth" and len(info["version"]) == 12 and info["gallery"] is None
+    assert info["reloads"] == 0 and info["loaded_at"].endswith("+00:00")
     assert info["limits"]["max_files"] == 3 and info["limits"]["max_pixels"] == 300 * 300
     health = get(f"{server}/healthz").json()
     assert health["status"] == "ok" and health["in_flight"] == 0
@@ -170,10 +171,11 @@ def test_model_health_page_and_docs(server, model_dir):
     assert get(f"{server}/static/../../serve.py").status == 404
     assert b"swagger" in get(f"{server}/docs").data.lower()
     paths = get(f"{server}/openapi.json").json()["paths"]
-    assert {"/v1/classify", "/v1/features", "/v1/model", "/healthz", "/readyz"} <= set(paths)
+    assert {"/v1/classify", "/v1/features", "/v1/model", "/healthz", "/readyz", "/metrics", "/v1/gallery/artists",
+            "/v1/admin/reload"} <= set(paths)
 
 
-def _bad_uploads(images: Path, tmp: Path) -> dict[str, tuple[list[tuple[str, bytes]], int, str, str | None]]:
+def bad_uploads(images: Path, tmp: Path) -> dict[str, tuple[list[tuple[str, bytes]], int, str, str | None]]:
     """Case name: (uploads, expected status, words of the error, the file it names)."""
     good = upload(images / "img0.png")
     truncated = gen.truncated_jpeg(tmp / "cut.jpg")
@@ -193,7 +195,7 @@ def _bad_uploads(images: Path, tmp: Path) -> dict[str, tuple[list[tuple[str, byt
 
 
 def test_every_bad_upload_is_a_4xx_naming_the_file_and_the_service_keeps_serving(server, images, tmp_path):
-    for case, (files, status, words, file) in _bad_uploads(images, tmp_path).items():
+    for case, (files, status, words, file) in bad_uploads(images, tmp_path).items():
         for endpoint in ("classify", "features"):
             response = post(f"{server}/v1/{endpoint}", files)
             assert response.status == status, (case, response.data)
@@ -378,10 +380,9 @@ def test_a_failing_model_call_is_a_json_500_and_the_service_keeps_serving(artist
         assert get(f"{url}/readyz").status == 200
 
 
-@pytest.fixture(scope="module")
-def gallery_dir(model_dir, tmp_path_factory) -> Path:
-    """A gallery of the served model: 3 artists x 2 generated works, calibrated on 2 more images each."""
-    root = tmp_path_factory.mktemp("serve_gallery")
+def build_test_gallery(root: Path, model_dir: Path) -> Path:
+    """``root/gallery``: a gallery of the model of 3 artists x 2 generated works (``root/refs``), calibrated on 2
+    more images each (``root/calib``)."""
     for part, count in (("refs", 2), ("calib", 2)):
         for a, artist in enumerate(["anna", "ben", "cleo"]):
             (root / part / artist).mkdir(parents=True)
@@ -391,6 +392,11 @@ def gallery_dir(model_dir, tmp_path_factory) -> Path:
         ["--checkpoint", str(model_dir), "--images", str(root / "refs"), "--output-dir", str(root / "gallery"),
          "--calibrate", str(root / "calib"), "--device", "cpu", "--num-workers", "0"]))
     return root / "gallery"
+
+
+@pytest.fixture(scope="module")
+def gallery_dir(model_dir, tmp_path_factory) -> Path:
+    return build_test_gallery(tmp_path_factory.mktemp("serve_gallery"), model_dir)
 
 
 def test_similar_answers_as_search_similar_and_serves_only_gallery_thumbnails(model_dir, gallery_dir, images,

@@ -1,5 +1,6 @@
 // The page of serve.py: pick or drop images, send each to POST /v1/classify, show the top artists with bars; with a
-// gallery loaded, POST /v1/similar too and show the most similar works' thumbnails (fetched with the API key).
+// gallery loaded, POST /v1/similar too and show the most similar works' thumbnails (fetched with the API key), and
+// manage the gallery: add an artist from reference images (shown in the similar-works view), list and remove artists.
 "use strict";
 
 const KEY_STORAGE = "artist-service-api-key";
@@ -47,6 +48,82 @@ async function loadModelInfo() {
   $("model-info").textContent = `${info.model} · ${classes}${info.multi_label ? " (multi-label)" : ""} · ` +
     `${info.input_size} px · version ${info.version}` +
     (info.gallery ? ` · gallery of ${info.gallery.artists} artists, ${info.gallery.works} works` : "");
+  $("gallery-panel").hidden = !info.gallery;
+  if (info.gallery) await loadArtists();
+}
+
+function thresholdText(entry) {
+  if (entry.threshold === null) return "no threshold (gallery not calibrated)";
+  return `threshold ${entry.threshold.toFixed(3)}${entry.calibrated ? "" : " (the gallery's)"}`;
+}
+
+async function loadArtists() {
+  const response = await fetch("v1/gallery/artists", { headers: authHeaders() });
+  if (!response.ok) return;
+  const body = await response.json();
+  $("artists-summary").textContent = `Gallery artists (${body.total})`;
+  const list = $("artist-list");
+  list.replaceChildren();
+  for (const entry of body.artists) {
+    const item = element("li", "artist");
+    item.dataset.artist = entry.artist;
+    const remove = element("button", "remove", "Remove");
+    remove.type = "button";
+    remove.addEventListener("click", () => removeArtist(entry.artist));
+    item.append(element("span", "name", entry.artist),
+                element("span", "muted", `${entry.references} references · ${thresholdText(entry)}`), remove);
+    list.append(item);
+  }
+}
+
+async function removeArtist(artist) {
+  if (!confirm(`Remove ${artist} and its references from the gallery?`)) return;
+  const response = await fetch("v1/gallery/artists/" + encodeURIComponent(artist),
+                               { method: "DELETE", headers: authHeaders() });
+  if (!response.ok) {
+    setStatus(`${artist} was not removed: ` + (await errorText(response)), true);
+    return;
+  }
+  const removed = (await response.json()).removed;
+  await loadModelInfo();
+  setStatus(`Removed ${artist} (${removed} references).`);
+}
+
+async function enrollArtist(event) {
+  event.preventDefault();
+  const name = $("enroll-name").value.trim();
+  const files = Array.from($("enroll-files").files);
+  if (!name || !files.length) {
+    setStatus("Give the artist a name and pick reference images.", true);
+    return;
+  }
+  const form = new FormData();
+  form.append("artist", name);
+  for (const file of files) form.append("files", file, file.name);
+  $("enroll-button").disabled = true;
+  setStatus(`Adding ${name}…`);
+  try {
+    const response = await fetch("v1/gallery/artists", { method: "POST", body: form, headers: authHeaders() });
+    if (!response.ok) {
+      setStatus(`${name} was not added: ` + (await errorText(response)), true);
+      if (response.status === 401) $("key-box").open = true;
+      return;
+    }
+    const added = await response.json();
+    setStatus(`Added ${added.artist}: ${added.references} references, ${thresholdText(added)}.`);
+    $("enroll-form").reset();
+    await loadModelInfo();
+    // The result in the similar-works view: the first reference's closest artist and nearest works.
+    const cards = document.createDocumentFragment();
+    const body = newCard(files[0], cards);
+    $("results").prepend(cards);
+    body.querySelector(".pending").replaceWith(element("p", "enrolled", `Enrolled as ${added.artist}`));
+    await showSimilar(files[0], body);
+  } catch (err) {
+    setStatus("The service cannot be reached: " + err.message, true);
+  } finally {
+    $("enroll-button").disabled = false;
+  }
 }
 
 function element(tag, className, text) {
@@ -198,6 +275,7 @@ function setUp() {
     event.preventDefault();
     classifyFiles(event.dataTransfer.files);
   });
+  $("enroll-form").addEventListener("submit", enrollArtist);
   $("api-key").value = localStorage.getItem(KEY_STORAGE) || "";
   $("save-key").addEventListener("click", () => {
     const key = $("api-key").value.trim();
