@@ -32,7 +32,8 @@ def add_admin_routes(router: APIRouter, service: Service, settings: Settings, Cu
     guard = writes_guard(settings)
     def changed(runtime: Runtime, artist: str, added: int) -> dict[str, Any]:
         assert runtime.search is not None
-        return {**artist_entry(runtime.search.gallery, artist), "added": added, "gallery": runtime.search.info()}
+        return {**artist_entry(runtime.search.gallery, artist), "added": added,
+                "gallery": runtime.search.info(per_artist=False)}
 
     @router.get("/gallery/artists", response_model=ArtistList)
     async def artists(runtime: Current, offset: Annotated[int, Query(ge=0)] = 0,
@@ -68,7 +69,7 @@ def add_admin_routes(router: APIRouter, service: Service, settings: Settings, Cu
         old, new = await service.change_gallery("remove", lambda rt, gallery, store: store.remove(gallery, artist))
         assert old.search is not None and new.search is not None
         removed = len(old.search.gallery.paths) - len(new.search.gallery.paths)
-        return {"artist": artist, "removed": removed, "gallery": new.search.info()}
+        return {"artist": artist, "removed": removed, "gallery": new.search.info(per_artist=False)}
 
     @router.post("/admin/reload", response_model=ModelInfo, dependencies=guard)
     async def reload(paths: Annotated[ReloadRequest | None, Body()] = None) -> dict[str, Any]:

@@ -60,15 +60,18 @@ class Limits(BaseModel):
     max_queue: int = Field(description="inference requests in progress at once; more get 429")
 
 
-class GalleryInfo(BaseModel):
+class GallerySummary(BaseModel):
     artists: int = Field(description="enrolled artists")
     works: int = Field(description="reference images (ids 0 .. works - 1)")
     unknown_threshold: float | None = Field(description="calibrated cosine below which an image is unknown (for "
                                                         "artists without a threshold of their own)")
+    index: str = Field(description="Faiss index type (flat_ip exact, ivf_flat_ip approximate)")
+
+
+class GalleryInfo(GallerySummary):
     artist_thresholds: dict[str, float] | None = Field(description="each calibrated artist's own threshold: an image "
                                                                    "whose closest artist it is and whose score is "
                                                                    "below it is unknown")
-    index: str = Field(description="Faiss index type (flat_ip exact, ivf_flat_ip approximate)")
 
 
 class ModelInfo(BaseModel):
@@ -112,13 +115,13 @@ class ArtistList(BaseModel):
 
 class ArtistChange(ArtistEntry):
     added: int = Field(description="reference images this request added")
-    gallery: GalleryInfo
+    gallery: GallerySummary
 
 
 class ArtistRemoved(BaseModel):
     artist: str
     removed: int = Field(description="reference images removed with the artist")
-    gallery: GalleryInfo
+    gallery: GallerySummary
 
 
 class ArtistScore(BaseModel):

@@ -26,10 +26,14 @@ class GallerySearch:
         self.gallery = gallery
         self.index, self.index_params = gallery.index()
 
-    def info(self) -> dict[str, Any]:
-        """What ``GET /v1/model`` says about the gallery."""
+    def info(self, per_artist: bool = True) -> dict[str, Any]:
+        """What ``GET /v1/model`` says about the gallery; without ``per_artist`` (the answers of gallery writes) the
+        per-artist thresholds are left out, as they grow with the gallery (``GET /v1/gallery/artists`` pages them)."""
         g = self.gallery
-        return {"artists": len(g.artist_names), "works": len(g.paths), **g.thresholds(),
+        thresholds = g.thresholds()
+        if not per_artist:
+            del thresholds["artist_thresholds"]
+        return {"artists": len(g.artist_names), "works": len(g.paths), **thresholds,
                 "index": self.index_params.get("type", "")}
 
     def similar(self, features: np.ndarray, top_k: int, top_artists: int) -> list[dict[str, Any]]:
