@@ -6,7 +6,10 @@ Modes: ``classify`` (top-k artists), ``cluster`` (style feature vectors only; cl
 
 A single image writes ``<output>/<stem>_result.json`` and prints it. A directory writes ``batch_results.json``
 (per image, keyed by its path relative to ``--input``, plus the ``skipped`` unreadable files) and, in cluster and
-both modes, ``features.npy`` (float32, N x D) with ``image_names.txt`` (row i of features.npy is line i).
+both modes, ``features.npy`` (float32, N x D) with ``image_names.txt`` (row i of features.npy is line i). A directory
+run streams: each batch goes to the work folder ``<output>.partial`` as it is computed (memory does not grow with
+the image count), the files are assembled from it at the end, and ``--resume`` continues an interrupted run there
+to the outputs an uninterrupted run writes (:mod:`artifacts.work_folder`).
 
 The work is done by :mod:`predictor` (``load_model_bundle`` and ``ArtistModel``), which services import directly;
 the files and their guarantees (written as a set, no bare NaN in JSON) are :mod:`artifacts.outputs`'s.
@@ -254,8 +257,8 @@ def run_batch(artist_model: ArtistModel, args: argparse.Namespace, output_dir: P
               f"{BATCH_RESULTS_FILE})", file=sys.stderr)
     rows = sum(part.progress.rows for part in work.parts)
     skipped = len(names) + len(bad_names) - rows
-    print(f"{rows} images ({ran} in this run, {elapsed:.1f}s, {ran / max(elapsed, 1e-9):.1f} img/s), {skipped} "
-          f"skipped; wrote {', '.join(written)} to {output_dir}")
+    print(f"{rows} images, {skipped} skipped ({ran} run now in {elapsed:.1f}s, {ran / max(elapsed, 1e-9):.1f} "
+          f"img/s); wrote {', '.join(written)} to {output_dir}")
     if mode == "cluster":
         print(f"cluster them: python tools/extract_cluster_features.py --features {output_dir / FEATURES_FILE} "
               f"--names {output_dir / NAMES_FILE} --num-clusters auto --output-dir {output_dir / 'clusters'}")
@@ -267,6 +270,8 @@ def main(args: argparse.Namespace | None = None) -> dict[str, Any]:
     input_path = Path(args.input)
     if not input_path.exists():
         raise UserError(f"input not found: {input_path}; pass an image file or a directory of images")
+    if args.resume and not input_path.is_dir():
+        raise UserError("--resume continues an interrupted directory run; drop it for a single image")
     output_dir = prepare_output_dir(args.output)
     if input_path.is_dir():
         WorkFolder.check(work_folder_for(output_dir), args.resume)  # before loading the model

@@ -9,9 +9,14 @@
 - The multi-label predictions file (``predict_artist_multilabel.py --output``): metadata, ``num_nonfinite``,
   ``results`` and ``skipped``.
 
+A directory run streams its batches into a work folder (:mod:`artifacts.work_folder`; :func:`part_data` is a batch's
+bytes there) and :func:`write_parts` assembles these files from its parts, a line or a chunk at a time, byte for
+byte what the in-memory writers (:func:`write_batch_results`, :func:`write_features`) write.
+
 Every set of files is written through :class:`artifacts.atomic.OutputSet`: a reader sees the old complete set or the
 new one, and a failed write is one line naming the file. A directory run's set is renamed into place in the order
-``batch_results.json``, ``features.npy``, ``image_names.txt`` (the index of the features last).
+``batch_results.json``, ``features.npy``, ``image_names.txt`` (the index of the features last),
+``gallery_results.json``.
 
 JSON never holds a bare ``NaN``/``Infinity`` (invalid for most parsers): a non-finite number is written as ``null``
 and ``num_nonfinite`` counts the images that had any.
@@ -21,6 +26,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
@@ -226,12 +232,25 @@ def part_data(names: list[str], features: np.ndarray | None, skipped: list[dict[
     return data, counters
 
 
+def _check_disk(output_dir: Path, parts: list[Part]) -> None:
+    """Refuse (one line) to assemble outputs that the disk cannot hold, before writing any of them."""
+    sizes = [part.progress.sizes for part in parts]
+    # The files keep the parts' sizes, but gallery entries spread over lines (about 3x) and results gain indents.
+    need = sum(sum(s.values()) + 2 * s.get(PART_GALLERY, 0) + 5 * s.get(PART_RESULTS, 0) // 100 for s in sizes)
+    free = shutil.disk_usage(output_dir).free
+    if need > free:
+        raise UserError(f"the outputs need about {need / 2**30:.2f} GiB in {output_dir}, which has "
+                        f"{free / 2**30:.2f} GiB free; free some space, then run the same command with --resume (the "
+                        f"results computed so far stay in {parts[0].folder.parent})")
+
+
 def write_parts(output_dir: str | os.PathLike, parts: list[Part], metadata: dict[str, Any],
                 skipped_before: list[dict[str, str]], feature_dim: int | None,
                 gallery_head: dict[str, Any] | None = None) -> tuple[list[str], int]:
     """Assemble a streamed run's parts (in order) into its outputs, as one set: ``batch_results.json`` (after the
     ``skipped_before`` files, those of the parts), with ``feature_dim`` ``features.npy`` + ``image_names.txt``,
     with ``gallery_head`` ``gallery_results.json``. Returns the file names and the count of non-finite images."""
+    _check_disk(Path(output_dir), parts)
     rows = sum(part.progress.rows for part in parts)
     skipped = itertools.chain(skipped_before, (json.loads(line) for part in parts for line in part.lines(PART_SKIPPED)))
     num_skipped = len(skipped_before) + sum(part.progress.done - part.progress.rows for part in parts)

@@ -5,10 +5,11 @@ partway then continued with ``--resume``.
     python bench/bench_scale.py --steps inference,resume --quick    # 2k vs 20k; 2k killed and resumed
 
 Every run is ``inference_artist.py --mode both --no-json-features --batch-size 128`` of an untrained
-``lsnet_t_artist`` (100 classes, 256-value features, 32 px input) in its own process; its peak memory is that process's peak resident set
-(``ru_maxrss`` of ``os.wait4``). The images are 1,000 distinct tiny PNG / JPEG files (32 px), hard-linked under as
-many names as the run needs (1,000 per sub-folder): every name is decoded like a file of its own, and 200,000 of
-them take no more disk than 1,000. Everything is written to a temporary folder and deleted after the step.
+``lsnet_t_artist`` (100 classes, 256-value features, 32 px input) in its own process; its peak memory is that
+process's peak resident set (``ru_maxrss`` of ``os.wait4``). The images are 1,000 distinct tiny PNG / JPEG files
+(32 px), hard-linked under as many names as the run needs (1,000 per sub-folder): every name is decoded like a file
+of its own, and 200,000 of them take no more disk than 1,000. Everything is written to a temporary folder and
+deleted after the step.
 """
 
 import json

@@ -145,7 +145,7 @@ class JoinedPaths(Sequence[str]):
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, index):  # noqa: ANN001, ANN204 (int or slice, as a list)
+    def __getitem__(self, index: int | slice) -> "str | JoinedPaths":
         if isinstance(index, slice):
             return JoinedPaths(self.root, self.names[index])
         return os.path.join(self.root, self.names[index])

@@ -11,8 +11,10 @@ import pytest
 import torch
 from test_inference import CLASSES, SIZE, make_model
 
+import artifacts.outputs as outputs_module
 import artifacts.work_folder as work_folder
 import inference_artist
+import retrieval.references as references
 from artifacts.atomic import OutputSet
 from artifacts.outputs import (
     BATCH_RESULTS_FILE,
@@ -160,6 +162,12 @@ def test_interrupted_runs_resume_to_the_same_bytes(world, monkeypatch, capsys):
     monkeypatch.undo()
     with pytest.raises(UserError, match=r"holds an interrupted run \(2 of 10 images done\); add --resume"):
         inference(world, out)
+    with monkeypatch.context() as patch:  # a disk too small for the outputs: said before writing any
+        patch.setattr(outputs_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 100))
+        with pytest.raises(UserError, match=r"the outputs need about 0.00 GiB in .*, which has 0.00 GiB free; free "
+                                            r"some space, then run the same command with --resume"):
+            inference(world, out, "--resume")
+    assert not out.exists() or not any(out.iterdir())
     inference(world, out, "--resume")
     assert "resuming: 2 of 10 images done" in capsys.readouterr().out
     assert outputs(out) == outputs(world["tmp"] / "single")
@@ -203,6 +211,11 @@ def test_gallery_embedding_streams_and_resumes(world, monkeypatch):
         build_gallery(*flags)
     monkeypatch.undo()
     assert json.loads((work_folder_for(gallery) / "images" / "part-00000" / PROGRESS_FILE).read_text())["done"] == 3
+    with monkeypatch.context() as patch:  # the vectors' memory is checked before they are computed
+        patch.setattr(references, "available_memory", lambda: 1000)
+        with pytest.raises(UserError, match=r"the 448-value style vectors of 4 images in .*refs need 0.0 GiB of "
+                                            r"memory, 0.0 GiB is available; embed fewer images at once"):
+            build_gallery(*flags, "--resume")
     build_gallery(*flags, "--resume")
     resumed, single = load_gallery(gallery), load_gallery(world["gallery"])
     assert resumed.vectors.tobytes() == single.vectors.tobytes() and resumed.artists == single.artists
