@@ -56,6 +56,7 @@ from utils import NumberRange, UserError, run_cli
 if TYPE_CHECKING:
     from retrieval.gallery import Gallery
 
+
 @dataclass(frozen=True)
 class GalleryMatcher:
     """``--gallery`` loaded and checked against the model, with ``--unknown-threshold`` (None: the gallery's

@@ -161,10 +161,8 @@ class PartWriter:
         try:
             yield
         except OSError as err:
-            error = write_error(self.shown_as.get(name, self.part.folder / name), err)
-            hint = f"then add --resume to continue from {self.part.folder.parent} "
-            message = str(error).replace(" (existing files", f", {hint}(existing files", 1)
-            raise UserError(message) from None
+            raise write_error(self.shown_as.get(name, self.part.folder / name), err,
+                              f", then add --resume to continue from {self.part.folder.parent}") from None
 
     def append(self, done: int, rows: int, data: dict[str, bytes], counters: dict[str, int] | None = None) -> None:
         """One batch: ``done`` more images of the part (``rows`` of them readable), bytes for each file, counts."""
@@ -198,13 +196,10 @@ class PartWriter:
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         try:
+            self.commit()  # on an exception or Ctrl-C too: the batches appended completely are kept
+        except (OSError, UserError):
             if exc_type is None:
-                self.commit()
-            else:  # keep the complete batches; the error being raised is the one to report
-                try:
-                    self.commit()
-                except (OSError, UserError):
-                    pass
+                raise  # else the error being raised is the one to report
         finally:
             for f in self.files.values():
                 f.close()

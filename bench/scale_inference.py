@@ -113,7 +113,7 @@ def inference_step(quick: bool) -> list[dict]:
 
 
 def resume_step(quick: bool) -> list[dict]:
-    """A run killed (SIGKILL) after its first committed batches, continued with --resume: the outputs of an
+    """A run killed (SIGKILL) once a third of its images are committed, continued with --resume: the outputs of an
     uninterrupted run, byte for byte."""
     count = RESUME_SIZE[quick]
     with tempfile.TemporaryDirectory(prefix="scale_resume_") as tmp:
@@ -124,7 +124,8 @@ def resume_step(quick: bool) -> list[dict]:
         out = tmp / "resumed"
         progress = Path(f"{out}.partial") / "part-00000" / "progress.json"
         proc, began = start(model, images, out), time.perf_counter()
-        while proc.poll() is None and not (progress.is_file() and json.loads(progress.read_text())["done"]):
+        while proc.poll() is None and not (progress.is_file()
+                                           and json.loads(progress.read_text())["done"] >= count // 3):
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         finish(proc, out, began)
