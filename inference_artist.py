@@ -6,7 +6,10 @@ Modes: ``classify`` (top-k artists), ``cluster`` (style feature vectors only; cl
 
 A single image writes ``<output>/<stem>_result.json`` and prints it. A directory writes ``batch_results.json``
 (per image, keyed by its path relative to ``--input``, plus the ``skipped`` unreadable files) and, in cluster and
-both modes, ``features.npy`` (float32, N x D) with ``image_names.txt`` (row i of features.npy is line i).
+both modes, ``features.npy`` (float32, N x D) with ``image_names.txt`` (row i of features.npy is line i). A directory
+run streams: each batch goes to the work folder ``<output>.partial`` as it is computed (memory does not grow with
+the image count), the files are assembled from it at the end, and ``--resume`` continues an interrupted run there
+to the outputs an uninterrupted run writes (:mod:`artifacts.work_folder`).
 
 The work is done by :mod:`predictor` (``load_model_bundle`` and ``ArtistModel``), which services import directly;
 the files and their guarantees (written as a set, no bare NaN in JSON) are :mod:`artifacts.outputs`'s.
@@ -18,6 +21,7 @@ calibrated threshold or ``--unknown-threshold``) go into the single-image JSON o
 """
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,27 +30,31 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from artifacts.atomic import OutputSet
 from artifacts.outputs import (
     BATCH_RESULTS_FILE,
     FEATURES_FILE,
+    GALLERY_RESULTS_FILE,
     NAMES_FILE,
+    PART_FEATURES,
+    PART_GALLERY,
+    PART_NAMES,
+    PART_RESULTS,
+    PART_SKIPPED,
+    part_data,
     prepare_output_dir,
     result_file_name,
-    write_batch_results,
-    write_features,
-    write_json,
     write_json_file,
+    write_parts,
 )
+from artifacts.work_folder import Part, WorkFolder, file_identity, list_identity, work_folder_for
 from data import ImageLoadError
 from errors import import_optional
-from predictor import DESCRIPTORS, MODES, ArtistModel, BatchResult, FocusOptions, add_runtime_args, load_model_bundle
+from inference.results import JoinedPaths, directory_images
+from predictor import DESCRIPTORS, MODES, ArtistModel, FocusOptions, add_runtime_args, load_model_bundle
 from utils import NumberRange, UserError, run_cli
 
 if TYPE_CHECKING:
     from retrieval.gallery import Gallery
-
-GALLERY_RESULTS_FILE = "gallery_results.json"
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="optional check: classes of the head (default: detected from the CSV and checkpoint)")
     parser.add_argument("--feature-dim", type=NumberRange(int, 1), default=None,
                         help="optional check: feature vector size (default: detected from the checkpoint)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted directory run from its work folder <output>.partial (the same "
+                             "command plus --resume; the outputs equal those of an uninterrupted run)")
     parser.add_argument("--no-json-features", dest="json_features", action="store_false",
                         help="leave feature vectors out of batch_results.json (features.npy keeps them)")
     parser.add_argument("--gallery", default=None,
@@ -155,33 +166,6 @@ def _metadata(artist_model: ArtistModel, mode: str, input_path: Path) -> dict[st
     return metadata
 
 
-def save_batch(output_dir: Path, result: BatchResult, metadata: dict[str, Any], include_features: bool,
-               gallery_report: dict[str, Any] | None = None) -> list[str]:
-    """Write ``batch_results.json`` and, with features, ``features.npy`` + ``image_names.txt`` (and
-    ``gallery_results.json`` when given) as one set: a reader sees the previous complete set or this one. Returns the
-    file names; warns about non-finite outputs."""
-    with OutputSet(output_dir) as out:
-        nonfinite = write_batch_results(out, metadata, result.entries(include_features), len(result.names),
-                                        [asdict(s) for s in result.skipped])
-        if result.features is not None:
-            write_features(out, result.names, result.features)
-        if gallery_report is not None:
-            write_json(out, GALLERY_RESULTS_FILE, gallery_report)
-    if nonfinite:
-        print(f"warning: {nonfinite} images have NaN or infinite outputs, written as null (num_nonfinite in "
-              f"{BATCH_RESULTS_FILE})", file=sys.stderr)
-    return ([BATCH_RESULTS_FILE] + ([FEATURES_FILE, NAMES_FILE] if result.features is not None else [])
-            + ([GALLERY_RESULTS_FILE] if gallery_report is not None else []))
-
-
-def gallery_report(matcher: GalleryMatcher, result: BatchResult, top_k: int) -> dict[str, Any]:
-    """``gallery_results.json``: per image, the closest gallery artists and the unknown decision."""
-    matches = matcher.match(result.features, top_k)
-    print(f"gallery: {sum(m['unknown'] for m in matches)} of {len(matches)} images unknown")
-    return {"gallery": matcher.path, "metric": "cosine", "normalized": True, **matcher.thresholds(),
-            "results": dict(zip(result.names, matches, strict=True))}
-
-
 def run_single(artist_model: ArtistModel, args: argparse.Namespace, output_dir: Path,
                matcher: GalleryMatcher | None = None) -> dict[str, Any]:
     """Classify / extract one image; write ``<stem>_result.json`` and print the result."""
@@ -213,35 +197,98 @@ def run_single(artist_model: ArtistModel, args: argparse.Namespace, output_dir: 
     return record
 
 
+def run_identity(artist_model: ArtistModel, args: argparse.Namespace, mode: str, names: list[str],
+                 matcher: GalleryMatcher | None) -> dict[str, Any]:
+    """What a directory run's outputs depend on: a ``--resume`` must find the same (model, images, flags)."""
+    gallery = None
+    if matcher is not None:
+        gallery = {**file_identity(matcher.path), "--unknown-threshold": matcher.threshold}
+    return {**artist_model.fingerprint(), "input folder": os.path.abspath(args.input),
+            "image list": list_identity(names), "--mode": mode,
+            "--top-k": args.top_k, "--threshold": args.threshold, "--no-json-features": not args.json_features,
+            "--batch-size": args.batch_size, "--gallery": gallery, "--exit-threshold": args.exit_threshold,
+            "--budget": args.budget}
+
+
+def stream_part(artist_model: ArtistModel, args: argparse.Namespace, mode: str, names: list[str], part: Part,
+                matcher: GalleryMatcher | None, shown_as: dict[str, Path]) -> int:
+    """Run the images of ``part`` not done yet, appending each batch's results to it; returns the images run."""
+    files = (PART_NAMES, PART_SKIPPED, PART_RESULTS) + ((PART_FEATURES,) if mode != "classify" else ()) + (
+        (PART_GALLERY,) if matcher is not None else ())
+    todo = names[part.start + part.progress.done:part.stop]
+    with part.writer(files, shown_as) as writer:
+        # The run's batch size, not the rest's: a continued run cuts and pads its batches as an uninterrupted one.
+        for batch in artist_model.stream_paths(
+            JoinedPaths(args.input, todo), mode, names=todo, top_k=args.top_k, threshold=args.threshold,
+            batch_size=min(args.batch_size, len(names)), num_workers=args.num_workers, progress=True,
+        ):
+            gallery = None
+            if matcher is not None:
+                gallery = matcher.match(batch.features, args.top_k) if batch.names else []
+            data, counters = part_data(batch.names, batch.features, [asdict(s) for s in batch.skipped],
+                                       (entry for _, entry in batch.entries(args.json_features)), gallery)
+            writer.append(len(batch.names) + len(batch.skipped), len(batch.names), data, counters)
+    return len(todo)
+
+
 def run_batch(artist_model: ArtistModel, args: argparse.Namespace, output_dir: Path,
-              matcher: GalleryMatcher | None = None) -> BatchResult:
-    """Run a directory; write ``batch_results.json`` and, with features, ``features.npy`` + ``image_names.txt``."""
+              matcher: GalleryMatcher | None = None) -> dict[str, Any]:
+    """Run a directory, streaming the results into the work folder ``<output>.partial`` (``--resume`` continues
+    an interrupted run there), then write ``batch_results.json`` and, with features, ``features.npy`` +
+    ``image_names.txt`` (and ``gallery_results.json``) from it as one set. Returns the counts and files."""
     start = time.perf_counter()
     mode = effective_mode(args.mode, matcher, artist_model)
-    result = artist_model.run_directory(
-        args.input, mode, recursive=args.recursive, top_k=args.top_k, threshold=args.threshold,
-        batch_size=args.batch_size, num_workers=args.num_workers, progress=True,
-    )
+    names, bad_names = directory_images(args.input, args.recursive)
+    identity = run_identity(artist_model, args, mode, names + [s.path for s in bad_names], matcher)
+    work = WorkFolder.start(work_folder_for(output_dir), identity, len(names), args.resume,
+                            {"skipped": [asdict(s) for s in bad_names]})
+    if work.done:
+        print(f"resuming: {work.done} of {len(names)} images done in {work.path}")
+    shown_as = {PART_FEATURES: output_dir / FEATURES_FILE, PART_NAMES: output_dir / NAMES_FILE,
+                PART_GALLERY: output_dir / GALLERY_RESULTS_FILE, PART_RESULTS: output_dir / BATCH_RESULTS_FILE,
+                PART_SKIPPED: output_dir / BATCH_RESULTS_FILE}
+    try:
+        ran = sum(stream_part(artist_model, args, mode, names, part, matcher, shown_as)
+                  for part in work.parts if not part.complete)
+    except KeyboardInterrupt:
+        print(f"interrupted with {work.done} of {len(names)} images done: the same command with --resume "
+              "continues", file=sys.stderr)
+        raise
     elapsed = time.perf_counter() - start
-    report = gallery_report(matcher, result, args.top_k) if matcher is not None else None
-    written = save_batch(output_dir, result, _metadata(artist_model, mode, Path(args.input)), args.json_features,
-                         report)
-    print(f"{len(result.names)} images in {elapsed:.1f}s ({len(result.names) / max(elapsed, 1e-9):.1f} img/s), "
-          f"{len(result.skipped)} skipped; wrote {', '.join(written)} to {output_dir}")
-    if result.features is not None:
-        print(f"{FEATURES_FILE}: {artist_model.descriptor} style vectors, {result.features.shape[1]} values per image")
+    gallery_head = None
+    if matcher is not None:
+        unknown = sum(part.progress.counters.get("unknown", 0) for part in work.parts)
+        print(f"gallery: {unknown} of {sum(part.progress.rows for part in work.parts)} images unknown")
+        gallery_head = {"gallery": matcher.path, "metric": "cosine", "normalized": True, **matcher.thresholds()}
+    written, nonfinite = write_parts(output_dir, work.parts, _metadata(artist_model, mode, Path(args.input)),
+                                     work.notes["skipped"], None if mode == "classify" else artist_model.feature_dim,
+                                     gallery_head)
+    work.remove()
+    if nonfinite:
+        print(f"warning: {nonfinite} images have NaN or infinite outputs, written as null (num_nonfinite in "
+              f"{BATCH_RESULTS_FILE})", file=sys.stderr)
+    rows = sum(part.progress.rows for part in work.parts)
+    skipped = len(names) + len(bad_names) - rows
+    print(f"{rows} images, {skipped} skipped ({ran} run now in {elapsed:.1f}s, {ran / max(elapsed, 1e-9):.1f} "
+          f"img/s); wrote {', '.join(written)} to {output_dir}")
+    if mode != "classify":
+        print(f"{FEATURES_FILE}: {artist_model.descriptor} style vectors, {artist_model.feature_dim} values per image")
     if mode == "cluster":
         print(f"cluster them: python tools/extract_cluster_features.py --features {output_dir / FEATURES_FILE} "
               f"--names {output_dir / NAMES_FILE} --num-clusters auto --output-dir {output_dir / 'clusters'}")
-    return result
+    return {"images": rows, "skipped": skipped, "files": written}
 
 
-def main(args: argparse.Namespace | None = None) -> dict[str, Any] | BatchResult:
+def main(args: argparse.Namespace | None = None) -> dict[str, Any]:
     args = args if args is not None else get_args_parser().parse_args()
     input_path = Path(args.input)
     if not input_path.exists():
         raise UserError(f"input not found: {input_path}; pass an image file or a directory of images")
+    if args.resume and not input_path.is_dir():
+        raise UserError("--resume continues an interrupted directory run; drop it for a single image")
     output_dir = prepare_output_dir(args.output)
+    if input_path.is_dir():
+        WorkFolder.check(work_folder_for(output_dir), args.resume)  # before loading the model
     artist_model = load_model_bundle(
         args.checkpoint, args.model, args.class_csv, device=args.device, input_size=args.input_size,
         num_classes=args.num_classes, feature_dim=args.feature_dim, amp=args.amp,

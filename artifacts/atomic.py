@@ -41,11 +41,12 @@ _WRITE_HINTS = {
 }
 
 
-def write_error(path: Path, err: OSError) -> UserError:
-    """The one-line error for a failed write of ``path`` (what failed, what to do, that nothing was replaced)."""
+def write_error(path: Path, err: OSError, then: str = "") -> UserError:
+    """The one-line error for a failed write of ``path`` (what failed, what to do, ``then`` what, that nothing was
+    replaced)."""
     hint = _WRITE_HINTS.get(err.errno, "write elsewhere")
     reason = err.strerror or str(err) or type(err).__name__
-    return UserError(f"cannot write {path} ({reason}); {hint} (existing files there were left unchanged)")
+    return UserError(f"cannot write {path} ({reason}); {hint}{then} (existing files there were left unchanged)")
 
 
 def _create_temp(path: Path) -> BinaryIO:

@@ -4,6 +4,8 @@ Shared by the PyTorch model (:mod:`inference.artist_model`) and the ONNX one (:m
 imports neither torch nor timm.
 """
 
+import hashlib
+import json
 import math
 import os
 import sys
@@ -15,6 +17,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
+from artifacts.work_folder import file_identity
 from data.images import is_image_file
 from data.scan import walk_files
 from errors import UserError
@@ -123,6 +126,31 @@ def split_line_breaks(names: list[str]) -> tuple[list[str], list[SkippedImage]]:
     return [name for name in names if "\n" not in name and "\r" not in name], bad
 
 
+def directory_images(input_dir: str | os.PathLike, recursive: bool = True) -> tuple[list[str], list[SkippedImage]]:
+    """The sorted image names of a directory run (:func:`list_images`) and those skipped for a line break in their
+    name (:func:`split_line_breaks`); a directory without images is a :class:`UserError`."""
+    names = list_images(input_dir, recursive)
+    if not names:
+        hint = "" if recursive else " (sub-folders were not searched: drop --no-recursive)"
+        raise UserError(f"no image files in {input_dir}{hint}; image files end in .jpg, .png, .webp, ...")
+    return split_line_breaks(names)
+
+
+class JoinedPaths(Sequence[str]):
+    """``os.path.join(root, name)`` for each of ``names``, made when read: no second list of a million paths."""
+
+    def __init__(self, root: str | os.PathLike, names: Sequence[str]):
+        self.root, self.names = os.fspath(root), names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int | slice) -> "str | JoinedPaths":
+        if isinstance(index, slice):
+            return JoinedPaths(self.root, self.names[index])
+        return os.path.join(self.root, self.names[index])
+
+
 class BatchedModel:
     """The public API of a loaded artist model, whatever runs it (PyTorch or onnxruntime): one image or many.
 
@@ -187,6 +215,40 @@ class BatchedModel:
             raise UserError("classification needs the class names: pass the class_mapping.csv from training "
                             "(--class-csv), or use --mode cluster")
 
+    def stream_paths(
+        self,
+        images: Sequence[ImageInput],
+        mode: str = "classify",
+        *,
+        names: Sequence[str] | None = None,
+        top_k: int = 5,
+        threshold: float = 0.0,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        skip_unreadable: bool = True,
+        progress: bool = False,
+    ) -> Iterator[BatchResult]:
+        """:meth:`run_paths` one batch at a time: a :class:`BatchResult` per batch, whose ``skipped`` are the files
+        found unreadable since the previous one (a last result may hold only those). Every image is in exactly one
+        result, in input order, so nothing of the run needs to stay in memory. ``batch_size`` is used as it is (a
+        compiled model pads every batch to it)."""
+        check_run_args(top_k, threshold, batch_size, num_workers)
+        self._check_mode(mode)
+        if names is None:
+            names = [os.fspath(im) if isinstance(im, (str, os.PathLike)) else str(i) for i, im in enumerate(images)]
+        skipped: list[SkippedImage] | None = [] if skip_unreadable else None
+        for batch_names, batch_features, probs in self._batches(images, names, mode, batch_size, num_workers,
+                                                                skipped, progress):
+            classifications = None if probs is None else top_k_classes(probs, self.class_names, top_k, threshold)
+            yield BatchResult(batch_names, classifications if mode != "cluster" else None,
+                              None if mode == "classify" else batch_features, list(skipped or []),
+                              self._extras(batch_names))
+            if skipped:
+                skipped.clear()
+        if skipped:
+            empty = None if mode == "classify" else np.zeros((0, self.feature_dim), np.float32)
+            yield BatchResult([], None if mode == "cluster" else [], empty, list(skipped), self._extras([]))
+
     def run_paths(
         self,
         images: Sequence[ImageInput],
@@ -205,31 +267,39 @@ class BatchedModel:
         Unreadable files are skipped (listed in the result's ``skipped``) unless ``skip_unreadable`` is False,
         then they raise :class:`data.images.ImageLoadError`.
         """
-        check_run_args(top_k, threshold, batch_size, num_workers)
-        self._check_mode(mode)
-        if names is None:
-            names = [os.fspath(im) if isinstance(im, (str, os.PathLike)) else str(i) for i, im in enumerate(images)]
-        skipped: list[SkippedImage] | None = [] if skip_unreadable else None
-        kept: list[str] = []
-        classifications: list[list[dict[str, Any]]] = []
+        result = BatchResult([], [] if mode != "cluster" else None, None, [], None)
         features: list[np.ndarray] = []
-        for batch_names, batch_features, probs in self._batches(
-            images, names, mode, max(1, min(batch_size, len(images))), num_workers, skipped, progress,
-        ):
-            kept.extend(batch_names)
-            if probs is not None:
-                classifications.extend(top_k_classes(probs, self.class_names, top_k, threshold))
-            if batch_features is not None:
-                features.append(batch_features)
-        all_features = None
+        for batch in self.stream_paths(images, mode, names=names, top_k=top_k, threshold=threshold,
+                                       batch_size=max(1, min(batch_size, len(images))), num_workers=num_workers,
+                                       skip_unreadable=skip_unreadable, progress=progress):
+            result.names.extend(batch.names)
+            result.skipped.extend(batch.skipped)
+            if batch.classifications is not None:
+                result.classifications.extend(batch.classifications)
+            if batch.features is not None:
+                features.append(batch.features)
+            if batch.extras is not None:
+                result.extras = (result.extras or []) + batch.extras
         if mode != "classify":
-            all_features = np.concatenate(features) if features else np.zeros((0, self.feature_dim), np.float32)
-        return BatchResult(kept, classifications if mode != "cluster" else None, all_features, skipped or [],
-                           self._extras(kept))
+            result.features = np.concatenate(features) if features else np.zeros((0, self.feature_dim), np.float32)
+        return result
 
     def _extras(self, names: list[str]) -> list[dict[str, Any]] | None:
         """Per-image entries a model kind adds to the results of the images ``names`` (none by default)."""
         return None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What this model's outputs depend on, JSON-ready: a changed checkpoint file, style vector, preprocessing,
+        class list, device or precision gives another fingerprint (how a resumed run knows its model)."""
+        device = getattr(self, "device", None)
+        classes = "\n".join(self.class_names) if self.class_names is not None else None
+        checkpoint = None if self.checkpoint is None else file_identity(self.checkpoint)
+        return {"model": getattr(self, "model_name", None), "checkpoint": checkpoint,
+                "style vector": [self.descriptor, self.feature_dim],
+                "preprocessing": json.loads(json.dumps(getattr(self, "data_config", {}), default=str)),
+                "class names": None if classes is None else hashlib.sha256(classes.encode()).hexdigest(),
+                "device": getattr(device, "type", "cpu"), "--amp": bool(getattr(self, "amp", False)),
+                "--compile": getattr(self, "_compiled", None) is not None}
 
     def run_directory(
         self,
@@ -244,14 +314,9 @@ class BatchedModel:
         progress: bool = False,
     ) -> BatchResult:
         """:meth:`run_paths` over the images of a directory; names are paths relative to ``input_dir``."""
-        names = list_images(input_dir, recursive)
-        if not names:
-            hint = "" if recursive else " (sub-folders were not searched: drop --no-recursive)"
-            raise UserError(f"no image files in {input_dir}{hint}; image files end in .jpg, .png, .webp, ...")
-        names, bad_names = split_line_breaks(names)
-        paths = [os.path.join(input_dir, name) for name in names]
-        result = self.run_paths(paths, mode, names=names, top_k=top_k, threshold=threshold, batch_size=batch_size,
-                                num_workers=num_workers, progress=progress)
+        names, bad_names = directory_images(input_dir, recursive)
+        result = self.run_paths(JoinedPaths(input_dir, names), mode, names=names, top_k=top_k, threshold=threshold,
+                                batch_size=batch_size, num_workers=num_workers, progress=progress)
         result.skipped[:0] = bad_names
         return result
 

@@ -2,13 +2,17 @@
 
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from artifacts.outputs import load_matrix, read_names
+from artifacts.outputs import PART_FEATURES, PART_NAMES, PART_SKIPPED, load_matrix, part_data, read_names
+from artifacts.work_folder import WorkFolder, list_identity
 from data import ImageLoadError, is_image_file
+from data.scan import available_memory
+from inference.results import JoinedPaths
 from predictor import ArtistModel, list_images
 from retrieval.index import l2_normalize
 from utils import UserError
@@ -40,16 +44,69 @@ def artist_images(root: str | os.PathLike) -> list[str]:
     return names
 
 
+NORMALIZE_BLOCK = 65536  # rows normalised at once
+
+
+def _vector_buffer(count: int, dim: int, root: str | os.PathLike) -> np.ndarray:
+    """An empty ``count x dim`` float32 array for the style vectors, after checking that the memory is there."""
+    need, available = count * dim * 4, available_memory()
+    if available is not None and need > available:
+        raise UserError(f"the {dim}-value style vectors of {count} images in {root} need {need / 2**30:.1f} GiB of "
+                        f"memory, {available / 2**30:.1f} GiB is available; embed fewer images at once (build the "
+                        "gallery from part of them, then --add the rest)")
+    return np.empty((count, dim), np.float32)
+
+
 def embed_images(artist_model: ArtistModel, root: str | os.PathLike, names: list[str], batch_size: int = 32,
-                 num_workers: int = 0) -> tuple[list[str], np.ndarray]:
-    """Unit style vectors of ``root/name`` for ``names``; unreadable images are warned about and left out."""
+                 num_workers: int = 0, work: str | os.PathLike | None = None,
+                 resume: bool = False) -> tuple[list[str], np.ndarray]:
+    """Unit style vectors of ``root/name`` for ``names``; unreadable images are warned about and left out.
+
+    The vectors go batch by batch into one array. With ``work`` (a work folder, :mod:`artifacts.work_folder`) they
+    are also kept on disk as they are computed, and ``resume`` continues an embedding interrupted there (its
+    images, model and batch size must be the same; a run that never reached this work folder starts it).
+    """
     if not names:
         return [], np.zeros((0, artist_model.feature_dim), np.float32)
-    result = artist_model.run_paths([os.path.join(root, n) for n in names], "cluster", names=names,
-                                    batch_size=batch_size, num_workers=num_workers, progress=len(names) > 100)
-    if not result.names:
+    vectors = _vector_buffer(len(names), artist_model.feature_dim, root)
+    run_args = {"mode": "cluster", "batch_size": max(1, min(batch_size, len(names))), "num_workers": num_workers,
+                "progress": len(names) > 100}
+    if work is None:
+        kept: list[str] = []
+        for batch in artist_model.stream_paths(JoinedPaths(root, names), names=names, **run_args):
+            vectors[len(kept):len(kept) + len(batch.names)] = batch.features
+            kept += batch.names
+    else:
+        kept = _embed_to_work(artist_model, root, names, Path(work), resume, vectors, run_args)
+    if not kept:
         raise UserError(f"none of the {len(names)} images in {root} could be read; check the files")
-    return result.names, l2_normalize(result.features, "style vector")
+    vectors = vectors[:len(kept)]
+    for start in range(0, len(vectors), NORMALIZE_BLOCK):  # in place, a block at a time: no second array
+        vectors[start:start + NORMALIZE_BLOCK] = l2_normalize(vectors[start:start + NORMALIZE_BLOCK], "style vector")
+    return kept, vectors
+
+
+def _embed_to_work(artist_model: ArtistModel, root: str | os.PathLike, names: list[str], work: Path, resume: bool,
+                   vectors: np.ndarray, run_args: dict[str, Any]) -> list[str]:
+    """:func:`embed_images` through the work folder ``work``: fills ``vectors``, returns the names of its rows."""
+    identity = {**artist_model.fingerprint(), "image folder": os.path.abspath(root), "image list": list_identity(names),
+                "--batch-size": run_args["batch_size"]}
+    # --resume of a command whose earlier run stopped before this stage starts the stage; without any work folder
+    # (work.parent) it is refused.
+    folder = WorkFolder.start(work, identity, len(names), resume and (work.exists() or not work.parent.exists()))
+    part = folder.parts[0]
+    todo = names[part.progress.done:]
+    with part.writer((PART_FEATURES, PART_NAMES, PART_SKIPPED)) as writer:
+        for batch in artist_model.stream_paths(JoinedPaths(root, todo), names=todo, **run_args):
+            data, _ = part_data(batch.names, batch.features, [asdict(s) for s in batch.skipped])
+            writer.append(len(batch.names) + len(batch.skipped), len(batch.names), data)
+    kept = list(part.lines(PART_NAMES))
+    flat = vectors.reshape(-1).view(np.uint8)
+    offset = 0
+    for chunk in part.chunks(PART_FEATURES):
+        flat[offset:offset + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        offset += len(chunk)
+    return kept
 
 
 def load_queries(query: str | os.PathLike, artist_model: ArtistModel | None, names_path: str | None = None,

@@ -13,8 +13,10 @@ held-out images of enrolled artists in the same layout and stores the threshold 
 
 import argparse
 import os
+import shutil
 from pathlib import Path
 
+from artifacts.work_folder import work_folder_for
 from predictor import DESCRIPTORS, ArtistModel, add_runtime_args, load_model_bundle
 from retrieval.gallery import (
     GALLERY_FILE,
@@ -50,6 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exact-limit", type=int, default=EXACT_LIMIT,
                         help=f"exact search up to this many vectors, IVF above (default {EXACT_LIMIT})")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run's embedding from its work folder <output-dir>.partial")
     return add_runtime_args(parser, precision=False)
 
 
@@ -68,7 +72,8 @@ def enroll(gallery: Gallery | None, artist_model: ArtistModel, args: argparse.Na
     if gallery is not None and not names:
         print(f"all images of {args.images} are in the gallery already")
         return gallery
-    kept, vectors = embed_images(artist_model, args.images, names, args.batch_size, args.num_workers)
+    kept, vectors = embed_images(artist_model, args.images, names, args.batch_size, args.num_workers,
+                                 work_folder_for(args.output_dir) / "images", args.resume)
     artists = [artist_of(name, args.images) for name in kept]
     new_paths = [paths[name] for name in kept]
     print(f"enrolled {len(kept)} images of {len(set(artists))} artists")
@@ -84,7 +89,8 @@ def calibrate(gallery: Gallery, artist_model: ArtistModel, args: argparse.Namesp
     enrolled = [name for name in names if artist_of(name, args.calibrate) in set(gallery.artist_names)]
     if len(enrolled) < len(names):
         print(f"calibration: ignoring {len(names) - len(enrolled)} images of artists not in the gallery")
-    kept, vectors = embed_images(artist_model, args.calibrate, enrolled, args.batch_size, args.num_workers)
+    kept, vectors = embed_images(artist_model, args.calibrate, enrolled, args.batch_size, args.num_workers,
+                                 work_folder_for(args.output_dir) / "calibrate", args.resume)
     rate = gallery.calibrate(vectors, [artist_of(name, args.calibrate) for name in kept], args.target_false_unknown)
     gallery.calibration = {"images": len(kept), "folder": os.path.abspath(args.calibrate),
                            "target_false_unknown": args.target_false_unknown, "false_unknown_rate": rate,
@@ -126,6 +132,7 @@ def main(args: argparse.Namespace | None = None) -> Gallery:
     elif gallery.unknown_threshold is not None and (args.images or args.remove):
         print("note: the gallery changed since --calibrate; run --calibrate again to refresh its threshold")
     save_gallery(gallery, out)
+    shutil.rmtree(work_folder_for(out), ignore_errors=True)  # the embeddings kept for --resume
     print(f"gallery: {len(gallery.artist_names)} artists, {len(gallery.paths)} vectors -> {out}")
     return gallery
 
