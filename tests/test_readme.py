@@ -259,6 +259,7 @@ KNOWN_PROGRAMS = {
     "$env:": "the variable is read by the project or is in OTHER_ENV (check_env)",
     "python -m venv": "the standard library's venv",
     ". .venv/bin/activate": "the activation script venv writes",
+    "kill -HUP": "serve.py reloads on SIGHUP (check_sighup)",
 }
 # Program names alone in the text (their commands with a script or a make target are checked as such).
 PROGRAM_NAMES = {"python", "torchrun", "make"}
@@ -277,6 +278,13 @@ def check_pip(command: str) -> list[str]:
     return problems
 
 
+def check_sighup(command: str) -> list[str]:
+    """``kill -HUP`` of serve.py: the service installs a SIGHUP handler."""
+    if "serve.py" not in command:
+        return ["kill -HUP is documented for serve.py only"]
+    return [] if "signal.SIGHUP" in read(ROOT / "serve.py") else ["serve.py installs no SIGHUP handler"]
+
+
 def check_env(command: str) -> list[str]:
     """``export NAME=...`` / ``$env:NAME = ...``: NAME is read by the project's code, or is in OTHER_ENV."""
     name = re.match(r"(?:export |\$env:)(\w+)", command).group(1)
@@ -293,7 +301,8 @@ def check_any_command(command: str) -> list[str]:
     program = next((p for p in KNOWN_PROGRAMS if command.startswith(p)), None)
     if program is None:
         return ["no check for this command: add its program to KNOWN_PROGRAMS with a check"]
-    return {"pip install": check_pip, "export": check_env, "$env:": check_env}.get(program, lambda c: [])(command)
+    return {"pip install": check_pip, "export": check_env, "$env:": check_env,
+            "kill -HUP": check_sighup}.get(program, lambda c: [])(command)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
