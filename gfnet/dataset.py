@@ -1,23 +1,25 @@
 """The glance-and-focus dataset: ``((glance tensor, focus tensor), label)`` from a prepared ``train/`` or ``val/``."""
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import functional as TF
 
 from data.datasets import RobustImageFolder
+from data.transforms import NormalizeImage
 
 from .crops import View, make_view
 
 __all__ = ["GlanceFocusTransform", "build_gf_dataset", "collate_views", "to_tensor"]
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-
-def to_tensor(image) -> torch.Tensor:
-    """A PIL image as a normalised (C, H, W) float tensor."""
-    return TF.normalize(TF.to_tensor(image), MEAN, STD)
+def to_tensor(image, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+              std: Sequence[float] = IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """A PIL image as a normalised (C, H, W) float tensor, normalised as the evaluation preprocessing does."""
+    return NormalizeImage(mean, std)(TF.pil_to_tensor(image))
 
 
 class GlanceFocusTransform:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model
 from torch import nn
 from torch.distributions import Normal
@@ -158,7 +159,7 @@ class GlanceFocus(nn.Module):
                                   hidden_dim, std=policy_std)
         self.head_hidden_size = self.num_features = hidden_dim  # the style vector (GRU state)
         self.use_projection = self.distillation = False
-        self.pretrained_cfg = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+        self.pretrained_cfg = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
 
     def encode(self, images: torch.Tensor, is_glance: bool) -> torch.Tensor:
         """The last feature map of the global (glance) or local (crop) encoder."""
