@@ -4,14 +4,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 
 from artifacts.checkpoint import BEST_FILE, guess_architecture, load_checkpoint, read_checkpoint, save_checkpoint_atomic
 from artifacts.config_file import read_config, write_config
 from artifacts.model_folder import build_config, resolve_model_source
 from data.class_mapping import CLASS_MAPPING_FILE, read_class_mapping, write_class_mapping
-from model.glance_focus import BACKBONE_ARGS, GlanceFocus
+from model.glance_focus import BACKBONE_ARGS, GF_MODELS, GlanceFocus, create_glance_focus
 from utils import UserError
 
 from .compute import step_gflops
@@ -25,11 +24,11 @@ HEAD_KEYS = ("head.", "head_dist.", "projection.")
 
 
 def create_model(model_name: str, num_classes: int, **settings: Any) -> GlanceFocus:
-    """A registered glance-and-focus model (e.g. ``lsnet_t_gf``) with the given GF settings."""
-    if not timm.is_model(model_name) or not model_name.endswith("_gf"):
-        raise UserError(f"unknown glance-and-focus model {model_name!r}; use lsnet_t_gf, lsnet_s_gf or lsnet_b_gf")
+    """A glance-and-focus model (``lsnet_t_gf``, ``lsnet_s_gf`` or ``lsnet_b_gf``) with the given GF settings."""
+    if model_name not in GF_MODELS:
+        raise UserError(f"unknown glance-and-focus model {model_name!r}; use {', '.join(GF_MODELS)}")
     settings = {k: v for k, v in settings.items() if v is not None and k != "backbone"}
-    return timm.create_model(model_name, num_classes=num_classes, **settings)
+    return create_glance_focus(model_name, num_classes, **settings)
 
 
 def init_encoders(model: GlanceFocus, folder: str | os.PathLike, log=print) -> str:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
-import model  # noqa: F401  (registers lsnet_t_gf)
+import model  # noqa: F401  (registers the image models with timm)
 import tests.imagegen as gen
 import train_glance_focus
 from artifacts.checkpoint import save_checkpoint_atomic
@@ -32,7 +32,7 @@ from gfnet.early_exit import (
 )
 from gfnet.folder import init_encoders
 from gfnet.stages import TrainConfig, parameter_digest, run_stage
-from model.glance_focus import PatchPolicy, crop_patches, most_activated_centres
+from model.glance_focus import PatchPolicy, create_glance_focus, crop_patches, most_activated_centres
 from perf.flop_count import count_flops
 from tools.make_texture_world import make_texture_world, render_image
 from utils import UserError
@@ -45,7 +45,7 @@ E2E_PLAIN_MAX, E2E_GF_MIN = 0.55, 0.65
 @pytest.fixture(scope="module")
 def gf():
     torch.manual_seed(0)
-    return timm.create_model("lsnet_t_gf", num_classes=3, glance_size=64, patch_size=32, focus_steps=3).eval()
+    return create_glance_focus("lsnet_t_gf", num_classes=3, glance_size=64, patch_size=32, focus_steps=3).eval()
 
 
 def test_policy_shapes_log_probs_and_entropy():
