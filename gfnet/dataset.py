@@ -1,25 +1,15 @@
 """The glance-and-focus dataset: ``((glance tensor, focus tensor), label)`` from a prepared ``train/`` or ``val/``."""
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import functional as TF
 
 from data.datasets import RobustImageFolder
-from data.transforms import NormalizeImage
+from data.glance_views import View, make_view, to_tensor
 
-from .crops import View, make_view
-
-__all__ = ["GlanceFocusTransform", "build_gf_dataset", "collate_views", "to_tensor"]
-
-
-def to_tensor(image, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-              std: Sequence[float] = IMAGENET_DEFAULT_STD) -> torch.Tensor:
-    """A PIL image as a normalised (C, H, W) float tensor, normalised as the evaluation preprocessing does."""
-    return NormalizeImage(mean, std)(TF.pil_to_tensor(image))
+__all__ = ["GlanceFocusTransform", "build_gf_dataset", "collate_views"]
 
 
 class GlanceFocusTransform:

@@ -31,9 +31,10 @@ from torch import nn
 from .ska import SKA
 
 __all__ = ["LSNet", "TEXTURE_STAGES", "texture_statistics", "Conv2d_BN", "BN_Linear", "checkpoint_filter_fn",
-           "backbone_filter_fn", "load_pretrained_backbone", "MODEL_ARGS", "HEAD_PREFIXES"]
+           "backbone_filter_fn", "load_pretrained_backbone", "MODEL_ARGS", "CLASSIFIER_PREFIXES", "HEAD_PREFIXES"]
 
-HEAD_PREFIXES = ("head.", "head_dist.", "projection.")  # what a backbone initialisation leaves fresh
+CLASSIFIER_PREFIXES = ("head.", "head_dist.")  # the classifier heads (re-initialised for another class count)
+HEAD_PREFIXES = (*CLASSIFIER_PREFIXES, "projection.")  # what a backbone initialisation leaves fresh
 FIRST_CONV = "patch_embed.0.c"  # the stem's first convolution (timm adapts it to in_chans)
 
 

@@ -24,8 +24,8 @@ import export
 import inference_artist
 import predict_artist_multilabel
 import serve
+from artifacts.glance_focus_folder import save_model_folder
 from data import write_class_mapping
-from gfnet.folder import save_model_folder
 from model import create_glance_focus
 from predictor import ArtistModel, load_model_bundle
 from retrieval.gallery import load_gallery

@@ -13,10 +13,9 @@ from torchvision.transforms import InterpolationMode
 import model  # noqa: F401  (registers the models)
 from artifacts.model_folder import build_config
 from data.datasets import TransformConfig, build_transform
+from data.glance_views import make_view, to_tensor
 from data.resize import IMAGENET_MEAN, IMAGENET_STD
 from data.transforms import ResizeCenterCrop, build_inference_transform, eval_data_config, normalize_batch
-from gfnet.crops import make_view
-from gfnet.dataset import to_tensor
 from inference.loading import build_eval_transform
 from inference.onnx_model import eval_preprocess, normalize_uint8
 from utils import UserError

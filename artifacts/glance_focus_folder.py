@@ -11,16 +11,15 @@ from artifacts.config_file import read_config, write_config
 from artifacts.model_folder import build_config, resolve_model_source
 from data.class_mapping import CLASS_MAPPING_FILE, read_class_mapping, write_class_mapping
 from model.glance_focus import BACKBONE_ARGS, GF_MODELS, GlanceFocus, create_glance_focus
+from model.lsnet import HEAD_PREFIXES
+from perf.glance_focus import step_gflops
 from utils import UserError
-
-from .compute import step_gflops
 
 __all__ = ["GF_SETTINGS", "create_model", "init_encoders", "save_model_folder", "load_model_folder",
            "update_gf_config"]
 
 GF_SETTINGS = ("backbone", "local_backbone", "glance_size", "patch_size", "focus_resolution", "focus_steps",
                "hidden_dim")
-HEAD_KEYS = ("head.", "head_dist.", "projection.")
 
 
 def create_model(model_name: str, num_classes: int, **settings: Any) -> GlanceFocus:
@@ -35,7 +34,7 @@ def init_encoders(model: GlanceFocus, folder: str | os.PathLike, log=print) -> s
     """Initialise both encoders from a trained artist model folder (or LSNet checkpoint); returns its architecture."""
     ckpt = read_checkpoint(resolve_model_source(folder).checkpoint)
     arch = guess_architecture(ckpt.state_dict)
-    backbone = {k: v for k, v in ckpt.state_dict.items() if not k.startswith(HEAD_KEYS)}
+    backbone = {k: v for k, v in ckpt.state_dict.items() if not k.startswith(HEAD_PREFIXES)}
     for name, encoder in (("global", model.global_encoder), ("local", model.local_encoder)):
         own_arch = model.backbone if name == "global" else model.local_backbone
         if arch is None or BACKBONE_ARGS.get(arch) != BACKBONE_ARGS[own_arch]:

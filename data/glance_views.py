@@ -1,4 +1,5 @@
-"""Crop geometry: the glance and focus views of an image, and crop boxes mapped back to original-image pixels.
+"""Glance-and-focus crop geometry: the glance and focus views of an image, and crop boxes mapped back to
+original-image pixels.
 
 The focus image is the upright image (``data.images.load_image`` applies EXIF rotation) resized so its short side is
 ``focus_resolution`` (0: native size). Training and validation take a square ``focus_resolution`` window of it
@@ -9,15 +10,19 @@ same region squashed to ``glance_size`` x ``glance_size`` by the evaluation prep
 """
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.transforms import functional as TF
 
 from data.resize import resize
+from data.transforms import NormalizeImage
 from model.glance_focus import crop_patches
 
-__all__ = ["View", "make_view", "to_original", "read_crop", "crop_patches"]
+__all__ = ["View", "make_view", "to_tensor", "to_original", "read_crop", "crop_patches"]
 
 
 @dataclass
@@ -51,6 +56,13 @@ def make_view(image: Image.Image, glance_size: int, focus_resolution: int, windo
         focus = focus.crop((offset[0], offset[1], offset[0] + side, offset[1] + side))
     glance = resize(focus, (glance_size, glance_size), Image.Resampling.BICUBIC)
     return View(glance, focus, scale, offset, image.size)
+
+
+def to_tensor(image, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+              std: Sequence[float] = IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """A PIL image as a normalised (C, H, W) float tensor, normalised as the evaluation preprocessing does."""
+    return NormalizeImage(mean, std)(TF.pil_to_tensor(image))
+
 
 
 def to_original(boxes: torch.Tensor, view: View) -> list[list[int]]:

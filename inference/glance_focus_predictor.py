@@ -14,14 +14,12 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+from artifacts.glance_focus_folder import load_model_folder, weights_file
+from data.glance_views import View, make_view, to_original, to_tensor
 from data.images import load_image
+from inference.early_exit import NEVER, threshold_thresholds, thresholds_for_budget
+from perf.glance_focus import cumulative_gflops
 from utils import UserError, resolve_device
-
-from .compute import cumulative_gflops
-from .crops import View, make_view, to_original
-from .dataset import to_tensor
-from .early_exit import NEVER, threshold_thresholds, thresholds_for_budget
-from .folder import load_model_folder, weights_file
 
 __all__ = ["GFPrediction", "GlanceFocusPredictor", "load_glance_focus"]
 
