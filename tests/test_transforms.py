@@ -154,7 +154,7 @@ def test_validation_inference_and_onnx_preprocessing_are_one(squash):
 
 def test_torch_free_defaults_are_timm_s():
     assert (IMAGENET_MEAN, IMAGENET_STD) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    assert eval_data_config(224)["crop_pct"] == timm.create_model("lsnet_t_artist").pretrained_cfg["crop_pct"]
+    assert eval_data_config(224)["crop_pct"] == timm.get_pretrained_cfg("lsnet_t_artist").crop_pct
 
 
 def test_glance_is_the_squash_eval_preprocessing():
