@@ -22,15 +22,13 @@ from torch import nn
 from artifacts.config_file import SAFETENSORS_FILE
 from artifacts.hub import resolve_hub_path
 from model import checkpoint_filter_fn
-from model.lsnet import MODEL_ARGS
+from model.lsnet import CLASSIFIER_PREFIXES, HEAD_PREFIXES, MODEL_ARGS
 from model.lsnet_artist import ARTIST_MODEL_ARGS
 from utils import UserError
 
 CHECKPOINT_FILE = "checkpoint.pth"  # the latest full training state
 BEST_FILE = "model_best.pth"  # the best weights; published model folders call it best_checkpoint.pth
 MODEL_FOLDER_FILES = (BEST_FILE, "best_checkpoint.pth", CHECKPOINT_FILE, SAFETENSORS_FILE)
-HEAD_PREFIXES = ("head.", "head_dist.")
-PROJECTION_PREFIX = "projection."
 
 
 @dataclass
@@ -213,13 +211,13 @@ def load_checkpoint(
     own = model.state_dict()
     skip_prefixes: tuple[str, ...] = ()
     if backbone_only:
-        skip_prefixes = HEAD_PREFIXES + (PROJECTION_PREFIX,)
+        skip_prefixes = HEAD_PREFIXES
     elif reset_heads_on_mismatch and any(
-        k.startswith(HEAD_PREFIXES) and (k not in own or own[k].shape != v.shape) for k, v in state_dict.items()
+        k.startswith(CLASSIFIER_PREFIXES) and (k not in own or own[k].shape != v.shape) for k, v in state_dict.items()
     ):
         log(f"{ckpt.path.name}: head has {ckpt.num_classes} classes, model has "
             f"{getattr(model, 'num_classes', '?')}: the classifier heads are re-initialised")
-        skip_prefixes = HEAD_PREFIXES
+        skip_prefixes = CLASSIFIER_PREFIXES
     if skip_prefixes:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(skip_prefixes)}
         for k, v in own.items():

@@ -27,7 +27,7 @@ from artifacts.checkpoint import (
 from artifacts.config_file import CONFIG_FILE, read_config
 from artifacts.hub import resolve_hub_path
 from data.class_mapping import CLASS_MAPPING_FILE, compare_class_mappings, read_class_mapping
-from data.datasets import EVAL_CROP_PCT
+from data.transforms import eval_data_config
 from model.lsnet_artist import ARTIST_MODELS
 from utils import UserError
 
@@ -49,13 +49,13 @@ def build_config(model_name: str, model: nn.Module, input_size: int, squash: boo
     ``squash``: evaluated with a plain resize to ``input_size`` (fine-tuned that way) instead of resize + center
     crop. ``extra`` entries (e.g. ``multi_label``) are added as they are.
     """
-    cfg = model.pretrained_cfg
+    evaluation = eval_data_config(input_size, squash, model.pretrained_cfg["mean"], model.pretrained_cfg["std"])
     return {
         "model": model_name, "num_classes": model.num_classes, "feature_dim": model.head_hidden_size,
         "use_projection": model.use_projection, "distillation": model.distillation, "input_size": input_size,
-        "mean": list(cfg["mean"]), "std": list(cfg["std"]),
-        "crop_pct": 1.0 if squash else EVAL_CROP_PCT, "crop_mode": "squash" if squash else "center",
-        "interpolation": "bicubic", "checkpoint": BEST_FILE, "class_mapping": CLASS_MAPPING_FILE, **extra,
+        "mean": list(evaluation["mean"]), "std": list(evaluation["std"]),
+        **{key: evaluation[key] for key in ("crop_pct", "crop_mode", "interpolation")},
+        "checkpoint": BEST_FILE, "class_mapping": CLASS_MAPPING_FILE, **extra,
     }
 
 

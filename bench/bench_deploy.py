@@ -21,12 +21,11 @@ import onnxruntime
 import timm
 import torch
 
+from data.resize import IMAGENET_MEAN, IMAGENET_STD
 from deploy.export_onnx import INPUT_NAME, export_onnx, export_ready, probe_inputs
 from deploy.quantize import compare_int8, quantize_int8
 from perf.benchmark import Workload, benchmark
 from utils import compile_for_inference, run_cli
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,7 +68,7 @@ def main(args: argparse.Namespace | None = None) -> None:
     wrapper = export_ready(net)
     net.fuse()
     size = args.input_size
-    calibration = probe_inputs(32, size, list(MEAN), list(STD))
+    calibration = probe_inputs(32, size, list(IMAGENET_MEAN), list(IMAGENET_STD))
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path, int8_path = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
         export_onnx(wrapper, fp32_path, size, 18, dynamic_size=False)

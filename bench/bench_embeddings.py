@@ -13,7 +13,9 @@ Every loss sees the same images and seed.
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,16 +24,14 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from predictor import load_model_bundle
+from retrieval.metrics import retrieval_metrics
+from retrieval.references import artist_images, artist_of, embed_images
+from tools import build_gallery, evaluate_retrieval
+from tools.make_synthetic_artists import generate_artists
+from utils import run_cli
 
-import train_artist_style  # noqa: E402
-from predictor import load_model_bundle  # noqa: E402
-from retrieval.metrics import retrieval_metrics  # noqa: E402
-from retrieval.references import artist_images, artist_of, embed_images  # noqa: E402
-from tools import build_gallery, evaluate_retrieval  # noqa: E402
-from tools.make_synthetic_artists import generate_artists  # noqa: E402
-from utils import run_cli  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the scripts run from here
 
 RUN = ["--device", "cpu", "--num-workers", "0"]
 # What the losses share: no mixup / RandAugment / erasing (the metric losses need each image's own label), no colour
@@ -86,10 +86,12 @@ def measure(loss: str, world: dict[str, Path], work: Path, args: argparse.Namesp
     """Train with ``loss``; per style vector (pooled, texture) build and calibrate a gallery, and evaluate retrieval
     and open-set identification."""
     run_dir, started = work / loss / "run", time.time()
-    train_artist_style.main(train_artist_style.get_args_parser().parse_args(
-        [*TRAIN, "--loss", loss, *LOSS_FLAGS[loss], "--epochs", str(args.epochs), "--seed", str(args.seed),
-         "--input-size", str(args.input_size), "--lr-abs", str(args.lr_abs), "--data-path", str(world["data"]),
-         "--output-dir", str(run_dir), *(["--feature-dim", str(args.feature_dim)] if args.feature_dim else [])]))
+    subprocess.run(  # as a user runs it
+        [sys.executable, "train_artist_style.py", *TRAIN, "--loss", loss, *LOSS_FLAGS[loss], "--epochs",
+         str(args.epochs), "--seed", str(args.seed), "--input-size", str(args.input_size), "--lr-abs",
+         str(args.lr_abs), "--data-path", str(world["data"]), "--output-dir", str(run_dir),
+         *(["--feature-dim", str(args.feature_dim)] if args.feature_dim else [])],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
     train_seconds = time.time() - started
     rows = []
     for descriptor in ("pooled", "texture"):

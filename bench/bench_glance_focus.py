@@ -29,17 +29,16 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+from artifacts.config_file import read_config
+from data.class_mapping import CLASS_MAPPING_FILE, read_class_mapping
+from gfnet.evaluate import write_curve
+from gfnet.train import eval_loader, evaluate, plain_references
+from gfnet.train import get_args_parser as gf_args_parser
+from utils import run_cli
 
-import train_glance_focus  # noqa: E402
-from artifacts.config_file import read_config  # noqa: E402
-from data.class_mapping import CLASS_MAPPING_FILE, read_class_mapping  # noqa: E402
-from gfnet.evaluate import write_curve  # noqa: E402
-from gfnet.train import eval_loader, evaluate, plain_references  # noqa: E402
-from utils import run_cli  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the scripts run from here
 
 WORLDS = ("texture", "demo")
 
@@ -145,7 +144,7 @@ def train_gf(steps: Steps, world: str, data: Path, side: int, init: Path, args: 
 
 def measure(data: Path, side: int, gf: dict, plains: list[dict], args: argparse.Namespace) -> dict:
     """``--eval`` of the GF folder and both plain models on the same val images; the curve redrawn with both."""
-    ns = train_glance_focus.get_args_parser().parse_args([str(flag) for flag in (
+    ns = gf_args_parser().parse_args([str(flag) for flag in (
         "--data-path", data, "--output-dir", gf["folder"], "--glance-size", args.glance_size, "--patch-size",
         args.patch_size, "--focus-resolution", side, "--batch-size", args.gf_batch_size, "--workers", 0, "--device",
         "cpu", "--eval", "--exit-threshold", 0.9)])

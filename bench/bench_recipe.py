@@ -19,11 +19,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from artifacts.run_folder import read_log_records
+from utils import run_cli
 
-from artifacts.run_folder import read_log_records  # noqa: E402
-from utils import run_cli  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the scripts run from here
 
 # name: (artists, images per artist of the first artist, share kept by each later artist: 1.0 = balanced)
 WORLDS = {

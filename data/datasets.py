@@ -15,11 +15,9 @@ from .class_mapping import CLASS_MAPPING_FILE, read_class_mapping
 from .images import IMAGE_EXTENSIONS, load_first_readable, load_image
 from .scan import ScanCache, verify_images
 from .threeaugment import three_augment_transform
+from .transforms import build_inference_transform, eval_data_config
 
 __all__ = ["RobustImageFolder", "TransformConfig", "build_dataset", "build_transform", "dataset_classes"]
-
-EVAL_CROP_PCT = 0.875  # resize the short side to input_size / 0.875 (256 for 224), then center-crop
-
 
 @dataclass(frozen=True)
 class TransformConfig:
@@ -191,8 +189,10 @@ def _keep_posterize_bits(transform: Callable) -> None:
 def build_transform(is_train: bool, cfg: TransformConfig) -> Callable:
     """Training (timm RandAugment pipeline or DeiT-III ThreeAugment) or evaluation transform.
 
-    Evaluation resizes the short side to ``input_size / 0.875`` and center-crops (bicubic), or with ``cfg.squash``
-    resizes straight to ``input_size`` x ``input_size``.
+    Evaluation is inference's preprocessing (:func:`data.transforms.build_inference_transform` of
+    :func:`data.transforms.eval_data_config`, normalised per image), so validation accuracy is measured on the pixels
+    inference sees: resize the short side to ``input_size / 0.875`` and center-crop (bicubic), or with
+    ``cfg.squash`` resize straight to ``input_size`` x ``input_size``.
     """
     if is_train:
         if cfg.three_augment:
@@ -209,6 +209,4 @@ def build_transform(is_train: bool, cfg: TransformConfig) -> Callable:
         )
         _keep_posterize_bits(transform)
         return transform
-    if cfg.squash:
-        return create_transform(cfg.input_size, interpolation="bicubic", crop_pct=1.0, crop_mode="squash")
-    return create_transform(cfg.input_size, interpolation="bicubic", crop_pct=EVAL_CROP_PCT)
+    return build_inference_transform(eval_data_config(cfg.input_size, cfg.squash), normalize=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.onnx_model import OnnxModel
+from inference.onnx_model import OnnxModel, normalize_uint8
 from inference.results import list_images
 from utils import UserError
 
@@ -42,9 +42,7 @@ def calibration_batch(model: OnnxModel, folder: Path, limit: int = 64) -> np.nda
     batches = [batch for _, batch in model.decoded_batches(paths, names, 16, 2, [], False)]
     if not batches:
         raise UserError(f"no readable images in {folder}; --calibration-dir needs a few dozen typical images")
-    mean = np.asarray(model.data_config["mean"], np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(model.data_config["std"], np.float32).reshape(1, 3, 1, 1)
-    return ((np.concatenate(batches).astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+    return normalize_uint8(np.concatenate(batches), model.data_config["mean"], model.data_config["std"])
 
 
 class _Reader:

@@ -7,17 +7,9 @@ import torch
 from torchvision.transforms import functional as TF
 
 from data.datasets import RobustImageFolder
+from data.glance_views import View, make_view, to_tensor
 
-from .crops import View, make_view
-
-__all__ = ["GlanceFocusTransform", "build_gf_dataset", "collate_views", "to_tensor"]
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def to_tensor(image) -> torch.Tensor:
-    """A PIL image as a normalised (C, H, W) float tensor."""
-    return TF.normalize(TF.to_tensor(image), MEAN, STD)
+__all__ = ["GlanceFocusTransform", "build_gf_dataset", "collate_views"]
 
 
 class GlanceFocusTransform:

@@ -6,10 +6,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from inference.early_exit import budget_curve, exit_summary
 from model.glance_focus import GlanceFocus
-
-from .compute import cumulative_gflops, encoder_gflops
-from .early_exit import budget_curve, exit_summary
+from perf.glance_focus import cumulative_gflops, encoder_gflops
 
 __all__ = ["collect_probs", "anytime_accuracy", "evaluate_curve", "plain_reference", "write_curve"]
 

@@ -10,21 +10,65 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from artifacts.checkpoint import load_checkpoint, load_checkpoint_file
 from artifacts.config_file import read_config
+from artifacts.glance_focus_folder import (
+    create_model,
+    init_encoders,
+    load_model_folder,
+    save_model_folder,
+    update_gf_config,
+)
 from artifacts.model_folder import resolve_model_source
 from data.class_mapping import read_class_mapping
 from data.datasets import dataset_classes
+from inference.early_exit import budget_curve, exit_summary, threshold_thresholds
+from inference.glance_focus_predictor import GlanceFocusPredictor
+from perf.glance_focus import cumulative_gflops
 from training.distributed import DistEnv
 from utils import UserError, print_main, resolve_device
 
-from .api import GlanceFocusPredictor
-from .compute import cumulative_gflops
 from .dataset import build_gf_dataset, collate_views
-from .early_exit import budget_curve, exit_summary, threshold_thresholds
 from .evaluate import anytime_accuracy, collect_probs, evaluate_curve, plain_reference, write_curve
-from .folder import create_model, init_encoders, load_model_folder, save_model_folder, update_gf_config
 from .stages import TrainConfig, run_stage
 
-__all__ = ["train", "calibrate", "evaluate", "eval_loader", "plain_references"]
+__all__ = ["get_args_parser", "train", "calibrate", "evaluate", "eval_loader", "plain_references"]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The flags of ``train_glance_focus.py``."""
+    parser = argparse.ArgumentParser("train_glance_focus", description="Train, calibrate and evaluate a "
+                                     "glance-and-focus LSNet (GFNet) that reads high-resolution artwork in crops.")
+    parser.add_argument("--data-path", required=True, help="prepared dataset with train/ and val/")
+    parser.add_argument("--output-dir", required=True, help="run and model folder")
+    parser.add_argument("--model", default="lsnet_t_gf", help="lsnet_t_gf, lsnet_s_gf or lsnet_b_gf")
+    parser.add_argument("--stage", default="all", choices=["1", "2", "3", "all"])
+    parser.add_argument("--glance-size", type=int, default=128, help="side of the whole-image glance")
+    parser.add_argument("--patch-size", type=int, default=96, help="side of each focus crop")
+    parser.add_argument("--focus-resolution", type=int, default=672,
+                        help="short side of the image crops are read from (0: native size)")
+    parser.add_argument("--focus-steps", type=int, default=4, help="focus steps T after the glance")
+    parser.add_argument("--init-from", help="trained artist model folder (or LSNet checkpoint) for both encoders")
+    parser.add_argument("--epochs", type=int, nargs="+", default=[30, 10, 10],
+                        help="epochs of stage 1, 2, 3 (one value: all stages)")
+    parser.add_argument("--batch-size", type=int, default=32, help="per process under torchrun")
+    parser.add_argument("--lr", type=float, default=1e-3, help="stage 1 (stage 3 uses a tenth)")
+    parser.add_argument("--policy-lr", type=float, default=3e-4, help="stage 2 (PPO)")
+    parser.add_argument("--accumulation-steps", type=int, default=1)
+    parser.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
+    parser.add_argument("--workers", type=int, default=2, help="data loading processes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calibrate-budget", action="store_true",
+                        help="store per-step exit thresholds for budgets (found on --calibrate-on) in config.json")
+    parser.add_argument("--calibrate-on", default="train", metavar="SPLIT",
+                        help="folder under --data-path the budget thresholds are found on (default: train; a held-out "
+                             "split such as val or calib when the model has memorised a small train/)")
+    parser.add_argument("--eval", action="store_true", help="evaluate the model folder on val/ (no training)")
+    parser.add_argument("--exit-threshold", type=float, help="with --eval: also report this early-exit rule")
+    parser.add_argument("--reference", help="with --eval: a plain artist model folder measured as reference")
+    parser.add_argument("--reference-sizes", type=int, nargs="+", default=[224, 0],
+                        help="sizes the reference is measured at (0: the full focus resolution)")
+    parser.add_argument("--save-crops", help="with --eval: folder for val images with their crops drawn")
+    return parser
 
 
 def _dataset(args: argparse.Namespace, split: str, classes: list[str]):

@@ -20,7 +20,7 @@ from data.images import ImageLoadError, load_image, to_rgb
 from inference.results import BatchedModel, ImageInput, SkippedImage
 
 if TYPE_CHECKING:  # gfnet (FLOP counting, crops) is imported only when such a folder is loaded
-    from gfnet.api import GFPrediction, GlanceFocusPredictor
+    from inference.glance_focus_predictor import GFPrediction, GlanceFocusPredictor
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ def is_glance_focus_folder(path: str | os.PathLike) -> bool:
 
 
 class GlanceFocusModel(BatchedModel):
-    """:class:`inference.results.BatchedModel` over a :class:`gfnet.api.GlanceFocusPredictor`, image by image."""
+    """:class:`inference.results.BatchedModel` over a
+    :class:`inference.glance_focus_predictor.GlanceFocusPredictor`, image by image."""
 
     def __init__(self, predictor: "GlanceFocusPredictor", folder: Path, options: FocusOptions):
         self.predictor, self.options = predictor, options
@@ -92,6 +93,6 @@ class GlanceFocusModel(BatchedModel):
 def load_glance_focus_model(folder: str | os.PathLike, device: Any = None,
                             options: FocusOptions | None = None) -> GlanceFocusModel:
     """A glance-and-focus model folder ready for :mod:`predictor`'s API."""
-    from gfnet.api import load_glance_focus
+    from inference.glance_focus_predictor import load_glance_focus
 
     return GlanceFocusModel(load_glance_focus(folder, device), Path(folder), options or FocusOptions())

@@ -26,9 +26,10 @@ def build_eval_transform(
 ) -> tuple[Callable[[Image.Image], torch.Tensor], dict[str, Any]]:
     """The eval preprocessing of the model's timm ``pretrained_cfg`` at ``input_size``, and its data config.
 
-    Resize the short side to ``int(input_size / crop_pct)`` (bicubic) and center crop, as one resample, to a uint8
-    tensor; :func:`data.transforms.normalize_batch` with the config's ``mean``/``std`` completes it on whole
-    batches (:meth:`ArtistModel.run_model` does). A ``config.json``'s ``crop_pct``/``crop_mode``/``mean``/``std``/
+    The one evaluation preprocessing (:func:`data.transforms.build_inference_transform`, as training's validation
+    runs it): resize the short side to ``int(input_size / crop_pct)`` (bicubic) and center crop to a uint8 tensor;
+    :func:`data.transforms.normalize_batch` with the config's ``mean``/``std`` completes it on whole batches
+    (:meth:`ArtistModel.run_model` does). A ``config.json``'s ``crop_pct``/``crop_mode``/``mean``/``std``/
     ``interpolation`` override the model's defaults (a model fine-tuned with ``crop_mode="squash"`` is evaluated
     that way).
     """

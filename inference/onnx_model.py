@@ -2,11 +2,11 @@
 
 :class:`OnnxModel` has the API of :class:`inference.artist_model.ArtistModel` (``classify``, ``extract_features``,
 ``predict``, ``run_paths``, ``run_directory``) and returns the same structures. This module imports neither torch nor
-timm: a deployment needs numpy, Pillow and onnxruntime. The preprocessing is the PyTorch eval transform's (resize the
-short side to ``int(size / crop_pct)``, center crop, ``(x / 255 - mean) / std``) on numpy arrays.
+timm: a deployment needs numpy, Pillow and onnxruntime. The preprocessing mirrors :mod:`data.transforms` (the one
+evaluation preprocessing) on numpy arrays: the same resize + center crop (:func:`data.resize.eval_resize_crop`), then
+``(x / 255 - mean) / std`` in float32 with the same operations as :func:`data.transforms.normalize_batch`.
 """
 
-import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -21,25 +21,28 @@ from tqdm import tqdm
 from artifacts.config_file import ONNX_FILE, read_config
 from data.class_mapping import CLASS_MAPPING_FILE, read_class_mapping
 from data.images import ImageLoadError, load_image, to_rgb
-from data.resize import resize_center_crop
+from data.resize import IMAGENET_MEAN, IMAGENET_STD, eval_resize_crop
 from errors import UserError, import_optional
 from inference.results import BatchedModel, ImageInput, SkippedImage
 
 STYLE_OUTPUTS = {"pooled": "features", "texture": "texture"}  # graph output of each style vector (deploy/export_onnx)
-_RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-               "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def eval_preprocess(image: Image.Image, input_size: int, config: dict[str, Any]) -> np.ndarray:
-    """``(3, size, size)`` uint8 array: the eval resize + center crop of ``config`` (``crop_pct``, ``crop_mode``,
-    ``interpolation``), as :func:`inference.loading.build_eval_transform` does it."""
-    crop_pct = float(config.get("crop_pct") or 0.875)
-    scale = math.floor(input_size / crop_pct)
-    scale_size: int | tuple[int, int] = (scale, scale) if config.get("crop_mode") == "squash" else scale
-    resample = _RESAMPLING.get(str(config.get("interpolation", "bicubic")), Image.Resampling.BICUBIC)
-    crop = resize_center_crop(image, scale_size, (input_size, input_size), resample)
+    """``(3, size, size)`` uint8 array: the evaluation resize + center crop of ``config`` (``crop_pct``,
+    ``crop_mode``, ``interpolation``), the pixels :func:`data.transforms.build_inference_transform` gives."""
+    crop = eval_resize_crop(image, (input_size, input_size), config.get("crop_pct"), config.get("crop_mode"),
+                            config.get("interpolation"))
     return np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def normalize_uint8(batch: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A uint8 batch (N, C, H, W) as float32 ``(x / 255 - mean) / std``, as :func:`data.transforms.normalize_batch`
+    computes it."""
+    shape = (1, -1, 1, 1)
+    mean_a = np.asarray(mean, np.float32).reshape(shape)
+    std_a = np.asarray(std, np.float32).reshape(shape)
+    return (batch.astype(np.float32) / np.float32(255) - mean_a) / std_a
 
 
 def _open_session(path: Path, threads: int | None) -> Any:
@@ -103,10 +106,7 @@ class OnnxModel(BatchedModel):
     def run_model(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(logits, style vectors)`` of a uint8 batch from :meth:`transform` (normalised here); the first batch's
         outputs must be finite."""
-        shape = (1, -1, 1, 1)
-        mean = np.asarray(self.data_config["mean"], np.float32).reshape(shape)
-        std = np.asarray(self.data_config["std"], np.float32).reshape(shape)
-        inputs = (batch.astype(np.float32) / 255.0 - mean) / std
+        inputs = normalize_uint8(batch, self.data_config["mean"], self.data_config["std"])
         logits, features = self.session.run(["logits", STYLE_OUTPUTS[self.descriptor]], {self._input.name: inputs})
         if not self._outputs_checked:
             if not (np.isfinite(logits).all() and np.isfinite(features).all()):

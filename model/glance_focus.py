@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.models import register_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.distributions import Normal
 
@@ -20,7 +20,7 @@ from .lsnet import MODEL_ARGS, LSNet
 from .lsnet_artist import ARTIST_MODEL_ARGS
 
 __all__ = ["GlanceFocus", "PatchPolicy", "RecurrentClassifier", "GlanceFocusOutput", "Step", "BACKBONE_ARGS",
-           "crop_patches", "most_activated_centres"]
+           "GF_MODELS", "create_glance_focus", "crop_patches", "most_activated_centres"]
 
 BACKBONE_ARGS = {**MODEL_ARGS, **{k: v for k, v in ARTIST_MODEL_ARGS.items() if "img_size" not in v}}
 POLICIES = ("learned", "sample", "random", "fallback")
@@ -158,7 +158,7 @@ class GlanceFocus(nn.Module):
                                   hidden_dim, std=policy_std)
         self.head_hidden_size = self.num_features = hidden_dim  # the style vector (GRU state)
         self.use_projection = self.distillation = False
-        self.pretrained_cfg = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+        self.pretrained_cfg = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
 
     def encode(self, images: torch.Tensor, is_glance: bool) -> torch.Tensor:
         """The last feature map of the global (glance) or local (crop) encoder."""
@@ -212,26 +212,16 @@ class GlanceFocus(nn.Module):
             stack("log_prob"), stack("entropy"), stack("value"), stack("state"))
 
 
-def _create(backbone: str, pretrained: bool = False, **kwargs) -> GlanceFocus:
-    if pretrained:
-        raise ValueError("glance-and-focus models have no released weights; initialise the encoders with "
-                         "train_glance_focus.py --init-from MODEL_FOLDER")
-    return GlanceFocus(backbone=backbone, **kwargs)
+GF_MODELS = {"lsnet_t_gf": "lsnet_t", "lsnet_s_gf": "lsnet_s", "lsnet_b_gf": "lsnet_b"}  # name -> both encoders
 
 
-@register_model
-def lsnet_t_gf(pretrained: bool = False, **kwargs) -> GlanceFocus:
-    """Glance and focus with two LSNet-T encoders."""
-    return _create("lsnet_t", pretrained, **kwargs)
+def create_glance_focus(model_name: str, num_classes: int = 1000, **kwargs) -> GlanceFocus:
+    """The glance-and-focus model ``model_name`` (a :data:`GF_MODELS` name) with two encoders of its size.
 
-
-@register_model
-def lsnet_s_gf(pretrained: bool = False, **kwargs) -> GlanceFocus:
-    """Glance and focus with two LSNet-S encoders."""
-    return _create("lsnet_s", pretrained, **kwargs)
-
-
-@register_model
-def lsnet_b_gf(pretrained: bool = False, **kwargs) -> GlanceFocus:
-    """Glance and focus with two LSNet-B encoders."""
-    return _create("lsnet_b", pretrained, **kwargs)
+    These names are the project's own, not timm's: the models read an image pair (glance, focus), have no
+    pretrained weights and no ``pretrained_cfg``, so registering them with timm would break timm's model contract.
+    Initialise the encoders with ``train_glance_focus.py --init-from MODEL_FOLDER``.
+    """
+    if model_name not in GF_MODELS:
+        raise ValueError(f"unknown glance-and-focus model {model_name!r}; use one of {', '.join(GF_MODELS)}")
+    return GlanceFocus(num_classes=num_classes, backbone=GF_MODELS[model_name], **kwargs)

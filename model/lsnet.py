@@ -31,9 +31,11 @@ from torch import nn
 from .ska import SKA
 
 __all__ = ["LSNet", "TEXTURE_STAGES", "texture_statistics", "Conv2d_BN", "BN_Linear", "checkpoint_filter_fn",
-           "backbone_filter_fn", "load_pretrained_backbone", "MODEL_ARGS", "HEAD_PREFIXES"]
+           "backbone_filter_fn", "load_pretrained_backbone", "MODEL_ARGS", "CLASSIFIER_PREFIXES", "HEAD_PREFIXES"]
 
-HEAD_PREFIXES = ("head.", "head_dist.", "projection.")  # what a backbone initialisation leaves fresh
+CLASSIFIER_PREFIXES = ("head.", "head_dist.")  # the classifier heads (re-initialised for another class count)
+HEAD_PREFIXES = (*CLASSIFIER_PREFIXES, "projection.")  # what a backbone initialisation leaves fresh
+FIRST_CONV = "patch_embed.0.c"  # the stem's first convolution (timm adapts it to in_chans)
 
 
 class Conv2d_BN(nn.Sequential):
@@ -526,13 +528,20 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None, prefe
 def backbone_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     """:func:`checkpoint_filter_fn` without the heads and projection, checked to hold all of ``model``'s backbone.
 
-    The pretrained filter of the artist models: their heads and projection always start fresh.
+    The pretrained filter of the artist models: their heads and projection always start fresh. The first
+    convolution may have another number of input channels (``in_chans``): timm adapts it after this filter.
     """
     state_dict = {k: v for k, v in checkpoint_filter_fn(state_dict).items() if not k.startswith(HEAD_PREFIXES)}
     own = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
+    first_conv = f"{FIRST_CONV}.weight"
+
+    def fits(key: str) -> bool:
+        theirs, ours = state_dict[key].shape, own[key]
+        return theirs == ours or (key == first_conv and theirs[:1] + theirs[2:] == ours[:1] + ours[2:])
+
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    mismatched = [k for k in own if k in state_dict and state_dict[k].shape != own[k]]
+    mismatched = [k for k in own if k in state_dict and not fits(k)]
     if missing or unexpected or mismatched:
         arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
         raise ValueError(f"the weights are not an LSNet backbone of {arch}: {len(missing)} missing, "
@@ -562,8 +571,9 @@ def load_pretrained_backbone(model: LSNet, path: str | os.PathLike | None = None
     elif not cfg.get("hf_hub_id"):
         raise UserError(f"{arch} has no official pretrained weights; use lsnet_t/s/b(_artist), or --pretrained-path")
     try:
-        load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, filter_fn=backbone_filter_fn,
-                        strict=False)
+        in_chans = model.get_submodule(FIRST_CONV).in_channels
+        load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, in_chans=in_chans,
+                        filter_fn=backbone_filter_fn, strict=False)
     except LocalEntryNotFoundError:
         hub_id = cfg["hf_hub_id"]
         raise UserError(f"the official weights of {arch} are not in the Hugging Face cache and the Hub cannot be "
@@ -581,7 +591,7 @@ def _cfg(**kwargs) -> dict:
     return {
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (4, 4), "crop_pct": 0.875,
         "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.0.c", "classifier": "head.l", "license": "mit",
+        "first_conv": FIRST_CONV, "classifier": "head.l", "license": "mit",
         "paper_ids": "arXiv:2503.23135", "paper_name": "LSNet: See Large, Focus Small", **kwargs,
     }
 

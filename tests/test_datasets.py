@@ -6,6 +6,7 @@ from pathlib import Path
 import imagegen as gen
 import pytest
 import torch
+from PIL import Image
 from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
@@ -142,13 +143,14 @@ def test_train_transform_is_timm_randaugment_with_erasing(tmp_path):
 
 def test_eval_transforms(tmp_path):
     image = load_image(gen.noise_image(tmp_path / "x.png", (50, 40)))
-    resize, crop = build_transform(False, TransformConfig(input_size=224)).transforms[:2]
-    assert resize.size == 256 and resize.interpolation == transforms.InterpolationMode.BICUBIC
-    assert crop.size == (224, 224)
+    resize_crop = build_transform(False, TransformConfig(input_size=224)).transforms[0]  # inference's
+    assert resize_crop.scale_size == 256 and resize_crop.resample == Image.Resampling.BICUBIC
+    assert resize_crop.size == (224, 224)
     evaluation = build_transform(False, TransformConfig(input_size=32))
-    assert evaluation.transforms[0].size == 36 and evaluation(image).shape == (3, 32, 32)
+    assert evaluation.transforms[0].scale_size == 36 and evaluation(image).shape == (3, 32, 32)
+    assert evaluation(image).dtype == torch.float32
     finetune = build_transform(False, TransformConfig(input_size=32, squash=True))
-    assert finetune.transforms[0].size == (32, 32) and finetune(image).shape == (3, 32, 32)
+    assert finetune.transforms[0].scale_size == (32, 32) and finetune(image).shape == (3, 32, 32)
 
 
 def test_three_augment(tmp_path):

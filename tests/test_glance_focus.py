@@ -13,16 +13,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
-import model  # noqa: F401  (registers lsnet_t_gf)
+import model  # noqa: F401  (registers the image models with timm)
 import tests.imagegen as gen
 import train_glance_focus
 from artifacts.checkpoint import save_checkpoint_atomic
+from artifacts.glance_focus_folder import init_encoders
+from data.glance_views import make_view, read_crop, to_original
 from data.images import load_image
-from gfnet.api import load_glance_focus
-from gfnet.compute import cumulative_gflops, encoder_gflops, step_gflops
-from gfnet.crops import make_view, read_crop, to_original
 from gfnet.dataset import build_gf_dataset
-from gfnet.early_exit import (
+from gfnet.stages import TrainConfig, parameter_digest, run_stage
+from inference.early_exit import (
     budget_curve,
     calibrate_thresholds,
     exit_steps,
@@ -30,10 +30,10 @@ from gfnet.early_exit import (
     threshold_thresholds,
     thresholds_for_budget,
 )
-from gfnet.folder import init_encoders
-from gfnet.stages import TrainConfig, parameter_digest, run_stage
-from model.glance_focus import PatchPolicy, crop_patches, most_activated_centres
+from inference.glance_focus_predictor import load_glance_focus
+from model.glance_focus import PatchPolicy, create_glance_focus, crop_patches, most_activated_centres
 from perf.flop_count import count_flops
+from perf.glance_focus import cumulative_gflops, encoder_gflops, step_gflops
 from tools.make_texture_world import make_texture_world, render_image
 from utils import UserError
 
@@ -45,7 +45,7 @@ E2E_PLAIN_MAX, E2E_GF_MIN = 0.55, 0.65
 @pytest.fixture(scope="module")
 def gf():
     torch.manual_seed(0)
-    return timm.create_model("lsnet_t_gf", num_classes=3, glance_size=64, patch_size=32, focus_steps=3).eval()
+    return create_glance_focus("lsnet_t_gf", num_classes=3, glance_size=64, patch_size=32, focus_steps=3).eval()
 
 
 def test_policy_shapes_log_probs_and_entropy():
@@ -311,7 +311,7 @@ def test_native_focus_resolution_trains_and_calibrates_on_images_of_different_si
 def test_inference_script_and_api_read_a_glance_focus_folder(tmp_path, gf):
     """inference_artist.py and load_model_bundle take a glance-and-focus folder: the usual outputs plus, per image,
     the steps used, the crop boxes in original pixels and the GFLOPs; the exit threshold stops early."""
-    from gfnet.folder import save_model_folder
+    from artifacts.glance_focus_folder import save_model_folder
     from inference_artist import get_args_parser, main
     from predictor import FocusOptions, load_model_bundle
 

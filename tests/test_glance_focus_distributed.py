@@ -15,7 +15,7 @@ import torch
 
 import train_glance_focus
 from artifacts.checkpoint import load_checkpoint_file
-from gfnet.folder import create_model
+from artifacts.glance_focus_folder import create_model
 from gfnet.stages import parameter_digest
 from predictor import load_model_bundle
 from tools.make_texture_world import make_texture_world

@@ -15,7 +15,6 @@ from pathlib import Path
 import imagegen as gen
 import numpy as np
 import pytest
-import timm
 import torch
 import urllib3
 from PIL import Image
@@ -25,8 +24,9 @@ import export
 import inference_artist
 import predict_artist_multilabel
 import serve
+from artifacts.glance_focus_folder import save_model_folder
 from data import write_class_mapping
-from gfnet.folder import save_model_folder
+from model import create_glance_focus
 from predictor import ArtistModel, load_model_bundle
 from retrieval.gallery import load_gallery
 from service import Settings, create_app
@@ -344,7 +344,7 @@ def test_a_glance_and_focus_folder_serves_and_builds_galleries(gallery_dir, imag
     """A GF folder is served like its predictor and has a gallery identity (weights file, preprocessing), so
     galleries built with it work in the service."""
     torch.manual_seed(0)
-    net = timm.create_model("lsnet_t_gf", num_classes=3, glance_size=64, patch_size=32, focus_steps=2).eval()
+    net = create_glance_focus("lsnet_t_gf", num_classes=3, glance_size=64, patch_size=32, focus_steps=2).eval()
     save_model_folder(net, "lsnet_t_gf", tmp_path / "gf", CLASSES)
     refs = gallery_dir.parent / "refs"
     build_gallery.main(build_gallery.get_args_parser().parse_args(

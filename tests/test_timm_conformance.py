@@ -22,13 +22,12 @@ from timm.models import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import model  # noqa: F401  (registers the models)
-from model import load_pretrained_backbone
+from model import GF_MODELS, create_glance_focus, load_pretrained_backbone
 from model.lsnet import MODEL_ARGS, BN_Linear
 from model.lsnet_artist import ARTIST_MODEL_ARGS
 from utils import UserError
 
-# Image classifiers and backbones; the glance-and-focus models (*_gf) read an image pair and have their own tests.
-REGISTERED = [name for name in timm.list_models("lsnet*") if not name.endswith("_gf")]
+REGISTERED = timm.list_models("lsnet*")  # image classifiers and backbones only (see test_registry_holds_timm_models)
 QUICK = ["lsnet_t", "lsnet_s_distill", "lsnet_xl_artist_448"]
 NAMES = REGISTERED if os.environ.get("LSNET_CONFORMANCE_ALL") == "1" else QUICK
 ARCH_ARGS = {**MODEL_ARGS, **{f"{n}_distill": a for n, a in MODEL_ARGS.items()}, **ARTIST_MODEL_ARGS}
@@ -53,6 +52,19 @@ def test_quick_selection_covers_every_kind():
     assert set(QUICK) <= set(REGISTERED) and len(REGISTERED) == 12
     kinds = {("distill" in n, "artist" in n) for n in REGISTERED}
     assert kinds == {("distill" in n, "artist" in n) for n in QUICK}
+
+
+def test_registry_holds_timm_models():
+    """Every registered name is a timm image model with a pretrained_cfg; the glance-and-focus models (an image pair
+    in) stay out of timm's registry and are created by the project's own code."""
+    assert not set(GF_MODELS) & set(timm.list_models()) and all(not timm.is_model(name) for name in GF_MODELS)
+    assert all(timm.get_pretrained_cfg(name) is not None for name in REGISTERED)
+    with pytest.raises(RuntimeError, match="Unknown model"):
+        timm.create_model("lsnet_t_gf")
+    net = create_glance_focus("lsnet_t_gf", num_classes=3, glance_size=32, patch_size=32, focus_steps=1)
+    glance, focus = torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 64, 64)
+    with torch.no_grad():
+        assert net.eval()(glance, focus, policy="fallback").logits.shape == (2, 1, 3)
 
 
 def create(name: str, **kwargs) -> torch.nn.Module:
@@ -342,3 +354,19 @@ def test_load_pretrained_backbone_offline_and_from_file(offline_hub, tmp_path):
     torch.save(official_checkpoint("lsnet_s", seed=4), other)
     with pytest.raises(UserError, match="not an LSNet backbone of lsnet_t_artist"):
         load_pretrained_backbone(net, other)
+
+
+def test_artist_pretrained_with_one_input_channel(offline_hub):
+    """timm adapts the first convolution to in_chans after the pretrained filter: the artist models' backbone
+    filter lets that convolution's channel count differ, as the plain models' filter does."""
+    torch.manual_seed(5)
+    checkpoint = timm.create_model("lsnet_t", depth=SHALLOW["lsnet_t"]).state_dict()  # stand-in official weights
+    offline_hub("jameslahm/lsnet_t", {"model": checkpoint})
+    net = timm.create_model("lsnet_t_artist", pretrained=True, in_chans=1, num_classes=5, depth=SHALLOW["lsnet_t"])
+    first = "patch_embed.0.c.weight"
+    assert torch.equal(net.state_dict()[first], checkpoint[first].sum(1, keepdim=True))  # timm's adapt_input_conv
+    assert_backbone_equal(net, {**checkpoint, first: net.state_dict()[first]})
+    assert net(torch.randn(2, 1, 64, 64)).shape == (2, 5)
+    fresh = timm.create_model("lsnet_t_artist", in_chans=1, num_classes=5, depth=SHALLOW["lsnet_t"])
+    load_pretrained_backbone(fresh)  # the project's helper takes the same path
+    assert torch.equal(fresh.state_dict()[first], net.state_dict()[first])

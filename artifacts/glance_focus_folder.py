@@ -4,39 +4,37 @@ import os
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 
 from artifacts.checkpoint import BEST_FILE, guess_architecture, load_checkpoint, read_checkpoint, save_checkpoint_atomic
 from artifacts.config_file import read_config, write_config
 from artifacts.model_folder import build_config, resolve_model_source
 from data.class_mapping import CLASS_MAPPING_FILE, read_class_mapping, write_class_mapping
-from model.glance_focus import BACKBONE_ARGS, GlanceFocus
+from model.glance_focus import BACKBONE_ARGS, GF_MODELS, GlanceFocus, create_glance_focus
+from model.lsnet import HEAD_PREFIXES
+from perf.glance_focus import step_gflops
 from utils import UserError
-
-from .compute import step_gflops
 
 __all__ = ["GF_SETTINGS", "create_model", "init_encoders", "save_model_folder", "load_model_folder",
            "update_gf_config"]
 
 GF_SETTINGS = ("backbone", "local_backbone", "glance_size", "patch_size", "focus_resolution", "focus_steps",
                "hidden_dim")
-HEAD_KEYS = ("head.", "head_dist.", "projection.")
 
 
 def create_model(model_name: str, num_classes: int, **settings: Any) -> GlanceFocus:
-    """A registered glance-and-focus model (e.g. ``lsnet_t_gf``) with the given GF settings."""
-    if not timm.is_model(model_name) or not model_name.endswith("_gf"):
-        raise UserError(f"unknown glance-and-focus model {model_name!r}; use lsnet_t_gf, lsnet_s_gf or lsnet_b_gf")
+    """A glance-and-focus model (``lsnet_t_gf``, ``lsnet_s_gf`` or ``lsnet_b_gf``) with the given GF settings."""
+    if model_name not in GF_MODELS:
+        raise UserError(f"unknown glance-and-focus model {model_name!r}; use {', '.join(GF_MODELS)}")
     settings = {k: v for k, v in settings.items() if v is not None and k != "backbone"}
-    return timm.create_model(model_name, num_classes=num_classes, **settings)
+    return create_glance_focus(model_name, num_classes, **settings)
 
 
 def init_encoders(model: GlanceFocus, folder: str | os.PathLike, log=print) -> str:
     """Initialise both encoders from a trained artist model folder (or LSNet checkpoint); returns its architecture."""
     ckpt = read_checkpoint(resolve_model_source(folder).checkpoint)
     arch = guess_architecture(ckpt.state_dict)
-    backbone = {k: v for k, v in ckpt.state_dict.items() if not k.startswith(HEAD_KEYS)}
+    backbone = {k: v for k, v in ckpt.state_dict.items() if not k.startswith(HEAD_PREFIXES)}
     for name, encoder in (("global", model.global_encoder), ("local", model.local_encoder)):
         own_arch = model.backbone if name == "global" else model.local_backbone
         if arch is None or BACKBONE_ARGS.get(arch) != BACKBONE_ARGS[own_arch]:

@@ -1,20 +1,28 @@
-"""Crop geometry: the glance and focus views of an image, and crop boxes mapped back to original-image pixels.
+"""Glance-and-focus crop geometry: the glance and focus views of an image, and crop boxes mapped back to
+original-image pixels.
 
 The focus image is the upright image (``data.images.load_image`` applies EXIF rotation) resized so its short side is
 ``focus_resolution`` (0: native size). Training and validation take a square ``focus_resolution`` window of it
 (random or centred) so a batch stacks; inference reads the whole, possibly non-square, focus image. The glance is the
-same region squashed to ``glance_size`` x ``glance_size``. Boxes are (x0, y0, x1, y1), x1/y1 exclusive.
+same region squashed to ``glance_size`` x ``glance_size`` by the evaluation preprocessing's resample
+(:func:`data.resize.resize`; ``config.json`` records it as ``crop_mode`` squash at ``crop_pct`` 1). Boxes are
+(x0, y0, x1, y1), x1/y1 exclusive.
 """
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.transforms import functional as TF
 
+from data.resize import resize
+from data.transforms import NormalizeImage
 from model.glance_focus import crop_patches
 
-__all__ = ["View", "make_view", "to_original", "read_crop", "crop_patches"]
+__all__ = ["View", "make_view", "to_tensor", "to_original", "read_crop", "crop_patches"]
 
 
 @dataclass
@@ -46,8 +54,15 @@ def make_view(image: Image.Image, glance_size: int, focus_resolution: int, windo
         else:
             offset = ((focus.width - side) // 2, (focus.height - side) // 2)
         focus = focus.crop((offset[0], offset[1], offset[0] + side, offset[1] + side))
-    glance = focus.resize((glance_size, glance_size), Image.BICUBIC, reducing_gap=3.0)
+    glance = resize(focus, (glance_size, glance_size), Image.Resampling.BICUBIC)
     return View(glance, focus, scale, offset, image.size)
+
+
+def to_tensor(image, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+              std: Sequence[float] = IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """A PIL image as a normalised (C, H, W) float tensor, normalised as the evaluation preprocessing does."""
+    return NormalizeImage(mean, std)(TF.pil_to_tensor(image))
+
 
 
 def to_original(boxes: torch.Tensor, view: View) -> list[list[int]]:

@@ -14,14 +14,12 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+from artifacts.glance_focus_folder import load_model_folder, weights_file
+from data.glance_views import View, make_view, to_original, to_tensor
 from data.images import load_image
+from inference.early_exit import NEVER, threshold_thresholds, thresholds_for_budget
+from perf.glance_focus import cumulative_gflops
 from utils import UserError, resolve_device
-
-from .compute import cumulative_gflops
-from .crops import View, make_view, to_original
-from .dataset import MEAN, STD, to_tensor
-from .early_exit import NEVER, threshold_thresholds, thresholds_for_budget
-from .folder import load_model_folder, weights_file
 
 __all__ = ["GFPrediction", "GlanceFocusPredictor", "load_glance_focus"]
 
@@ -54,7 +52,7 @@ class GlanceFocusPredictor:
         size = int(model.glance_size)
         # The preprocessing of the style vectors (galleries record it): the glance's size and normalisation, and
         # where the crops come from.
-        self.data_config = {"input_size": (3, size, size), "mean": MEAN, "std": STD,
+        self.data_config = {"input_size": (3, size, size), "mean": tuple(config["mean"]), "std": tuple(config["std"]),
                             **{key: self.gf.get(key) for key in ("focus_resolution", "patch_size")}}
 
     def thresholds(self, exit_threshold: float | None = None, budget: float | None = None) -> list[float]:
@@ -81,8 +79,9 @@ class GlanceFocusPredictor:
         """Glance, then focus steps until the exit rule is met (``policy``: ``learned`` or ``fallback``)."""
         thresholds = self.thresholds(exit_threshold, budget)
         view = self.view(image)
-        glance = to_tensor(view.glance)[None].to(self.device)
-        focus = to_tensor(view.focus)[None].to(self.device)
+        mean, std = self.data_config["mean"], self.data_config["std"]
+        glance = to_tensor(view.glance, mean, std)[None].to(self.device)
+        focus = to_tensor(view.focus, mean, std)[None].to(self.device)
         boxes: list[torch.Tensor] = []
         for t, step in enumerate(self.model.iter_steps(glance, focus, policy=policy)):
             if step.box is not None:
