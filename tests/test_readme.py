@@ -26,10 +26,11 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 import export
+from artifacts.glance_focus_folder import save_model_folder
 from artifacts.model_folder import build_export_config
 from data import read_class_mapping, write_class_mapping
 from data.multilabel import read_multilabel_csv
-from gfnet.folder import save_model_folder
+from model.glance_focus import create_glance_focus
 from predictor import load_model_bundle
 from service import create_app, schemas
 
@@ -123,8 +124,9 @@ def script_parser(script: str) -> argparse.ArgumentParser | None:
 @functools.cache
 def project_flags() -> frozenset[str]:
     """Every flag of every script that has a ``get_args_parser()``."""
+    has_parser = re.compile(r"def get_args_parser|import .*\bget_args_parser\b")  # its own, or its package's
     scripts = [p.relative_to(ROOT).as_posix() for pattern in ("*.py", "tools/*.py", "bench/*.py")
-               for p in sorted(ROOT.glob(pattern)) if "def get_args_parser" in read(p)]
+               for p in sorted(ROOT.glob(pattern)) if has_parser.search(read(p))]
     return frozenset(flag for script in scripts for flag in script_parser(script)._option_string_actions)
 
 
@@ -434,7 +436,7 @@ def snippet_folder(tmp_path_factory) -> dict:
     for seed, name in enumerate(["painting.jpg", "other.png", "a.jpg", "b.jpg", "scan.png", "gallery/Alice/1.png",
                                  "gallery/Alice/2.jpg", "gallery/Bob/3.png"]):
         gen.noise_image(root / name, (96, 80), seed=seed)
-    gf = timm.create_model("lsnet_t_gf", num_classes=3, glance_size=64, patch_size=32, focus_steps=2).eval()
+    gf = create_glance_focus("lsnet_t_gf", num_classes=3, glance_size=64, patch_size=32, focus_steps=2).eval()
     save_model_folder(gf, "lsnet_t_gf", root / "runs" / "gf", classes)
     official = {"model": timm.create_model("lsnet_t").state_dict()}
     torch.save(official, root / "lsnet_t.pth")
@@ -504,7 +506,10 @@ def test_curl_commands_match_the_service_routes(snippet_folder):
     curls = [c for c in commands(read(ROOT / "docs" / "service.md")) if c.startswith("curl ")]
     assert len(curls) >= 4
     for command in curls:
-        url = urllib.parse.urlsplit(next(w for w in shlex.split(command) if w.startswith("http")))
-        method = "POST" if " -F " in command else "GET"
-        assert (url.path, method) in routes, command
-        assert set(urllib.parse.parse_qs(url.query)) <= routes[url.path, method], command
+        words = shlex.split(command)
+        url = urllib.parse.urlsplit(next(w for w in words if w.startswith("http")))
+        method = words[words.index("-X") + 1] if "-X" in words else "POST" if {"-F", "-d"} & set(words) else "GET"
+        route = next((key for key in routes if key[1] == method and re.fullmatch(
+            re.sub(r"\\{\w+\\}", "[^/]+", re.escape(key[0])), url.path)), None)
+        assert route is not None, command
+        assert set(urllib.parse.parse_qs(url.query)) <= routes[route], command
