@@ -428,8 +428,9 @@ class _Writer:
         tail = len(stored)
         while tail and stored[tail - 1] is None:
             tail -= 1
-        if 0 < tail < len(stored) and stored[tail - 1]["rows"] < SHARD_ROWS // 2:
-            stored = stored[:tail - 1] + [None] * (len(stored) - tail + 1)  # a small last shard takes the new rows
+        if 1 < tail < len(stored) and stored[tail - 1]["rows"] < SHARD_ROWS // 2:
+            # a small appended shard is rewritten with the new rows (the first shard keeps its name)
+            stored = stored[:tail - 1] + [None] * (len(stored) - tail + 1)
         entries, run, row = [], [], 0
         for part, entry in zip(gallery.parts, stored, strict=True):
             if entry is None:

@@ -101,8 +101,8 @@ def test_add_and_remove_write_only_new_shards_and_equal_a_gallery_built_from_scr
     save_gallery(base, tmp_path / "g")
     before = shard_files(tmp_path / "g")
     assert len(before) == 4 and VECTORS_FILE in before  # 60 rows in shards of 16; the first has the old name
-    extra, names = clustered(2, 20, seed=3)
-    names, paths = [f"new {n}" for n in names], [f"/new/{i}" for i in range(40)]
+    extra, names = clustered(2, 18, seed=3)
+    names, paths = [f"new {n}" for n in names], [f"/new/{i}" for i in range(36)]
     loaded = load_gallery(tmp_path / "g")
     save_gallery(loaded.extended(extra, names, paths), tmp_path / "g")
     after_add = shard_files(tmp_path / "g")
@@ -118,6 +118,14 @@ def test_add_and_remove_write_only_new_shards_and_equal_a_gallery_built_from_scr
     same(reloaded, Gallery(scratch.vectors[keep], [scratch.artists[i] for i in keep],
                            [scratch.paths[i] for i in keep], MODEL))
     assert reloaded.index()[0].ntotal == len(keep)
+    late = clustered(1, 3, seed=4)[0]
+    save_gallery(reloaded.extended(late, ["late"] * 3, ["/l/0", "/l/1", "/l/2"]), tmp_path / "g")
+    after_late = shard_files(tmp_path / "g")  # the 4-row last shard is rewritten with the 3 new rows
+    assert len(after_late) == len(after_remove) and len(set(after_late) - set(after_remove)) == 1
+    reloaded = load_gallery(tmp_path / "g")
+    assert [s["rows"] for s in json.loads((tmp_path / "g" / GALLERY_FILE).read_text())["shards"]][-1] == 7
+    np.testing.assert_allclose(reloaded.vectors[-3:], late, atol=1e-6)
+    assert reloaded.artists[-3:] == ["late"] * 3 and reloaded.index()[0].ntotal == len(keep) + 3
     names_on_disk = {p.name for p in (tmp_path / "g").iterdir()}
     manifest = json.loads((tmp_path / "g" / GALLERY_FILE).read_text())
     named = {manifest["prototypes_file"], manifest["index_file"], GALLERY_FILE}
@@ -125,8 +133,7 @@ def test_add_and_remove_write_only_new_shards_and_equal_a_gallery_built_from_scr
     assert names_on_disk == named - {None} and manifest["version"] == 2
 
 
-def test_version_1_gallery_loads_and_is_converted_on_the_first_write(tmp_path, monkeypatch):
-    monkeypatch.setattr(galleries, "SHARD_ROWS", 64)  # 60 rows: a shard too large to merge with the new rows
+def test_version_1_gallery_loads_and_is_converted_on_the_first_write(tmp_path):
     gallery = make()
     folder = save_gallery(gallery, tmp_path / "g")
     meta = json.loads((folder / GALLERY_FILE).read_text())
