@@ -383,9 +383,14 @@ def save_rows(path: Path, blocks: Iterable[np.ndarray], rows: int, dim: int) -> 
             np.ascontiguousarray(block, np.float32).tofile(f)
 
 
-def _write_json(path: Path, data: Any, indent: int | None = None) -> None:
-    path.write_text(json.dumps(data, ensure_ascii=False, indent=indent) + ("\n" if indent else ""),
-                    encoding="utf-8")
+def _write_json(path: Path, data: Any, by_key: bool = False) -> None:
+    """``data`` as JSON; ``by_key``: one line per top-level key (readable, and fast for long lists)."""
+    if by_key:
+        text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in data.items())
+        text += "\n}\n"
+    else:
+        text = json.dumps(data, ensure_ascii=False)
+    path.write_text(text, encoding="utf-8")
 
 
 class _Writer:
@@ -499,7 +504,7 @@ def _update_in_place(gallery: Gallery, folder: Path) -> None:
     temporary = folder / f".{GALLERY_FILE}.{os.getpid()}.tmp"
     try:
         manifest = writer.manifest(gallery, fresh=False)
-        _write_json(temporary, manifest, indent=2)
+        _write_json(temporary, manifest, by_key=True)
         os.replace(temporary, folder / GALLERY_FILE)
     except BaseException:
         for path in [*writer.written, temporary]:
@@ -522,7 +527,7 @@ def save_gallery(gallery: Gallery, output_dir: str | os.PathLike) -> Path:
         return out
     with _new_folder(out) as tmp:
         manifest = _Writer(tmp, 0).manifest(gallery, fresh=True)
-        _write_json(tmp / GALLERY_FILE, manifest, indent=2)
+        _write_json(tmp / GALLERY_FILE, manifest, by_key=True)
     _attach(gallery, out, manifest)
     return out
 
@@ -579,7 +584,7 @@ def build_from_features(features: str | os.PathLike, artists: list[str], paths: 
                           exact_limit=exact_limit, index_memory_gib=index_memory_gib)
         gallery._stored = shards
         manifest = writer.manifest(gallery, fresh=False)
-        _write_json(tmp / GALLERY_FILE, manifest, indent=2)
+        _write_json(tmp / GALLERY_FILE, manifest, by_key=True)
     _attach(gallery, out, manifest)
     return gallery
 
