@@ -5,10 +5,14 @@
     python tools/build_gallery.py --checkpoint runs/t --images more_refs --output-dir gallery --add
     python tools/build_gallery.py --output-dir gallery --remove "Some Artist"
     python tools/build_gallery.py --checkpoint runs/t --output-dir gallery --calibrate val --target-false-unknown 0.05
+    python tools/build_gallery.py --checkpoint runs/t --features out/features.npy --names out/image_names.txt \
+        --output-dir gallery
 
 ``--images`` holds one folder per artist (any number of images, nested folders allowed). ``--calibrate`` takes
 held-out images of enrolled artists in the same layout and stores the threshold below which a best score means
-"unknown artist", chosen so that ``--target-false-unknown`` of those images would be marked unknown.
+"unknown artist", chosen so that ``--target-false-unknown`` of those images would be marked unknown. ``--features``
+builds a new gallery from saved style vectors (``features.npy`` + ``image_names.txt`` of ``inference_artist.py``,
+names ``artist/...``), read block by block, so millions of vectors need no more memory than their index.
 """
 
 import argparse
@@ -16,16 +20,18 @@ import os
 import shutil
 from pathlib import Path
 
+from artifacts.outputs import read_names
 from artifacts.work_folder import work_folder_for
 from predictor import DESCRIPTORS, ArtistModel, add_runtime_args, load_model_bundle
 from retrieval.gallery import (
     GALLERY_FILE,
     Gallery,
+    build_from_features,
     load_gallery,
     model_identity,
     save_gallery,
 )
-from retrieval.index import EXACT_LIMIT
+from retrieval.index import EXACT_LIMIT, INDEX_MEMORY_GIB
 from retrieval.references import artist_images, artist_of, embed_images
 from utils import UserError, run_cli
 
@@ -36,6 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="architecture (default: recorded with the checkpoint)")
     parser.add_argument("--images", help="reference images: one sub-folder per artist")
     parser.add_argument("--output-dir", required=True, help="the gallery folder (written atomically)")
+    parser.add_argument("--features", metavar="NPY",
+                        help="build a new gallery from these style vectors (features.npy) instead of --images")
+    parser.add_argument("--names", help="with --features: the name of each row, 'artist/...' (image_names.txt)")
     parser.add_argument("--add", action="store_true",
                         help="append the artists/images of --images to the existing gallery (old vectors are kept)")
     parser.add_argument("--remove", action="append", default=[], metavar="ARTIST",
@@ -51,6 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="share of enrolled artists' images allowed to fall below the threshold (default 0.05)")
     parser.add_argument("--exact-limit", type=int, default=EXACT_LIMIT,
                         help=f"exact search up to this many vectors, IVF above (default {EXACT_LIMIT})")
+    parser.add_argument("--index-memory-gib", type=float, default=INDEX_MEMORY_GIB,
+                        help="memory budget of the search index: above it the vectors are compressed (IVF-PQ, "
+                             f"re-ranked exactly from the stored vectors) (default {INDEX_MEMORY_GIB:g})")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run's embedding from its work folder <output-dir>.partial")
@@ -78,7 +90,8 @@ def enroll(gallery: Gallery | None, artist_model: ArtistModel, args: argparse.Na
     new_paths = [paths[name] for name in kept]
     print(f"enrolled {len(kept)} images of {len(set(artists))} artists")
     if gallery is None:
-        return Gallery(vectors, artists, new_paths, model_identity(artist_model), exact_limit=args.exact_limit)
+        return Gallery(vectors, artists, new_paths, model_identity(artist_model), exact_limit=args.exact_limit,
+                       index_memory_gib=args.index_memory_gib)
     return gallery.extended(vectors, artists, new_paths)
 
 
@@ -102,21 +115,44 @@ def calibrate(gallery: Gallery, artist_model: ArtistModel, args: argparse.Namesp
     return gallery
 
 
+def from_features(artist_model: ArtistModel | None, args: argparse.Namespace) -> Gallery:
+    """A new gallery from ``--features`` / ``--names`` (streamed); the model identity is recorded when
+    ``--checkpoint`` is given, else only the vectors' size and style vector."""
+    if not args.names:
+        raise UserError("--features needs --names (the image_names.txt written with it) for the artists")
+    names = read_names(args.names)
+    artists = [artist_of(name, args.names) for name in names]
+    if artist_model is not None:
+        model = model_identity(artist_model)
+    else:
+        model = {"descriptor": args.descriptor or "pooled"}
+        print("note: no --checkpoint: the gallery records only the vectors' size and style vector, so a query "
+              "from another model of that size is not refused")
+    gallery = build_from_features(args.features, artists, names, model, args.output_dir, args.exact_limit,
+                                  args.index_memory_gib)
+    print(f"enrolled {len(names)} vectors of {len(gallery.artist_names)} artists from {args.features}")
+    return gallery
+
+
 def main(args: argparse.Namespace | None = None) -> Gallery:
     args = args if args is not None else get_args_parser().parse_args()
     out = Path(args.output_dir)
     exists = (out / GALLERY_FILE).is_file()
-    if not (args.images or args.remove or args.calibrate):
-        raise UserError("nothing to do: pass --images, --remove or --calibrate")
+    if not (args.images or args.features or args.remove or args.calibrate):
+        raise UserError("nothing to do: pass --images, --features, --remove or --calibrate")
+    if args.features and (args.images or args.add or args.remove or exists):
+        raise UserError("--features builds a new gallery: pass a new --output-dir, without --images, --add or "
+                        "--remove")
     if args.images and exists and not args.add:
         raise UserError(f"{out} already holds a gallery; pass --add to extend it or another --output-dir")
-    if (args.add or args.remove or (args.calibrate and not args.images)) and not exists:
+    if (args.add or args.remove or (args.calibrate and not (args.images or args.features))) and not exists:
         raise UserError(f"{out} holds no gallery to change; build one first with --images")
     gallery = load_gallery(out) if exists else None
     if gallery is not None and args.descriptor not in (None, gallery.descriptor):
         raise UserError(f"{out} holds {gallery.descriptor} style vectors; drop --descriptor {args.descriptor} or "
                         "build a new gallery with it")
-    artist_model = _model(args, "--images/--calibrate") if (args.images or args.calibrate) else None
+    needs_model = args.images or args.calibrate or (args.features and args.checkpoint)
+    artist_model = _model(args, "--images/--calibrate") if needs_model else None
     if gallery is not None and artist_model is not None:
         gallery.check_model(artist_model, str(out))
     elif artist_model is not None:
@@ -125,6 +161,8 @@ def main(args: argparse.Namespace | None = None) -> Gallery:
     for artist in args.remove:
         gallery = gallery.removed(artist)
         print(f"removed {artist}")
+    if args.features:
+        gallery = from_features(artist_model, args)
     if args.images:
         gallery = enroll(gallery, artist_model, args)
     if args.calibrate:

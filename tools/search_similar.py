@@ -7,7 +7,8 @@
 
 The query is an image, a folder of images (with ``--checkpoint``: the gallery's model), or a ``.npy`` of style
 vectors from that model. Scores are cosine similarities of L2-normalised vectors, from the gallery's Faiss index
-(exact for small galleries, IVF above its size limit). ``--output`` ends in ``.json`` or ``.csv``.
+(exact for small galleries, IVF above its size limit, IVF-PQ re-ranked exactly above its memory budget).
+``--output`` ends in ``.json`` or ``.csv``.
 """
 
 import argparse
@@ -73,9 +74,9 @@ def main(args: argparse.Namespace | None = None) -> list[dict[str, Any]]:
         gallery.check_model(artist_model, args.gallery)
     names, queries = load_queries(args.query, artist_model, args.names, batch_size=args.batch_size,
                                   num_workers=args.num_workers)
-    if queries.shape[1] != gallery.vectors.shape[1]:
+    if queries.shape[1] != gallery.dim:
         raise UserError(f"query vectors have {queries.shape[1]} values but gallery {args.gallery} holds "
-                        f"{gallery.vectors.shape[1]}; use vectors from the gallery's model")
+                        f"{gallery.dim}; use vectors from the gallery's model")
     records = nearest_works(gallery, names, queries, args.top_k)
     for record in records:
         if record["rank"] == 1:
