@@ -134,9 +134,11 @@ def test_streamed_outputs_equal_the_in_memory_writers(world):
         json.loads(json.dumps({k: v for k, v in report.items() if k != "results"}))
     for name, entry in report["results"].items():
         got = streamed["results"][name]
-        assert [a["artist"] for a in got["artists"]] == [a["artist"] for a in entry["artists"]]
-        np.testing.assert_allclose([a["score"] for a in got["artists"]], [a["score"] for a in entry["artists"]],
-                                   rtol=1e-6)
+        scores = [a["score"] for a in entry["artists"]]
+        np.testing.assert_allclose([a["score"] for a in got["artists"]], scores, rtol=1e-6)
+        # Batches of another size may order artists whose scores tie to float32 rounding the other way round.
+        ties = {a["artist"]: round(a["score"], 5) for a in entry["artists"]}
+        assert [ties[a["artist"]] for a in got["artists"]] == [round(s, 5) for s in scores], name
 
 
 def test_interrupted_runs_resume_to_the_same_bytes(world, monkeypatch, capsys):
