@@ -16,7 +16,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from errors import import_optional
-from predictor import add_runtime_args, load_model_bundle
+from predictor import add_runtime_args, engine_options, load_model_bundle
 from utils import run_cli
 
 if TYPE_CHECKING:
@@ -72,7 +72,8 @@ def prepare(args: argparse.Namespace) -> tuple["uvicorn.Server", socket.socket]:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, cors_origins=tuple(args.cors_origin), **overrides)
     sock = server.bind(args.host, args.port)  # before loading the model: a busy port fails at once
     try:
-        model = load_model_bundle(args.checkpoint, device=args.device, amp=args.amp, compile=args.compile)
+        model = load_model_bundle(args.checkpoint, device=args.device, amp=args.amp, compile=args.compile,
+                                   **engine_options(args))
         gallery = load_checked_gallery(args.gallery, model) if args.gallery else None
     except BaseException:
         sock.close()
