@@ -12,7 +12,8 @@ A web service or a node in an image-generation UI loads the model once and calls
 :func:`run_batched` is the generic part (decoding with worker threads or processes, batched inference, skipped-file
 tracking, progress bar) that other prediction scripts reuse with their own per-batch computation.
 
-This module is the public facade; the code lives in the :mod:`inference` package (loading, the model, batching) and
+This module is the public facade; the code lives in the :mod:`inference` package (loading, the model, batching),
+:mod:`deploy.engine` (``load_model_bundle``'s ``engine``: PyTorch or onnxruntime on a cached export) and
 in :mod:`artifacts` (the model folder it reads, the output files the scripts write).
 """
 
