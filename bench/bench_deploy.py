@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_serve import load, random_model_folder, start_server
 from PIL import Image
 
 from artifacts.config_file import ONNX_FILE
@@ -37,7 +36,8 @@ from artifacts.model_folder import read_model_spec
 from deploy.engine import CACHE_ENV, cache_key, entry_dir
 from deploy.export_onnx import INPUT_NAME, probe_inputs
 from deploy.quantize import calibration_batch, quantize_int8
-from inference.flags import ENGINE_ENV
+from inference.flags import default_engine
+from inference.onnx_model import IMAGENET_MEAN, IMAGENET_STD
 from inference.threads import usable_cores
 from perf.flop_count import count_flops
 from predictor import ArtistModel, OnnxModel, list_images, load_model_bundle
@@ -102,7 +102,7 @@ def competitor(busy: bool):
 def worker(args: argparse.Namespace) -> None:
     """Time one engine on the model alone (batch 32) in this fresh process; prints images/s."""
     engine = args.worker
-    batch = np.resize(probe_inputs(4, args.input_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    batch = np.resize(probe_inputs(4, args.input_size, IMAGENET_MEAN, IMAGENET_STD),
                       (BATCH, 3, args.input_size, args.input_size)).astype(np.float32)
     if engine.startswith("torch"):
         model = load_model_bundle(args.folder, engine="torch", device="cpu", decode_threads=0)
@@ -199,17 +199,19 @@ def end_to_end_table(folder: Path, tmp: Path, count: int, top: float) -> list[st
 
 
 def service_rows(folder: Path, images: Path, quick: bool) -> list[str]:
-    """serve.py (default engine) under 8 clients vs the same predictor alone, batches of 32."""
+    """serve.py (the default engine) under 8 clients vs the same predictor alone, batches of 32."""
+    from bench_serve import load, start_server  # a sibling script (bench/ is on the path when this one runs)
+
     jpegs = [path.read_bytes() for path in sorted(images.iterdir())[:64]]
     settings = argparse.Namespace(clients=8, requests=64 if quick else 256, max_batch=BATCH, max_wait_ms=10.0,
-                                  torch_threads=None, time_limit_s=300.0)
+                                  torch_threads=None, time_limit_s=300.0, engine=default_engine())
     process, url = start_server(folder, settings)
     try:
         elapsed, latencies, failed = load(url, jpegs, settings)
     finally:
         process.terminate()
         process.wait(timeout=30)
-    model = load_model_bundle(folder, engine=os.environ.get(ENGINE_ENV) or "auto", decode_threads=2)
+    model = load_model_bundle(folder, engine=settings.engine, decode_threads=2)
     paths = [images / name for name in sorted(os.listdir(images))[:settings.requests]]
     model.run_paths(paths[:BATCH], batch_size=BATCH, num_workers=2)  # warm-up
     start = time.perf_counter()
@@ -268,12 +270,14 @@ def main(args: argparse.Namespace | None = None) -> str:
         os.environ[CACHE_ENV] = str(tmp / "cache")  # the engine cache of this run (children inherit it)
         folder = tmp / "model"
         folder.mkdir()
+        from bench_serve import random_model_folder
+
         random_model_folder(folder, args.input_size)
         net = load_model_bundle(folder, engine="torch", device="cpu").model
         macs = float(count_flops(net, (torch.zeros(1, 3, args.input_size, args.input_size),)).total())
         top = ceiling(info, macs)
         load_model_bundle(folder, engine="onnx")  # exported into the cache once
-        calibration = probe_inputs(BATCH, args.input_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        calibration = probe_inputs(8 if args.quick else BATCH, args.input_size, IMAGENET_MEAN, IMAGENET_STD)
         quantize_int8(cached_onnx_file(folder), folder / "int8.onnx", calibration, INPUT_NAME)
         lines = header(info, macs, top) + model_table(info, folder, args, top) + [""]
         lines += end_to_end_table(folder, tmp, 200 if args.quick else 1000, top) + [""]

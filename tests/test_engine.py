@@ -152,3 +152,11 @@ def test_threads_follow_the_affinity_and_the_cgroup_quota(tmp_path, monkeypatch)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert compute_threads() == 3 and onnx_thread_settings(2) == (3, {SPINNING_KEY: "0"})
     assert onnx_thread_settings(0)[1] == {SPINNING_KEY: "1"}
+
+
+def test_lsnet_engine_sets_the_scripts_default(monkeypatch):
+    monkeypatch.setenv("LSNET_ENGINE", "onnx")
+    assert serve.get_args_parser().parse_args(["--checkpoint", "m"]).engine == "onnx"
+    monkeypatch.setenv("LSNET_ENGINE", "tensorrt")
+    with pytest.raises(UserError, match="LSNET_ENGINE='tensorrt' is not an engine"):
+        serve.get_args_parser()
