@@ -81,6 +81,11 @@ def entry_dir(key: dict[str, Any]) -> Path:
 def _export(spec: ModelSpec, key: dict[str, Any], entry: Path) -> None:
     """Export ``spec`` into ``entry`` (verified against PyTorch), written aside and renamed into place."""
     tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write the engine cache {entry.parent} ({err.strerror}); set {CACHE_ENV} to a "
+                        "writable folder") from None
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # its report; failures raise
@@ -106,7 +111,7 @@ def _open_entry(entry: Path, spec: ModelSpec, decode_threads: int | None) -> Onn
         model = OnnxModel(entry / ONNX_FILE, spec.class_names, read_config(entry), None, threads, session_config)
         inputs, expected = read_reference(entry / REFERENCE_FILE)
         outputs = model.session.run(list(expected), {INPUT_NAME: inputs})
-    except (OSError, KeyError, ValueError, UserError) as err:
+    except Exception as err:  # noqa: BLE001  (a missing or damaged file, whatever onnxruntime raises on it)
         raise ValueError(str(err).splitlines()[0][:160] if str(err) else type(err).__name__) from None
     for name, got in zip(expected, outputs, strict=True):
         if np.abs(got - expected[name]).max() > FP32_RTOL * np.abs(expected[name]).max():
