@@ -50,11 +50,16 @@ def env(tmp_path_factory):
         yield write_folder(tmp / "model", seed=0), images
 
 
+@pytest.fixture(scope="module")
+def pytorch(env) -> ArtistModel:
+    return load_model_bundle(env[0], engine="torch")
+
+
 def onnx_entry(folder: Path) -> Path:
     return entry_dir(cache_key(read_model_spec(folder), None))
 
 
-def test_auto_exports_once_then_reuses_the_cache_and_matches_pytorch(env, capsys, tmp_path):
+def test_auto_exports_once_then_reuses_the_cache_and_matches_pytorch(env, pytorch, capsys, tmp_path):
     folder, images = env
     exported = load_model_bundle(folder, engine="auto")
     assert isinstance(exported, OnnxModel) and "engine: exporting" in capsys.readouterr().err
@@ -63,8 +68,7 @@ def test_auto_exports_once_then_reuses_the_cache_and_matches_pytorch(env, capsys
     cached = load_model_bundle(folder, engine="auto", decode_threads=2)
     assert isinstance(cached, OnnxModel) and capsys.readouterr().err == "" and onnx_file.stat().st_mtime_ns == written
     assert cached.session.get_session_options().get_session_config_entry(SPINNING_KEY) == "0"
-    pytorch = load_model_bundle(folder)  # the Python API's default: PyTorch
-    assert isinstance(pytorch, ArtistModel) and isinstance(load_model_bundle(folder, engine="torch"), ArtistModel)
+    assert isinstance(pytorch, ArtistModel) and isinstance(load_model_bundle(folder), ArtistModel)  # API default
     ours, theirs = cached.run_directory(images, "both"), pytorch.run_directory(images, "both")
     assert [c[0]["class_id"] for c in ours.classifications] == [c[0]["class_id"] for c in theirs.classifications]
     assert np.abs(ours.features - theirs.features).max() <= 1e-4 * np.abs(theirs.features).max()
@@ -73,6 +77,7 @@ def test_auto_exports_once_then_reuses_the_cache_and_matches_pytorch(env, capsys
     texture = [model.extract_features([images / "img0.png"]) for model in (cached, pytorch)]
     assert np.abs(texture[0] - texture[1]).max() <= 1e-4 * np.abs(texture[1]).max()
     assert model_identity(cached) == model_identity(pytorch)  # galleries built with either engine serve both
+    pytorch.use_descriptor("pooled")
     # The script's default engine is auto: the cached export, the same classes.
     inference_artist.main(inference_artist.get_args_parser().parse_args(
         ["--checkpoint", str(folder), "--input", str(images), "--output", str(tmp_path / "out")]))
@@ -89,12 +94,11 @@ def test_the_cache_entry_changes_with_the_checkpoint(env, tmp_path):
     assert onnx_entry(folder) == entry_dir(cache_key(read_model_spec(folder), None))  # stable
 
 
-def test_the_service_runs_on_the_cached_onnx_engine(env, capsys):
+def test_the_service_runs_on_the_cached_onnx_engine(env, pytorch, capsys):
     folder, images = env
     load_model_bundle(folder, engine="auto")  # cached (the first test exported it when run alone)
     capsys.readouterr()
     args = serve.get_args_parser().parse_args(["--checkpoint", str(folder), "--port", "0", "--log-level", "warning"])
-    pytorch = load_model_bundle(folder)
     with running(*serve.prepare(args)) as url:
         info = get(f"{url}/v1/model").json()
         classified = post(f"{url}/v1/classify?top_k=2", [upload(images / "img1.png"), upload(images / "img2.png")])
