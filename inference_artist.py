@@ -50,7 +50,7 @@ from artifacts.work_folder import Part, WorkFolder, file_identity, list_identity
 from data import ImageLoadError
 from errors import import_optional
 from inference.results import JoinedPaths, directory_images
-from predictor import DESCRIPTORS, MODES, ArtistModel, FocusOptions, add_runtime_args, load_model_bundle
+from predictor import DESCRIPTORS, MODES, ArtistModel, FocusOptions, add_runtime_args, engine_options, load_model_bundle
 from utils import NumberRange, UserError, run_cli
 
 if TYPE_CHECKING:
@@ -293,7 +293,7 @@ def main(args: argparse.Namespace | None = None) -> dict[str, Any]:
         args.checkpoint, args.model, args.class_csv, device=args.device, input_size=args.input_size,
         num_classes=args.num_classes, feature_dim=args.feature_dim, amp=args.amp,
         require_class_names=args.mode != "cluster" and not args.gallery, compile=args.compile,
-        focus=FocusOptions(args.exit_threshold, args.budget, args.save_crops),
+        focus=FocusOptions(args.exit_threshold, args.budget, args.save_crops), **engine_options(args),
     )
     if args.descriptor is not None:
         artist_model.use_descriptor(args.descriptor)

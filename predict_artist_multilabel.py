@@ -23,7 +23,7 @@ import numpy as np
 
 from artifacts.outputs import finite_results, prepare_output_dir, write_json_file
 from inference.results import select_labels
-from predictor import BatchedModel, SkippedImage, add_runtime_args, list_images, load_model_bundle
+from predictor import BatchedModel, SkippedImage, add_runtime_args, engine_options, list_images, load_model_bundle
 from utils import NumberRange, UserError, run_cli
 
 
@@ -122,7 +122,8 @@ def _check_args(args: argparse.Namespace) -> Path:
 
 def _load(args: argparse.Namespace) -> BatchedModel:
     artist_model = load_model_bundle(args.checkpoint, args.model, args.class_mapping, device=args.device,
-                                     input_size=args.input_size, amp=args.amp, compile=args.compile)
+                                     input_size=args.input_size, amp=args.amp, compile=args.compile,
+                                     **engine_options(args))
     if artist_model.class_names is None:
         raise UserError(f"the label names of {artist_model.checkpoint} are unknown; pass --class-mapping with the "
                         "class_mapping.csv written by train_artist_multilabel.py")

@@ -12,18 +12,20 @@ A web service or a node in an image-generation UI loads the model once and calls
 :func:`run_batched` is the generic part (decoding with worker threads or processes, batched inference, skipped-file
 tracking, progress bar) that other prediction scripts reuse with their own per-batch computation.
 
-This module is the public facade; the code lives in the :mod:`inference` package (loading, the model, batching) and
+This module is the public facade; the code lives in the :mod:`inference` package (loading, the model, batching),
+:mod:`deploy.engine` (``load_model_bundle``'s ``engine``: PyTorch or onnxruntime on a cached export) and
 in :mod:`artifacts` (the model folder it reads, the output files the scripts write).
 """
 
 from artifacts.checkpoint import MODEL_FOLDER_FILES
 from artifacts.config_file import CONFIG_FILE
 from artifacts.model_folder import ModelSource, resolve_model_source
+from deploy.engine import load_model_bundle
 from inference.artist_model import ArtistModel
 from inference.batching import run_batched
-from inference.flags import add_runtime_args
+from inference.flags import add_runtime_args, engine_options
 from inference.glance_focus import FocusOptions, GlanceFocusModel
-from inference.loading import build_eval_transform, load_model_bundle
+from inference.loading import build_eval_transform
 from inference.onnx_model import OnnxModel
 from inference.results import DESCRIPTORS, MODES, BatchedModel, BatchResult, ImageInput, SkippedImage, list_images
 
@@ -43,6 +45,7 @@ __all__ = [
     "SkippedImage",
     "add_runtime_args",
     "build_eval_transform",
+    "engine_options",
     "list_images",
     "load_model_bundle",
     "resolve_model_source",

@@ -18,7 +18,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from errors import import_optional
-from predictor import add_runtime_args
+from predictor import add_runtime_args, engine_options
 from utils import run_cli
 
 if TYPE_CHECKING:
@@ -75,7 +75,8 @@ def prepare(args: argparse.Namespace) -> tuple["uvicorn.Server", socket.socket]:
         max_files=args.max_files, max_queue=args.max_queue, decode_threads=max(1, args.num_workers),
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, cors_origins=tuple(args.cors_origin),
         host=args.host, metrics=args.metrics, **overrides)
-    source = service.Source(args.checkpoint, args.gallery, args.device, args.amp, args.compile)
+    source = service.Source(args.checkpoint, args.gallery, args.device, args.amp, args.compile,
+                            engine_options(args))
     sock = server.bind(args.host, args.port)  # before loading the model: a busy port fails at once
     try:
         model, gallery, _ = source.load()

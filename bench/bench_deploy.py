@@ -1,92 +1,297 @@
-"""Deployment speed on the CPU: onnxruntime fp32 vs PyTorch eager (fused) vs compiled, batch 1 and 32, and int8.
+"""CPU engines, honestly: each engine in its own process, idle and beside one busy process, against the fp32 ceiling.
 
-    python bench/bench_deploy.py                        # lsnet_t_artist at 224, ~5 minutes on a busy 2-core CPU
-    python bench/bench_deploy.py --no-compile --repeats 3
+    python bench/bench_deploy.py               # lsnet_t_artist at 224, 1,000 JPEGs: about 10 minutes on 2 cores
+    python bench/bench_deploy.py --quick       # 200 JPEGs, shorter timings: about 3 minutes
+    python bench/bench_deploy.py --trained demo_run/model --images demo_run/data/val   # + bf16/int8 agreement
 
-Every figure is images/s, median of interleaved repeats in one run on the same inputs (``perf.benchmark``); ratios
-are to PyTorch eager fused at the same batch size. int8 is onnxruntime static QDQ per-channel quantization
-(``export.py --int8``) calibrated on the deterministic probe images, with its top-1 agreement with fp32 on them. The
-model is randomly initialised (weights do not change the speed; the agreement of a trained model is what
-``export.py --int8`` prints on your calibration images).
+Prints, in one run: the machine (CPU, usable cores, ISA flags, clock) and its fp32 ceiling (cores x fp32 FMA/cycle x
+GHz over the model's multiply-adds per image, ``perf.flop_count``); the model alone at batch 32 with each engine
+(PyTorch eager fused fp32, with ``OMP_WAIT_POLICY=PASSIVE``, bf16 autocast where the CPU has bf16; onnxruntime fp32
+with and without spinning, int8 where the CPU has VNNI), each in a fresh process, idle and beside one busy process
+(``python -c "while True: pass"``); ``inference_artist.py`` end to end over a folder of JPEGs (256-512 px) with
+``--engine torch`` and ``auto``, idle and busy (images/s of the whole run, and without start-up: the difference to a
+32-image run); ``serve.py`` under 8 concurrent clients against the same predictor alone with batches of 32. Every
+figure is images/s; "share" is the busy figure over the idle one. The model is randomly initialised (weights do not
+change the speed); ``--trained`` and ``--images`` add the top-1 agreement of bf16 and int8 with fp32 on a trained
+model and your images (the only agreement worth a decision: random logits are near ties).
 """
 
 import argparse
-import copy
-import statistics
+import json
+import os
+import re
+import subprocess
+import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
-import timm
 import torch
+from PIL import Image
 
+from artifacts.config_file import ONNX_FILE
+from artifacts.model_folder import read_model_spec
 from data.resize import IMAGENET_MEAN, IMAGENET_STD
-from deploy.export_onnx import INPUT_NAME, export_onnx, export_ready, probe_inputs
-from deploy.quantize import compare_int8, quantize_int8
-from perf.benchmark import Workload, benchmark
-from utils import compile_for_inference, run_cli
+from data.scan import usable_cpus
+from deploy.engine import CACHE_ENV, cache_key, entry_dir
+from deploy.export_onnx import INPUT_NAME, probe_inputs
+from deploy.quantize import calibration_batch, quantize_int8
+from inference.flags import default_engine
+from perf.flop_count import count_flops
+from predictor import ArtistModel, OnnxModel, list_images, load_model_bundle
+from utils import UserError, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+BATCH = 32
+# Engine variants timed on the model alone: (label, engine, extra environment, CPU flags one of which it needs).
+VARIANTS = (("PyTorch eager fused fp32", "torch", {}, ()),
+            ("PyTorch eager fused fp32, OMP_WAIT_POLICY=PASSIVE", "torch", {"OMP_WAIT_POLICY": "PASSIVE"}, ()),
+            ("PyTorch eager fused bf16 autocast", "torch-bf16", {}, ("avx512_bf16", "amx_bf16")),
+            ("onnxruntime fp32, spinning", "onnx", {}, ()),
+            ("onnxruntime fp32, spinning off", "onnx-nospin", {}, ()),
+            ("onnxruntime int8 (static QDQ)", "onnx-int8", {}, ("avx512_vnni", "avx_vnni", "amx_int8")))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="lsnet_t_artist")
+    parser.add_argument("--quick", action="store_true", help="200 JPEGs and shorter timings (about 3 minutes)")
     parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--num-classes", type=int, default=100)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out torch.compile")
+    parser.add_argument("--images", type=Path, default=None, help="with --trained: images to measure agreement on")
+    parser.add_argument("--trained", type=Path, default=None, help="a trained model folder (bf16/int8 agreement)")
+    parser.add_argument("--ghz", type=float, default=None, help="clock for the ceiling (default: /proc/cpuinfo)")
+    parser.add_argument("--output", type=Path, default=None, help="also write the report (markdown) here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one engine's timing
+    parser.add_argument("--folder", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=8.0, help=argparse.SUPPRESS)
     return parser
 
 
-def workloads(net: torch.nn.Module, session: onnxruntime.InferenceSession, int8: onnxruntime.InferenceSession,
-              batch: np.ndarray, compile: bool) -> list[Workload]:
-    x = torch.from_numpy(batch)
-    n = len(batch)
-    compiled = compile_for_inference(copy.deepcopy(net)) if compile else None  # its own weights (freezing)
-
-    def eager() -> None:
-        with torch.inference_mode():
-            net(x)
-
-    def compiled_run() -> None:
-        with torch.inference_mode():
-            compiled(x)
-
-    items = [Workload(f"PyTorch eager fused, batch {n}", eager, n, memory=False),
-             Workload(f"onnxruntime fp32, batch {n}", lambda: session.run(None, {INPUT_NAME: batch}), n, memory=False),
-             Workload(f"onnxruntime int8, batch {n}", lambda: int8.run(None, {INPUT_NAME: batch}), n, memory=False)]
-    if compiled is not None:
-        items.insert(1, Workload(f"PyTorch compiled, batch {n}", compiled_run, n, memory=False))
-    return items
+def machine(ghz: float | None) -> dict:
+    """CPU model, usable cores, ISA flags, clock and fp32 FMA lanes per cycle per core (2 FMA units assumed)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    field = {key.strip(): value.strip() for key, _, value in
+             (line.partition(":") for line in text.split("\n\n")[0].splitlines())}
+    flags = set(field.get("flags", "").split())
+    named = re.search(r"@\s*([\d.]+)GHz", field.get("model name", ""))
+    clock = ghz or (float(named.group(1)) if named else float(field.get("cpu MHz", 0)) / 1000 or None)
+    lanes = 32 if "avx512f" in flags else 16 if {"avx2", "fma"} <= flags else 8
+    return {"cpu": field.get("model name", "unknown"), "cores": usable_cpus(), "flags": flags, "ghz": clock,
+            "fma_per_cycle": lanes}
 
 
-def main(args: argparse.Namespace | None = None) -> None:
-    args = args if args is not None else get_args_parser().parse_args()
-    torch.manual_seed(0)
-    net = timm.create_model(args.model, num_classes=args.num_classes).eval()
-    wrapper = export_ready(net)
-    net.fuse()
-    size = args.input_size
-    calibration = probe_inputs(32, size, list(IMAGENET_MEAN), list(IMAGENET_STD))
+def ceiling(info: dict, macs: float) -> float:
+    """fp32 images/s if every core ran FMAs on every cycle."""
+    return info["cores"] * info["fma_per_cycle"] * (info["ghz"] or float("nan")) * 1e9 / macs
+
+
+@contextmanager
+def competitor(busy: bool):
+    """One busy process beside the measured one (or nothing)."""
+    process = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        yield
+    finally:
+        if process is not None:
+            process.kill()
+            process.wait()
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Time one engine on the model alone (batch 32) in this fresh process; prints images/s."""
+    engine = args.worker
+    batch = np.resize(probe_inputs(4, args.input_size, IMAGENET_MEAN, IMAGENET_STD),
+                      (BATCH, 3, args.input_size, args.input_size)).astype(np.float32)
+    if engine.startswith("torch"):
+        model = load_model_bundle(args.folder, engine="torch", device="cpu", decode_threads=0)
+        x = torch.from_numpy(batch)
+
+        def step() -> None:
+            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=engine == "torch-bf16"):
+                model.model(x)
+    else:
+        path = args.folder / "int8.onnx" if engine == "onnx-int8" else None
+        model = load_model_bundle(args.folder, engine="onnx", decode_threads=1 if engine == "onnx-nospin" else 0)
+        session = model.session
+        if path is not None:
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def step() -> None:
+            session.run(None, {INPUT_NAME: batch})
+    for _ in range(2):
+        step()
+    start, count = time.perf_counter(), 0
+    while time.perf_counter() - start < args.seconds:
+        step()
+        count += BATCH
+    print(json.dumps({"images_per_s": count / (time.perf_counter() - start)}))
+
+
+def run_worker(engine: str, env: dict, folder: Path, args: argparse.Namespace, busy: bool) -> float:
+    command = [sys.executable, __file__, "--worker", engine, "--folder", str(folder), "--input-size",
+               str(args.input_size), "--seconds", str(3.0 if args.quick else 8.0)]
+    with competitor(busy):
+        proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    if proc.returncode != 0:
+        raise UserError(f"the {engine} worker failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["images_per_s"]
+
+
+def model_table(info: dict, folder: Path, args: argparse.Namespace, top: float) -> list[str]:
+    rows = ["| engine (model alone, batch 32) | idle | busy | share | idle / ceiling |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for label, engine, env, needs in VARIANTS:
+        if needs and not info["flags"] & set(needs):
+            rows.append(f"| {label} | (no {'/'.join(needs)}) | | | |")
+            continue
+        idle, busy = (run_worker(engine, env, folder, args, b) for b in (False, True))
+        rows.append(f"| {label} | {idle:.1f} | {busy:.1f} | {busy / idle:.2f} | {idle / top:.2f} |")
+    return rows
+
+
+def make_jpegs(folder: Path, count: int) -> Path:
+    """``count`` JPEGs of 256-512 px sides: smooth colour fields with noise (decode cost of photographs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        h, w = rng.integers(256, 513, 2)
+        base = np.linspace(0, 255, w)[None, :, None] * rng.random(3) + np.linspace(0, 255, h)[:, None, None] * 0.5
+        pixels = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i:04d}.jpg", quality=90)
+    return folder
+
+
+def inference_seconds(folder: Path, images: Path, engine: str, output: Path, busy: bool) -> float:
+    command = [sys.executable, "inference_artist.py", "--checkpoint", str(folder), "--input", str(images),
+               "--output", str(output), "--engine", engine, "--device", "cpu"]
+    with competitor(busy):
+        start = time.perf_counter()
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise UserError(f"inference_artist.py --engine {engine} failed: {proc.stderr.strip()[-300:]}")
+    return seconds
+
+
+def end_to_end_table(folder: Path, tmp: Path, count: int, top: float) -> list[str]:
+    images, small = make_jpegs(tmp / "jpegs", count), tmp / "jpegs_32"
+    small.mkdir()
+    for name in sorted(os.listdir(images))[:32]:
+        os.link(images / name, small / name)
+    start = time.perf_counter()
+    inference_seconds(folder, small, "auto", tmp / "warm", False)  # exports into the cache once
+    rows = [f"First `--engine auto` run (exports the model into the cache): {time.perf_counter() - start:.1f} s.", "",
+            f"| inference_artist.py, {count} JPEGs | whole run | without start-up | busy: whole run | "
+            "busy: without start-up | share | idle / ceiling |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for engine in ("torch", "auto"):
+        speeds = []
+        for busy in (False, True):
+            full = inference_seconds(folder, images, engine, tmp / f"out_{engine}", busy)
+            base = inference_seconds(folder, small, engine, tmp / f"out_{engine}_32", busy)
+            speeds += [count / full, (count - 32) / (full - base) if full > base else float("nan")]  # nan: noise
+        rows.append(f"| --engine {engine} | {speeds[0]:.1f} | {speeds[1]:.1f} | {speeds[2]:.1f} | {speeds[3]:.1f} | "
+                    f"{speeds[3] / speeds[1]:.2f} | {speeds[1] / top:.2f} |")
+    return rows
+
+
+def service_rows(folder: Path, images: Path, quick: bool) -> list[str]:
+    """serve.py (the default engine) under 8 clients vs the same predictor alone, batches of 32."""
+    from bench_serve import load, start_server  # a sibling script (bench/ is on the path when this one runs)
+
+    jpegs = [path.read_bytes() for path in sorted(images.iterdir())[:64]]
+    settings = argparse.Namespace(clients=8, requests=64 if quick else 256, max_batch=BATCH, max_wait_ms=10.0,
+                                  torch_threads=None, time_limit_s=300.0, engine=default_engine())
+    process, url = start_server(folder, settings)
+    try:
+        elapsed, latencies, failed = load(url, jpegs, settings)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    model = load_model_bundle(folder, engine=settings.engine, decode_threads=2)
+    paths = [images / name for name in sorted(os.listdir(images))[:settings.requests]]
+    model.run_paths(paths[:BATCH], batch_size=BATCH, num_workers=2)  # warm-up
+    start = time.perf_counter()
+    model.run_paths(paths, batch_size=BATCH, num_workers=2)
+    alone = len(paths) / (time.perf_counter() - start)
+    served = len(latencies) / elapsed
+    return [f"| serve.py ({type(model).__name__}), 8 clients, one image per request | {served:.1f} | "
+            f"{served / alone:.2f} | {failed} failed |",
+            f"| the same predictor alone, batches of {BATCH}, 2 decode threads | {alone:.1f} | 1.00 | |"]
+
+
+def cached_onnx_file(folder: Path) -> Path:
+    """The ``model.onnx`` of ``folder``'s entry in the engine cache."""
+    return entry_dir(cache_key(read_model_spec(folder), None)) / ONNX_FILE
+
+
+def agreement_rows(trained: Path, images: Path) -> list[str]:
+    """Top-1 agreement with fp32 of PyTorch bf16 and onnxruntime int8 on a trained model and ``images``."""
+    paths = [images / name for name in list_images(images)]
+    fp32 = load_model_bundle(trained, engine="torch", device="cpu")
+    bf16 = load_model_bundle(trained, engine="torch", device="cpu", amp=True)
+    onnx = load_model_bundle(trained, engine="onnx")
+    assert isinstance(fp32, ArtistModel) and isinstance(onnx, OnnxModel)
+    top1 = {label: np.array([c[0]["class_id"] for c in m.run_paths(paths, num_workers=2).classifications])
+            for label, m in (("fp32", fp32), ("bf16", bf16), ("onnx", onnx))}
     with tempfile.TemporaryDirectory() as tmp:
-        fp32_path, int8_path = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
-        export_onnx(wrapper, fp32_path, size, 18, dynamic_size=False)
-        quantize_int8(fp32_path, int8_path, calibration, INPUT_NAME)
-        session = onnxruntime.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-        int8 = onnxruntime.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
-        print("| workload | images/s (median) | vs eager fused |\n| --- | ---: | ---: |")
-        for batch_size in args.batch_sizes:
-            batch = np.ascontiguousarray(np.resize(calibration, (batch_size, 3, size, size)))
-            results = benchmark(workloads(net, session, int8, batch, args.compile), torch.device("cpu"),
-                                repeats=args.repeats, warmup=2)
-            base = statistics.median(results[0].images_per_s)
-            for result in results:
-                speed = statistics.median(result.images_per_s)
-                print(f"| {result.label} | {speed:.1f} | {speed / base:.2f}x |")
-        print(f"\n{compare_int8(session, int8, INPUT_NAME, calibration).line()}")
-    print(f"\n{args.model} at {size} px, {args.num_classes} classes, torch {torch.__version__}, onnxruntime "
-          f"{onnxruntime.__version__}, {torch.get_num_threads()} threads")
+        int8_path = Path(tmp) / "int8.onnx"
+        quantize_int8(cached_onnx_file(trained), int8_path, calibration_batch(onnx, images), INPUT_NAME)
+        int8 = OnnxModel(int8_path, onnx.class_names, onnx.config)
+        top1["int8"] = np.array([c[0]["class_id"] for c in int8.run_paths(paths, num_workers=2).classifications])
+    return [f"| {label} vs fp32 | {float((top1[label] == top1['fp32']).mean()):.1%} |" for label in
+            ("bf16", "onnx", "int8")]
+
+
+def header(info: dict, macs: float, top: float) -> list[str]:
+    flags = ", ".join(flag for flag in ISA_FLAGS if flag in info["flags"]) or "none of " + ", ".join(ISA_FLAGS)
+    import onnxruntime
+
+    return [f"# CPU engines: lsnet_t_artist, batch {BATCH}", "",
+            f"- CPU: {info['cpu']}, {info['cores']} usable cores, {info['ghz']} GHz; ISA: {flags}",
+            f"- fp32 ceiling: {info['cores']} cores x {info['fma_per_cycle']} FMA/cycle x {info['ghz']} GHz / "
+            f"{macs / 1e9:.3f} GMAC per image = {top:.0f} images/s",
+            f"- torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; load average at the start "
+            f"{os.getloadavg()[0]:.1f} (an idle machine reads about 0)", ""]
+
+
+def main(args: argparse.Namespace | None = None) -> str:
+    args = args if args is not None else get_args_parser().parse_args()
+    if args.worker:
+        return worker(args)
+    if (args.trained is None) != (args.images is None):
+        raise UserError("--trained and --images go together: a trained model folder and images to compare on")
+    info = machine(args.ghz)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        os.environ[CACHE_ENV] = str(tmp / "cache")  # the engine cache of this run (children inherit it)
+        folder = tmp / "model"
+        folder.mkdir()
+        from bench_serve import random_model_folder
+
+        random_model_folder(folder, args.input_size)
+        net = load_model_bundle(folder, engine="torch", device="cpu").model
+        macs = float(count_flops(net, (torch.zeros(1, 3, args.input_size, args.input_size),)).total())
+        top = ceiling(info, macs)
+        load_model_bundle(folder, engine="onnx")  # exported into the cache once
+        calibration = probe_inputs(8 if args.quick else BATCH, args.input_size, IMAGENET_MEAN, IMAGENET_STD)
+        quantize_int8(cached_onnx_file(folder), folder / "int8.onnx", calibration, INPUT_NAME)
+        lines = header(info, macs, top) + model_table(info, folder, args, top) + [""]
+        lines += end_to_end_table(folder, tmp, 200 if args.quick else 1000, top) + [""]
+        lines += ["| service | images/s | vs alone | |", "| --- | ---: | ---: | --- |"]
+        lines += service_rows(folder, tmp / "jpegs", args.quick)
+        if args.trained is not None:
+            lines += ["", "| trained model, your images | top-1 agreement |", "| --- | ---: |"]
+            lines += agreement_rows(args.trained, args.images)
+    lines += ["", f"load average at the end {os.getloadavg()[0]:.1f}"]
+    report = "\n".join(lines)
+    print(report)
+    if args.output:
+        args.output.write_text(report + "\n", encoding="utf-8")
+    return report
 
 
 if __name__ == "__main__":

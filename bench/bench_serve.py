@@ -32,6 +32,7 @@ from PIL import Image
 
 import model  # noqa: F401  (registers the models)
 from data.class_mapping import write_class_mapping
+from inference.flags import ENGINES, default_engine
 from predictor import load_model_bundle
 from tools import build_gallery
 from utils import UserError, run_cli
@@ -49,6 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=256, help="side of the generated JPEGs (default: 256)")
     parser.add_argument("--max-batch", type=int, default=32, help="serve.py --max-batch (default: 32)")
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="serve.py --max-wait-ms (default: 10)")
+    parser.add_argument("--engine", choices=ENGINES, default=default_engine(),
+                        help="serve.py --engine and the direct runs' engine (default: auto, or $LSNET_ENGINE)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch threads of the server and of the direct runs (default: torch's, one per core)")
     parser.add_argument("--time-limit-s", type=float, default=300.0, help="stop sending after this (default: 300)")
@@ -101,11 +104,14 @@ def start_server(checkpoint: Path, args: argparse.Namespace, gallery: Path | Non
     process = subprocess.Popen(
         [sys.executable, "serve.py", "--checkpoint", str(checkpoint), "--port", "0", "--log-level", "warning",
          "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-         "--max-queue", str(max(64, 2 * args.clients))] + (["--gallery", str(gallery)] if gallery else []),
+         "--max-queue", str(max(64, 2 * args.clients)), "--engine", args.engine]
+        + (["--gallery", str(gallery)] if gallery else []),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     watchdog = threading.Timer(300, process.kill)
     watchdog.start()
     line = process.stdout.readline()
+    while line.startswith(("engine: ", "notice: ")):  # the first --engine auto run exports the model
+        line = process.stdout.readline()
     watchdog.cancel()
     if " on http://" not in line:
         process.kill()
@@ -160,7 +166,7 @@ def load(url: str, jpegs: list[bytes], args: argparse.Namespace) -> tuple[float,
 
 def direct(checkpoint: Path, jpegs: list[bytes], args: argparse.Namespace) -> tuple[float, float]:
     """Images/s through the predictor in this process: one image per call, and batches of --max-batch."""
-    artist_model = load_model_bundle(checkpoint, device="cpu")
+    artist_model = load_model_bundle(checkpoint, device="cpu", engine=args.engine, decode_threads=2)
     files = [io.BytesIO(jpegs[i % len(jpegs)]) for i in range(args.requests)]
     artist_model.classify(files[:4])  # warm-up
     for f in files:

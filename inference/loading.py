@@ -18,6 +18,7 @@ from inference.artist_model import ArtistModel
 from inference.glance_focus import FocusOptions, is_glance_focus_folder, load_glance_focus_model
 from inference.onnx_model import load_onnx_model
 from inference.results import BatchedModel
+from inference.threads import compute_threads, onnx_thread_settings
 from utils import UserError, resolve_device
 
 
@@ -53,6 +54,7 @@ def load_model_bundle(
     require_class_names: bool = False,
     compile: bool = False,
     focus: FocusOptions | None = None,
+    decode_threads: int | None = None,
 ) -> BatchedModel:
     """Load an artist model (checkpoint file or model folder) ready for inference: eval mode, BN fused.
 
@@ -74,19 +76,24 @@ def load_model_bundle(
         amp: autocast (float16 on CUDA, bfloat16 on CPU).
         require_class_names: fail early (before reading the weights) when no class mapping is available.
         compile: run the model through :func:`utils.compile_for_inference` (the first batch compiles it).
+        decode_threads: image-decoding threads the caller runs beside the model: with it, a CPU model's threads
+            are sized by :mod:`inference.threads` (None: the runtimes' defaults).
 
     Raises:
         UserError: missing files, unknown or wrong architecture, or class count / feature size disagreements.
     """
     location = resolve_hub_path(checkpoint)
     if (location / ONNX_FILE).is_file():
-        return load_onnx_model(location, class_csv, input_size, require_class_names)
+        threads = onnx_thread_settings(decode_threads) if decode_threads is not None else (None, None)
+        return load_onnx_model(location, class_csv, input_size, require_class_names, *threads)
     if is_glance_focus_folder(location):
         return load_glance_focus_model(location, device, focus)
     if focus is not None and focus != FocusOptions():
         raise UserError(f"{checkpoint} is not a glance-and-focus model: --exit-threshold, --budget and --save-crops "
                         "apply to folders written by train_glance_focus.py")
     device = resolve_device(device)
+    if decode_threads is not None and device.type == "cpu":
+        torch.set_num_threads(compute_threads())
     spec = read_model_spec(location, class_csv, model_name=model_name, num_classes=num_classes,
                            feature_dim=feature_dim, require_class_names=require_class_names)
     net = reparameterize_model(spec.build().eval(), inplace=True).to(device)

@@ -45,11 +45,15 @@ def normalize_uint8(batch: np.ndarray, mean: Sequence[float], std: Sequence[floa
     return (batch.astype(np.float32) / np.float32(255) - mean_a) / std_a
 
 
-def _open_session(path: Path, threads: int | None) -> Any:
+def _open_session(path: Path, threads: int | None, session_config: dict[str, str] | None = None) -> Any:
+    """An onnxruntime CPU session; ``threads`` and ``session_config`` (e.g. spinning) come from
+    :func:`inference.threads.onnx_thread_settings`."""
     ort = import_optional("onnxruntime", "requirements-deploy.txt", f"the ONNX model {path}")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    for key, value in (session_config or {}).items():
+        options.add_session_config_entry(key, value)
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types for unreadable or invalid models
@@ -62,12 +66,13 @@ class OnnxModel(BatchedModel):
     :func:`inference.loading.load_model_bundle`, which detects ``model.onnx``)."""
 
     def __init__(self, path: Path, class_names: list[str] | None, config: dict[str, Any],
-                 input_size: int | None = None, threads: int | None = None):
+                 input_size: int | None = None, threads: int | None = None,
+                 session_config: dict[str, str] | None = None):
         self.checkpoint = path
         self.class_names = class_names
         self.config = config
         self.model_name = config.get("model")
-        self.session = _open_session(path, threads)
+        self.session = _open_session(path, threads, session_config)
         self._input = self.session.get_inputs()[0]
         exported = self._input.shape[-1]
         size = input_size or config.get("input_size") or exported
@@ -162,8 +167,9 @@ class OnnxModel(BatchedModel):
 
 def load_onnx_model(folder: str | os.PathLike, class_csv: str | os.PathLike | None = None,
                     input_size: int | None = None, require_class_names: bool = False,
-                    threads: int | None = None) -> OnnxModel:
-    """An exported model folder (``model.onnx`` + ``config.json`` + ``class_mapping.csv``) ready for inference."""
+                    threads: int | None = None, session_config: dict[str, str] | None = None) -> OnnxModel:
+    """An exported model folder (``model.onnx`` + ``config.json`` + ``class_mapping.csv``) ready for inference;
+    ``threads`` and ``session_config`` set up its onnxruntime session (:mod:`inference.threads`)."""
     folder = Path(folder)
     path = folder / ONNX_FILE
     if not path.is_file():
@@ -175,4 +181,4 @@ def load_onnx_model(folder: str | os.PathLike, class_csv: str | os.PathLike | No
     if class_names is None and require_class_names:
         raise UserError(f"classification needs the class names of {path}; pass --class-csv with its "
                         f"{CLASS_MAPPING_FILE}")
-    return OnnxModel(path, class_names, config, input_size, threads)
+    return OnnxModel(path, class_names, config, input_size, threads, session_config)

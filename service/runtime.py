@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -40,10 +40,12 @@ class Source:
     device: str | None = None
     amp: bool = False
     compile: bool = False
+    engine: dict[str, Any] = field(default_factory=dict)  # load_model_bundle's engine options (--engine)
 
     def load(self) -> tuple[BatchedModel, Gallery | None, GalleryStore | None]:
         """The model, and the gallery (checked against it) with its store; a problem is a UserError."""
-        model = load_model_bundle(self.checkpoint, device=self.device, amp=self.amp, compile=self.compile)
+        model = load_model_bundle(self.checkpoint, device=self.device, amp=self.amp, compile=self.compile,
+                                  **self.engine)
         if self.gallery is None:
             return model, None, None
         store = GalleryStore(self.gallery)

@@ -49,7 +49,10 @@ def _free_module_disk(request, tmp_path_factory):
 
 def pytest_configure(config):
     """Under pytest-xdist (``make test`` runs two workers on two cores) each worker and the scripts it starts use
-    one thread, so the workers do not fight over the cores."""
+    one thread, so the workers do not fight over the cores. Scripts run their models with PyTorch
+    (``--engine``'s default from ``LSNET_ENGINE``): ``auto`` would export every test's model to ONNX once, seconds
+    per model; tests/test_engine.py tests the engines."""
+    os.environ["LSNET_ENGINE"] = "torch"
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from artifacts.outputs import read_names
 from artifacts.work_folder import work_folder_for
-from predictor import DESCRIPTORS, ArtistModel, add_runtime_args, load_model_bundle
+from predictor import DESCRIPTORS, ArtistModel, add_runtime_args, engine_options, load_model_bundle
 from retrieval.gallery import (
     GALLERY_FILE,
     Gallery,
@@ -72,7 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _model(args: argparse.Namespace, needed_for: str) -> ArtistModel:
     if not args.checkpoint:
         raise UserError(f"{needed_for} needs the model: pass --checkpoint")
-    return load_model_bundle(args.checkpoint, args.model, device=args.device)
+    return load_model_bundle(args.checkpoint, args.model, device=args.device, **engine_options(args))
 
 
 def enroll(gallery: Gallery | None, artist_model: ArtistModel, args: argparse.Namespace) -> Gallery:

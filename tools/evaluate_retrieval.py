@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.outputs import load_features
-from predictor import add_runtime_args, load_model_bundle
+from predictor import add_runtime_args, engine_options, load_model_bundle
 from retrieval.gallery import load_gallery
 from retrieval.metrics import identification_metrics, retrieval_metrics
 from retrieval.references import artist_images, artist_of, embed_images
@@ -50,7 +50,7 @@ def evaluate_gallery(args: argparse.Namespace) -> dict[str, Any]:
     if not (args.queries and args.checkpoint):
         raise UserError("--gallery needs --queries (images, one sub-folder per artist) and --checkpoint")
     gallery = load_gallery(args.gallery)
-    artist_model = load_model_bundle(args.checkpoint, device=args.device)
+    artist_model = load_model_bundle(args.checkpoint, device=args.device, **engine_options(args))
     gallery.check_model(artist_model, args.gallery)
     kept, vectors = embed_images(artist_model, args.queries, artist_images(args.queries), args.batch_size,
                                  args.num_workers)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from analysis.clustering import ClusterResult, cluster_features, write_cluster_outputs
 from artifacts.outputs import load_features
-from predictor import DESCRIPTORS, add_runtime_args, load_model_bundle
+from predictor import DESCRIPTORS, add_runtime_args, engine_options, load_model_bundle
 from utils import UserError, run_cli
 
 
@@ -67,7 +67,8 @@ def main(args: argparse.Namespace | None = None) -> ClusterResult:
             raise UserError("--images-dir needs --checkpoint (a checkpoint file or model folder) to extract features")
         if not Path(args.images_dir).is_dir():
             raise UserError(f"--images-dir {args.images_dir} is not a directory; pass the folder of images")
-        artist_model = load_model_bundle(args.checkpoint, args.model, device=args.device, input_size=args.input_size)
+        artist_model = load_model_bundle(args.checkpoint, args.model, device=args.device, input_size=args.input_size,
+                                         **engine_options(args))
         artist_model.use_descriptor(args.descriptor)
         batch = artist_model.run_directory(args.images_dir, "cluster", recursive=args.recursive,
                                            batch_size=args.batch_size, num_workers=args.num_workers, progress=True)

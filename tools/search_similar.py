@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from predictor import add_runtime_args, load_model_bundle
+from predictor import add_runtime_args, engine_options, load_model_bundle
 from retrieval.gallery import Gallery, load_gallery
 from retrieval.index import search
 from retrieval.references import load_queries
@@ -70,7 +70,7 @@ def main(args: argparse.Namespace | None = None) -> list[dict[str, Any]]:
     gallery = load_gallery(args.gallery)
     artist_model = None
     if args.checkpoint:
-        artist_model = load_model_bundle(args.checkpoint, device=args.device)
+        artist_model = load_model_bundle(args.checkpoint, device=args.device, **engine_options(args))
         gallery.check_model(artist_model, args.gallery)
     names, queries = load_queries(args.query, artist_model, args.names, batch_size=args.batch_size,
                                   num_workers=args.num_workers)

@@ -1,0 +1,159 @@
+"""The engine choice (deploy/engine.py): auto runs onnxruntime on a cached, verified export; the thread policy."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imagegen as gen
+import numpy as np
+import pytest
+import torch
+from test_inference import make_model
+from test_serve import get, post, running, upload
+
+import inference_artist
+import serve
+from artifacts.model_folder import read_model_spec
+from data import write_class_mapping
+from deploy.engine import cache_key, entry_dir
+from inference.threads import SPINNING_KEY, compute_threads, onnx_thread_settings
+from predictor import ArtistModel, OnnxModel, load_model_bundle
+from retrieval.gallery import model_identity
+from service.engine import file_version
+from utils import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["alice", "bob", "carol", "dave"]
+
+
+def write_folder(folder: Path, seed: int) -> Path:
+    folder.mkdir(parents=True)
+    net = make_model(num_classes=len(CLASSES), feature_dim=16, seed=seed)
+    torch.save({"model": net.state_dict()}, folder / "model_best.pth")
+    write_class_mapping(folder / "class_mapping.csv", CLASSES)
+    (folder / "config.json").write_text(json.dumps({"model": "lsnet_t_artist", "input_size": 64}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A model folder, images, and an engine cache of this module's own (LSNET_CACHE); scripts default to auto."""
+    tmp = tmp_path_factory.mktemp("engine")
+    images = tmp / "images"
+    for i, size in enumerate([(90, 70), (70, 90), (120, 60), (64, 64), (80, 100)]):
+        gen.noise_image(images / f"img{i}.png", size, seed=i)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LSNET_CACHE", str(tmp / "cache"))
+        patch.delenv("LSNET_ENGINE")
+        yield write_folder(tmp / "model", seed=0), images
+
+
+@pytest.fixture(scope="module")
+def pytorch(env) -> ArtistModel:
+    return load_model_bundle(env[0], engine="torch")
+
+
+def onnx_entry(folder: Path) -> Path:
+    return entry_dir(cache_key(read_model_spec(folder), None))
+
+
+def test_auto_exports_once_then_reuses_the_cache_and_matches_pytorch(env, pytorch, capsys, tmp_path):
+    folder, images = env
+    exported = load_model_bundle(folder, engine="auto")
+    assert isinstance(exported, OnnxModel) and "engine: exporting" in capsys.readouterr().err
+    onnx_file = onnx_entry(folder) / "model.onnx"
+    written = onnx_file.stat().st_mtime_ns
+    cached = load_model_bundle(folder, engine="auto", decode_threads=2)
+    assert isinstance(cached, OnnxModel) and capsys.readouterr().err == "" and onnx_file.stat().st_mtime_ns == written
+    assert cached.session.get_session_options().get_session_config_entry(SPINNING_KEY) == "0"
+    assert isinstance(pytorch, ArtistModel) and isinstance(load_model_bundle(folder), ArtistModel)  # API default
+    ours, theirs = cached.run_directory(images, "both"), pytorch.run_directory(images, "both")
+    assert [c[0]["class_id"] for c in ours.classifications] == [c[0]["class_id"] for c in theirs.classifications]
+    assert np.abs(ours.features - theirs.features).max() <= 1e-4 * np.abs(theirs.features).max()
+    for model in (cached, pytorch):
+        model.use_descriptor("texture")
+    texture = [model.extract_features([images / "img0.png"]) for model in (cached, pytorch)]
+    assert np.abs(texture[0] - texture[1]).max() <= 1e-4 * np.abs(texture[1]).max()
+    assert model_identity(cached) == model_identity(pytorch)  # galleries built with either engine serve both
+    pytorch.use_descriptor("pooled")
+    # The script's default engine is auto: the cached export, the same classes.
+    inference_artist.main(inference_artist.get_args_parser().parse_args(
+        ["--checkpoint", str(folder), "--input", str(images), "--output", str(tmp_path / "out")]))
+    assert capsys.readouterr().err.count("exporting") == 0 and onnx_file.stat().st_mtime_ns == written
+    results = json.loads((tmp_path / "out" / "batch_results.json").read_text())["results"]
+    assert [results[n]["classification"][0]["class_id"] for n in ours.names] == [
+        c[0]["class_id"] for c in theirs.classifications]
+
+
+def test_the_cache_entry_changes_with_the_checkpoint(env, tmp_path):
+    folder, _ = env
+    retrained = write_folder(tmp_path / "model", seed=1)
+    assert onnx_entry(retrained) != onnx_entry(folder) and not onnx_entry(retrained).exists()
+    assert onnx_entry(folder) == entry_dir(cache_key(read_model_spec(folder), None))  # stable
+
+
+def test_the_service_runs_on_the_cached_onnx_engine(env, pytorch, capsys):
+    folder, images = env
+    load_model_bundle(folder, engine="auto")  # cached (the first test exported it when run alone)
+    capsys.readouterr()
+    args = serve.get_args_parser().parse_args(["--checkpoint", str(folder), "--port", "0", "--log-level", "warning"])
+    with running(*serve.prepare(args)) as url:
+        info = get(f"{url}/v1/model").json()
+        classified = post(f"{url}/v1/classify?top_k=2", [upload(images / "img1.png"), upload(images / "img2.png")])
+    assert "exporting" not in capsys.readouterr().err
+    assert info["version"] == file_version(folder / "model_best.pth") and classified.status == 200
+    reference = pytorch.classify([images / "img1.png", images / "img2.png"], top_k=2)
+    assert [r["classification"][0]["class_id"] for r in classified.json()["results"]] == [
+        r[0]["class_id"] for r in reference]
+
+
+def test_a_corrupt_cache_entry_is_exported_again_with_a_one_line_notice(env, capsys):
+    folder, images = env
+    load_model_bundle(folder, engine="auto")
+    onnx_file = onnx_entry(folder) / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:1000])  # a truncated file
+    capsys.readouterr()
+    model = load_model_bundle(folder, engine="auto")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("notice: the cached ONNX engine") and "exporting it again" in err
+    assert isinstance(model, OnnxModel) and len(model.run_directory(images).names) == 5
+
+
+def test_glance_and_focus_folders_fall_back_to_pytorch_with_one_line(tmp_path, capsys):
+    """A folder whose config.json says glance-and-focus goes to PyTorch's loader (here: it reports the missing
+    weights) after one line saying why; --engine onnx refuses it."""
+    folder = tmp_path / "gf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model": "lsnet_t_gf", "gf": {"glance_size": 64}}))
+    write_class_mapping(folder / "class_mapping.csv", CLASSES)
+    with pytest.raises(UserError, match="checkpoint not found: .*model_best.pth"):
+        load_model_bundle(folder, engine="auto")
+    why = "glance-and-focus folders are not exported to ONNX"
+    assert capsys.readouterr().err == f"engine: PyTorch for {folder} ({why})\n"
+    with pytest.raises(UserError, match="--engine onnx cannot run .*glance-and-focus"):
+        load_model_bundle(folder, engine="onnx")
+    with pytest.raises(UserError, match="unknown engine 'tensorrt'"):
+        load_model_bundle(folder, engine="tensorrt")
+
+
+def test_threads_follow_the_affinity(monkeypatch):
+    """Threads come from data.scan.usable_cpus (affinity and cgroup quota; its quota parsing: test_cli)."""
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+            "from inference.threads import compute_threads; print(compute_threads())")
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={**env, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0 and result.stdout.split() == ["1"], result.stderr
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert compute_threads() == 3 and onnx_thread_settings(2) == (3, {SPINNING_KEY: "0"})
+    assert onnx_thread_settings(0)[1] == {SPINNING_KEY: "1"}
+
+
+def test_lsnet_engine_sets_the_scripts_default(monkeypatch):
+    monkeypatch.setenv("LSNET_ENGINE", "onnx")
+    assert serve.get_args_parser().parse_args(["--checkpoint", "m"]).engine == "onnx"
+    monkeypatch.setenv("LSNET_ENGINE", "tensorrt")
+    with pytest.raises(UserError, match="LSNET_ENGINE='tensorrt' is not an engine"):
+        serve.get_args_parser()
