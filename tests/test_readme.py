@@ -262,6 +262,7 @@ KNOWN_PROGRAMS = {
     "python -m venv": "the standard library's venv",
     ". .venv/bin/activate": "the activation script venv writes",
     "kill -HUP": "serve.py reloads on SIGHUP (check_sighup)",
+    "python -c": "inline Python: it compiles (check_inline_python)",
 }
 # Program names alone in the text (their commands with a script or a make target are checked as such).
 PROGRAM_NAMES = {"python", "torchrun", "make"}
@@ -278,6 +279,15 @@ def check_pip(command: str) -> list[str]:
         if extra and extra.group(1) not in extras:
             problems.append(f"pyproject.toml has no extra {extra.group(1)!r}")
     return problems
+
+
+def check_inline_python(command: str) -> list[str]:
+    """``python -c CODE``: the code compiles."""
+    try:
+        compile(shlex.split(command)[2], "<python -c>", "exec")
+    except SyntaxError as err:
+        return [f"python -c code does not compile: {err.msg}"]
+    return []
 
 
 def check_sighup(command: str) -> list[str]:
@@ -304,7 +314,7 @@ def check_any_command(command: str) -> list[str]:
     if program is None:
         return ["no check for this command: add its program to KNOWN_PROGRAMS with a check"]
     return {"pip install": check_pip, "export": check_env, "$env:": check_env,
-            "kill -HUP": check_sighup}.get(program, lambda c: [])(command)
+            "kill -HUP": check_sighup, "python -c": check_inline_python}.get(program, lambda c: [])(command)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
