@@ -244,7 +244,7 @@ def run_batch(artist_model: ArtistModel, args: argparse.Namespace, output_dir: P
     mode = effective_mode(args.mode, matcher, artist_model)
     names, bad_names = directory_images(args.input, args.recursive)
     identity = run_identity(artist_model, args, mode, names + [s.path for s in bad_names], matcher)
-    work = shards.start(work_folder_for(output_dir), identity, len(names), args.resume,
+    work = shards.start(work_folder_for(output_dir), identity, len(names), args.batch_size, args.resume,
                         {"skipped": [asdict(s) for s in bad_names]})
     if work.done and shards.is_main:
         print(f"resuming: {work.done} of {len(names)} images done in {work.path}")

@@ -25,6 +25,7 @@ import contextlib
 import copy
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -67,10 +68,11 @@ def list_identity(names: Sequence[str]) -> str:
     return f"{len(names)} images, sha256 {digest.hexdigest()[:16]}"
 
 
-def shard_ranges(count: int, shards: int) -> list[list[int]]:
-    """``[start, stop)`` of each of ``shards`` consecutive, nearly equal parts of ``count`` items (sizes differ by at
-    most one; the larger ones last)."""
-    return [[count * i // shards, count * (i + 1) // shards] for i in range(shards)]
+def shard_ranges(count: int, shards: int, step: int = 1) -> list[list[int]]:
+    """``[start, stop)`` of each of ``shards`` consecutive, nearly equal parts of ``count`` items, every boundary a
+    multiple of ``step`` (the batch size: each part's batches are those a one-process run makes)."""
+    cuts = [step * (count * i // shards // step) for i in range(shards)] + [count]
+    return [[start, stop] for start, stop in itertools.pairwise(cuts)]
 
 
 @dataclass
@@ -235,10 +237,10 @@ class WorkFolder:
 
     @classmethod
     def start(cls, path: str | os.PathLike, identity: dict[str, Any], count: int, resume: bool,
-              notes: dict[str, Any] | None = None, shards: int = 1) -> "WorkFolder":
+              notes: dict[str, Any] | None = None, shards: int = 1, step: int = 1) -> "WorkFolder":
         """Continue the run in ``path`` (``resume``: it must have been started with the same ``identity``, and with
-        ``shards`` parts unless ``shards`` is 1) or start one over ``count`` images in ``shards`` parts (a folder
-        holding finished batches is refused without ``resume``)."""
+        ``shards`` parts unless ``shards`` is 1) or start one over ``count`` images in ``shards`` parts cut at
+        multiples of ``step`` (a folder holding finished batches is refused without ``resume``)."""
         path = Path(path)
         cls.check(path, resume)
         if resume:
@@ -255,7 +257,7 @@ class WorkFolder:
             raise UserError(f"cannot create the work folder {path} ({err.strerror}); free some space or write the "
                             "output elsewhere") from None
         record = {"format": FORMAT, "version": VERSION, "identity": json.loads(json.dumps(identity)),
-                  "count": count, "parts": shard_ranges(count, shards), "notes": notes or {}}
+                  "count": count, "parts": shard_ranges(count, shards, step), "notes": notes or {}}
         _write_json(path, RUN_FILE, record)
         return cls(path, record)
 

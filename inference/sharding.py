@@ -66,11 +66,13 @@ class Shards:
     def is_main(self) -> bool:
         return self.dist.is_main
 
-    def start(self, path: os.PathLike, identity: dict[str, Any], count: int, resume: bool,
+    def start(self, path: os.PathLike, identity: dict[str, Any], count: int, batch_size: int, resume: bool,
               notes: dict[str, Any] | None = None) -> WorkFolder:
-        """The run's work folder: started (or continued) by the main process, then opened by the others."""
+        """The run's work folder: started (or continued) by the main process, its shards cut at multiples of
+        ``batch_size`` (the batches of a one-process run, so the outputs are the same to the bit), then opened by
+        the others."""
         if self.is_main:
-            work = WorkFolder.start(path, identity, count, resume, notes, self.dist.world_size)
+            work = WorkFolder.start(path, identity, count, resume, notes, self.dist.world_size, batch_size)
         try:
             self.dist.barrier()
         except RuntimeError as err:  # another process stopped: its own error says why

@@ -100,7 +100,8 @@ def _embed_to_work(artist_model: ArtistModel, root: str | os.PathLike, names: li
                 "--batch-size": run_args["batch_size"]}
     # --resume of a command whose earlier run stopped before this stage starts the stage; without any work folder
     # (work.parent) it is refused.
-    folder = shards.start(work, identity, len(names), resume and (work.exists() or not work.parent.exists()))
+    folder = shards.start(work, identity, len(names), run_args["batch_size"],
+                          resume and (work.exists() or not work.parent.exists()))
     vectors = _vector_buffer(len(names), artist_model.feature_dim, root) if shards.is_main else None
     with shards.running(folder):
         for part in shards.mine(folder):

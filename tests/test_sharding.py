@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import imagegen as gen
-import numpy as np
 import pytest
 import torch
 from test_inference import CLASSES, SIZE, make_model
@@ -34,7 +33,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 BROKEN = ("img02.jpg", "img08.jpg")  # unreadable: one in each shard
-PIPE = "img06.png"  # in rank 1's shard [5, 10)
+PIPE = "img06.png"  # in rank 1's shard: [4, 10) in batches of 2
 COMMON = ["--device", "cpu", "--num-workers", "0", "--batch-size", "2"]
 
 
@@ -85,7 +84,8 @@ def rank_pid(rank, marker):
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if marker.encode() in cmdline and f"RANK={rank}".encode() in environ and b"torch.distributed.run" not in cmdline:
+        worker = b"torch.distributed.run" not in cmdline  # not torchrun itself
+        if worker and marker.encode() in cmdline and f"RANK={rank}".encode() in environ:
             return int(pid)
     return None
 
@@ -98,19 +98,11 @@ def wait_until(condition, timeout=120.0):
 
 
 def assert_same_outputs(sharded, single):
-    """Features within 1e-5, the same names in the same order, the same results and skipped files."""
-    assert (sharded / NAMES_FILE).read_text() == (single / NAMES_FILE).read_text()
-    np.testing.assert_allclose(np.load(sharded / FEATURES_FILE), np.load(single / FEATURES_FILE), atol=1e-5)
-    got, want = (json.loads((folder / BATCH_RESULTS_FILE).read_text()) for folder in (sharded, single))
-    assert got["skipped"] == want["skipped"] and [s["path"] for s in got["skipped"]] == list(BROKEN)
-    assert list(got["results"]) == list(want["results"])
-    for name, entry in want["results"].items():
-        classes = got["results"][name]["classification"]
-        assert [c["class_id"] for c in classes] == [c["class_id"] for c in entry["classification"]]
-        np.testing.assert_allclose([c["probability"] for c in classes],
-                                   [c["probability"] for c in entry["classification"]], atol=1e-5)
-    strip = ("results",)
-    assert {k: v for k, v in got.items() if k not in strip} == {k: v for k, v in want.items() if k not in strip}
+    """The same files to the bit: shards are cut at batch boundaries, so every batch is one of a one-process run."""
+    for name in (BATCH_RESULTS_FILE, FEATURES_FILE, NAMES_FILE):
+        assert (sharded / name).read_bytes() == (single / name).read_bytes(), name
+    skipped = json.loads((sharded / BATCH_RESULTS_FILE).read_text())["skipped"]
+    assert [item["path"] for item in skipped] == list(BROKEN)
 
 
 def test_a_hung_shard_killed_then_resumed_gives_the_outputs_of_one_process(world):
@@ -120,21 +112,21 @@ def test_a_hung_shard_killed_then_resumed_gives_the_outputs_of_one_process(world
     parts = work_folder_for(out)
     try:
         wait_until(lambda: (parts / "part-00001").is_dir() and (parts / "part-00000" / PROGRESS_FILE).is_file()
-                   and json.loads((parts / "part-00000" / PROGRESS_FILE).read_text())["done"] == 5)
+                   and json.loads((parts / "part-00000" / PROGRESS_FILE).read_text())["done"] == 4)
         wait_until(lambda: rank_pid(1, str(out)) is not None, 10)
         os.kill(rank_pid(1, str(out)), signal.SIGKILL)  # hung on the pipe, mid-shard
         _, stderr = run.communicate(timeout=120)
     finally:
         run.kill()
     assert run.returncode != 0
-    assert ("stopped while waiting for shard 1 of 2 (images 5-9 of 10) with 0 done: the same command with --resume "
+    assert ("stopped while waiting for shard 1 of 2 (images 4-9 of 10) with 0 done: the same command with --resume "
             "continues") in stderr
     assert not (out / BATCH_RESULTS_FILE).exists()
 
     (world["images"] / PIPE).unlink()
     gen.noise_image(world["images"] / PIPE, (64, 54), seed=6)
     resumed = torchrun("inference_artist.py", *flags, "--resume")
-    assert "resuming: 5 of 10 images done" in resumed.stdout
+    assert "resuming: 4 of 10 images done" in resumed.stdout
     assert not parts.exists()
     single = world["tmp"] / "single"
     inference_artist.main(inference_artist.get_args_parser().parse_args(map(str, [*inference_flags(world, single),
@@ -148,7 +140,7 @@ def test_sharded_gallery_equals_one_process(world):
     args = build_gallery.get_args_parser().parse_args(map(str, [*flags, "--output-dir", world["tmp"] / "g1",
                                                                 *COMMON]))
     single, sharded = build_gallery.main(args), load_gallery(world["tmp"] / "g2")
-    np.testing.assert_allclose(sharded.vectors, single.vectors, atol=1e-5)
+    assert sharded.vectors.tobytes() == single.vectors.tobytes()
     assert sharded.paths == single.paths and sharded.artists == single.artists
     assert sharded.artist_thresholds == pytest.approx(single.artist_thresholds, abs=1e-5)
     assert not work_folder_for(world["tmp"] / "g2").exists()
@@ -159,6 +151,7 @@ def test_sharded_gallery_equals_one_process(world):
 
 def test_shards_are_nearly_equal_and_resume_needs_the_same_count(tmp_path):
     assert shard_ranges(10, 3) == [[0, 3], [3, 6], [6, 10]] and shard_ranges(1, 2) == [[0, 0], [0, 1]]
+    assert shard_ranges(10, 2, 4) == [[0, 4], [4, 10]] and shard_ranges(3, 2, 4) == [[0, 0], [0, 3]]
     work = WorkFolder.start(tmp_path / "w", {"a": 1}, 10, resume=False, shards=2)
     with work.parts[1].writer(("x.txt",)) as writer:
         writer.append(2, 2, {"x.txt": b"a\nb\n"})
