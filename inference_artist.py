@@ -214,8 +214,8 @@ def run_identity(artist_model: ArtistModel, args: argparse.Namespace, mode: str,
 
 
 def stream_part(artist_model: ArtistModel, args: argparse.Namespace, mode: str, names: list[str], part: Part,
-                matcher: GalleryMatcher | None, shown_as: dict[str, Path]) -> int:
-    """Run the images of ``part`` not done yet, appending each batch's results to it; returns the images run."""
+                matcher: GalleryMatcher | None, shown_as: dict[str, Path]) -> None:
+    """Run the images of ``part`` not done yet, appending each batch's results to it."""
     files = (PART_NAMES, PART_SKIPPED, PART_RESULTS) + ((PART_FEATURES,) if mode != "classify" else ()) + (
         (PART_GALLERY,) if matcher is not None else ())
     todo = names[part.start + part.progress.done:part.stop]
@@ -231,7 +231,6 @@ def stream_part(artist_model: ArtistModel, args: argparse.Namespace, mode: str, 
             data, counters = part_data(batch.names, batch.features, [asdict(s) for s in batch.skipped],
                                        (entry for _, entry in batch.entries(args.json_features)), gallery)
             writer.append(len(batch.names) + len(batch.skipped), len(batch.names), data, counters)
-    return len(todo)
 
 
 def run_batch(artist_model: ArtistModel, args: argparse.Namespace, output_dir: Path,
@@ -246,15 +245,18 @@ def run_batch(artist_model: ArtistModel, args: argparse.Namespace, output_dir: P
     identity = run_identity(artist_model, args, mode, names + [s.path for s in bad_names], matcher)
     work = shards.start(work_folder_for(output_dir), identity, len(names), args.batch_size, args.resume,
                         {"skipped": [asdict(s) for s in bad_names]})
-    if work.done and shards.is_main:
-        print(f"resuming: {work.done} of {len(names)} images done in {work.path}")
+    done_before = work.done
+    if done_before and shards.is_main:
+        print(f"resuming: {done_before} of {len(names)} images done in {work.path}")
     shown_as = {PART_FEATURES: output_dir / FEATURES_FILE, PART_NAMES: output_dir / NAMES_FILE,
                 PART_GALLERY: output_dir / GALLERY_RESULTS_FILE, PART_RESULTS: output_dir / BATCH_RESULTS_FILE,
                 PART_SKIPPED: output_dir / BATCH_RESULTS_FILE}
     with shards.running(work):
-        ran = sum(stream_part(artist_model, args, mode, names, part, matcher, shown_as) for part in shards.mine(work))
+        for part in shards.mine(work):
+            stream_part(artist_model, args, mode, names, part, matcher, shown_as)
     if not shards.gather(work):
         return None
+    ran = work.done - done_before  # by every process
     elapsed = time.perf_counter() - start
     gallery_head = None
     if matcher is not None:
