@@ -9,7 +9,9 @@ A single image writes ``<output>/<stem>_result.json`` and prints it. A directory
 both modes, ``features.npy`` (float32, N x D) with ``image_names.txt`` (row i of features.npy is line i). A directory
 run streams: each batch goes to the work folder ``<output>.partial`` as it is computed (memory does not grow with
 the image count), the files are assembled from it at the end, and ``--resume`` continues an interrupted run there
-to the outputs an uninterrupted run writes (:mod:`artifacts.work_folder`).
+to the outputs an uninterrupted run writes (:mod:`artifacts.work_folder`). Under ``torchrun`` (one process per
+GPU, or several on CPUs) each process runs its shard of the sorted image list and the main process writes the same
+outputs from all of them (:mod:`inference.sharding`, docs/scale-out.md).
 
 The work is done by :mod:`predictor` (``load_model_bundle`` and ``ArtistModel``), which services import directly;
 the files and their guarantees (written as a set, no bare NaN in JSON) are :mod:`artifacts.outputs`'s.
@@ -50,6 +52,7 @@ from artifacts.work_folder import Part, WorkFolder, file_identity, list_identity
 from data import ImageLoadError
 from errors import import_optional
 from inference.results import JoinedPaths, directory_images
+from inference.sharding import Shards
 from predictor import DESCRIPTORS, MODES, ArtistModel, FocusOptions, add_runtime_args, engine_options, load_model_bundle
 from utils import NumberRange, UserError, run_cli
 
@@ -211,8 +214,8 @@ def run_identity(artist_model: ArtistModel, args: argparse.Namespace, mode: str,
 
 
 def stream_part(artist_model: ArtistModel, args: argparse.Namespace, mode: str, names: list[str], part: Part,
-                matcher: GalleryMatcher | None, shown_as: dict[str, Path]) -> int:
-    """Run the images of ``part`` not done yet, appending each batch's results to it; returns the images run."""
+                matcher: GalleryMatcher | None, shown_as: dict[str, Path]) -> None:
+    """Run the images of ``part`` not done yet, appending each batch's results to it."""
     files = (PART_NAMES, PART_SKIPPED, PART_RESULTS) + ((PART_FEATURES,) if mode != "classify" else ()) + (
         (PART_GALLERY,) if matcher is not None else ())
     todo = names[part.start + part.progress.done:part.stop]
@@ -228,32 +231,32 @@ def stream_part(artist_model: ArtistModel, args: argparse.Namespace, mode: str, 
             data, counters = part_data(batch.names, batch.features, [asdict(s) for s in batch.skipped],
                                        (entry for _, entry in batch.entries(args.json_features)), gallery)
             writer.append(len(batch.names) + len(batch.skipped), len(batch.names), data, counters)
-    return len(todo)
 
 
 def run_batch(artist_model: ArtistModel, args: argparse.Namespace, output_dir: Path,
-              matcher: GalleryMatcher | None = None) -> dict[str, Any]:
+              matcher: GalleryMatcher | None, shards: Shards) -> dict[str, Any] | None:
     """Run a directory, streaming the results into the work folder ``<output>.partial`` (``--resume`` continues
     an interrupted run there), then write ``batch_results.json`` and, with features, ``features.npy`` +
-    ``image_names.txt`` (and ``gallery_results.json``) from it as one set. Returns the counts and files."""
+    ``image_names.txt`` (and ``gallery_results.json``) from it as one set. Returns the counts and files (None on
+    the processes of a sharded run other than the main one, which writes the outputs)."""
     start = time.perf_counter()
     mode = effective_mode(args.mode, matcher, artist_model)
     names, bad_names = directory_images(args.input, args.recursive)
     identity = run_identity(artist_model, args, mode, names + [s.path for s in bad_names], matcher)
-    work = WorkFolder.start(work_folder_for(output_dir), identity, len(names), args.resume,
-                            {"skipped": [asdict(s) for s in bad_names]})
-    if work.done:
-        print(f"resuming: {work.done} of {len(names)} images done in {work.path}")
+    work = shards.start(work_folder_for(output_dir), identity, len(names), args.batch_size, args.resume,
+                        {"skipped": [asdict(s) for s in bad_names]})
+    done_before = work.done
+    if done_before and shards.is_main:
+        print(f"resuming: {done_before} of {len(names)} images done in {work.path}")
     shown_as = {PART_FEATURES: output_dir / FEATURES_FILE, PART_NAMES: output_dir / NAMES_FILE,
                 PART_GALLERY: output_dir / GALLERY_RESULTS_FILE, PART_RESULTS: output_dir / BATCH_RESULTS_FILE,
                 PART_SKIPPED: output_dir / BATCH_RESULTS_FILE}
-    try:
-        ran = sum(stream_part(artist_model, args, mode, names, part, matcher, shown_as)
-                  for part in work.parts if not part.complete)
-    except KeyboardInterrupt:
-        print(f"interrupted with {work.done} of {len(names)} images done: the same command with --resume "
-              "continues", file=sys.stderr)
-        raise
+    with shards.running(work):
+        for part in shards.mine(work):
+            stream_part(artist_model, args, mode, names, part, matcher, shown_as)
+    if not shards.gather(work):
+        return None
+    ran = work.done - done_before  # by every process
     elapsed = time.perf_counter() - start
     gallery_head = None
     if matcher is not None:
@@ -279,7 +282,7 @@ def run_batch(artist_model: ArtistModel, args: argparse.Namespace, output_dir: P
     return {"images": rows, "skipped": skipped, "files": written}
 
 
-def main(args: argparse.Namespace | None = None) -> dict[str, Any]:
+def main(args: argparse.Namespace | None = None) -> dict[str, Any] | None:
     args = args if args is not None else get_args_parser().parse_args()
     input_path = Path(args.input)
     if not input_path.exists():
@@ -287,19 +290,29 @@ def main(args: argparse.Namespace | None = None) -> dict[str, Any]:
     if args.resume and not input_path.is_dir():
         raise UserError("--resume continues an interrupted directory run; drop it for a single image")
     output_dir = prepare_output_dir(args.output)
-    if input_path.is_dir():
+    shards = Shards.join(args.device)
+    try:
+        return _run(args, input_path, output_dir, shards)
+    finally:
+        shards.close()
+
+
+def _run(args: argparse.Namespace, input_path: Path, output_dir: Path, shards: Shards) -> dict[str, Any] | None:
+    if shards.distributed and not input_path.is_dir():
+        raise UserError("torchrun shards the images of a directory; run a single image in one process")
+    if input_path.is_dir() and shards.is_main:
         WorkFolder.check(work_folder_for(output_dir), args.resume)  # before loading the model
-    artist_model = load_model_bundle(
-        args.checkpoint, args.model, args.class_csv, device=args.device, input_size=args.input_size,
+    artist_model = shards.main_first(lambda: load_model_bundle(
+        args.checkpoint, args.model, args.class_csv, device=shards.device, input_size=args.input_size,
         num_classes=args.num_classes, feature_dim=args.feature_dim, amp=args.amp,
         require_class_names=args.mode != "cluster" and not args.gallery, compile=args.compile,
         focus=FocusOptions(args.exit_threshold, args.budget, args.save_crops), **engine_options(args),
-    )
+    ))
     if args.descriptor is not None:
         artist_model.use_descriptor(args.descriptor)
     matcher = load_matcher(args, artist_model)
     if input_path.is_dir():
-        return run_batch(artist_model, args, output_dir, matcher)
+        return run_batch(artist_model, args, output_dir, matcher, shards)
     return run_single(artist_model, args, output_dir, matcher)
 
 

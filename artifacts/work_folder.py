@@ -15,14 +15,17 @@ A part is appended to batch by batch and committed every :data:`COMMIT_SECONDS` 
 its files are synced, then ``progress.json`` is replaced atomically. Bytes past the committed lengths belong to a
 batch that was torn (killed mid-write) or not committed, and are cut off when the run continues, so a resumed run
 recomputes exactly the batches after the last committed one. Parts are independent folders keyed by their range:
-a sharded run (one process per part of the sorted list) can write one part per process, and the reader
-(:meth:`Part.lines`, :meth:`Part.chunks`) assembles the outputs part after part. This writes one part per run.
+a run of one process has one part; a sharded run (``torchrun``, :mod:`inference.sharding`) has one part per
+process (:func:`shard_ranges`), each written by its own process, and the reader (:meth:`Part.lines`,
+:meth:`Part.chunks`) assembles the outputs part after part. One process can continue any run (it runs every
+unfinished part in turn); several continue a run of as many parts only.
 """
 
 import contextlib
 import copy
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -65,6 +68,13 @@ def list_identity(names: Sequence[str]) -> str:
     return f"{len(names)} images, sha256 {digest.hexdigest()[:16]}"
 
 
+def shard_ranges(count: int, shards: int, step: int = 1) -> list[list[int]]:
+    """``[start, stop)`` of each of ``shards`` consecutive, nearly equal parts of ``count`` items, every boundary a
+    multiple of ``step`` (the batch size: each part's batches are those a one-process run makes)."""
+    cuts = [step * (count * i // shards // step) for i in range(shards)] + [count]
+    return [[start, stop] for start, stop in itertools.pairwise(cuts)]
+
+
 @dataclass
 class Progress:
     """The committed state of a part: images of its range done (readable and skipped), readable rows, the
@@ -94,8 +104,12 @@ class Part:
 
     def __init__(self, folder: Path, start: int, stop: int):
         self.folder, self.start, self.stop = folder, start, stop
-        path = folder / PROGRESS_FILE
-        self.progress = Progress(**_read_json(path, folder.parent)) if path.is_file() else Progress()
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the committed progress (again: another process of a sharded run may be writing the part)."""
+        path = self.folder / PROGRESS_FILE
+        self.progress = Progress(**_read_json(path, self.folder.parent)) if path.is_file() else Progress()
 
     @property
     def size(self) -> int:
@@ -223,22 +237,27 @@ class WorkFolder:
 
     @classmethod
     def start(cls, path: str | os.PathLike, identity: dict[str, Any], count: int, resume: bool,
-              notes: dict[str, Any] | None = None) -> "WorkFolder":
-        """Continue the run in ``path`` (``resume``: it must have been started with the same ``identity``) or start
-        one over ``count`` images (a folder holding finished batches is refused without ``resume``)."""
+              notes: dict[str, Any] | None = None, shards: int = 1, step: int = 1) -> "WorkFolder":
+        """Continue the run in ``path`` (``resume``: it must have been started with the same ``identity``, and with
+        ``shards`` parts unless ``shards`` is 1) or start one over ``count`` images in ``shards`` parts cut at
+        multiples of ``step`` (a folder holding finished batches is refused without ``resume``)."""
         path = Path(path)
-        identity = json.loads(json.dumps(identity))  # as it reads back from run.json
         cls.check(path, resume)
         if resume:
-            return cls._resume(path, identity)
+            work = cls.join(path, identity)
+            if shards > 1 and len(work.parts) != shards:
+                raise UserError(f"--resume: {path} was started by {len(work.parts)} process(es), this run has "
+                                f"{shards}; continue it with {len(work.parts)} (torchrun --nproc_per_node and "
+                                "--nnodes) or with one process")
+            return work
         shutil.rmtree(path, ignore_errors=True)
         try:
             path.mkdir(parents=True)
         except OSError as err:
             raise UserError(f"cannot create the work folder {path} ({err.strerror}); free some space or write the "
                             "output elsewhere") from None
-        record = {"format": FORMAT, "version": VERSION, "identity": identity, "count": count,
-                  "parts": [[0, count]], "notes": notes or {}}
+        record = {"format": FORMAT, "version": VERSION, "identity": json.loads(json.dumps(identity)),
+                  "count": count, "parts": shard_ranges(count, shards, step), "notes": notes or {}}
         _write_json(path, RUN_FILE, record)
         return cls(path, record)
 
@@ -257,7 +276,11 @@ class WorkFolder:
                                 f"add --resume to continue it, or delete {path} to start over")
 
     @classmethod
-    def _resume(cls, path: Path, identity: dict[str, Any]) -> "WorkFolder":
+    def join(cls, path: str | os.PathLike, identity: dict[str, Any]) -> "WorkFolder":
+        """The run in ``path``, which must have been started with the same ``identity`` (to continue it, or to work
+        on a part of it: another process of a sharded run)."""
+        path = Path(path)
+        identity = json.loads(json.dumps(identity))  # as it reads back from run.json
         record = _read_json(path / RUN_FILE, path)
         if record.get("format") != FORMAT or record.get("version") != VERSION:
             raise UserError(f"--resume: {path} is not a work folder of this version; delete it and run without "

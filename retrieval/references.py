@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 
 from artifacts.outputs import PART_FEATURES, PART_NAMES, PART_SKIPPED, load_matrix, part_data, read_names
-from artifacts.work_folder import WorkFolder, list_identity
+from artifacts.work_folder import list_identity
 from data import ImageLoadError, is_image_file
 from data.scan import available_memory
 from inference.results import JoinedPaths
+from inference.sharding import Shards
 from predictor import ArtistModel, list_images
 from retrieval.index import l2_normalize
 from utils import UserError
@@ -58,26 +59,31 @@ def _vector_buffer(count: int, dim: int, root: str | os.PathLike) -> np.ndarray:
 
 
 def embed_images(artist_model: ArtistModel, root: str | os.PathLike, names: list[str], batch_size: int = 32,
-                 num_workers: int = 0, work: str | os.PathLike | None = None,
-                 resume: bool = False) -> tuple[list[str], np.ndarray]:
+                 num_workers: int = 0, work: str | os.PathLike | None = None, resume: bool = False,
+                 shards: Shards | None = None) -> tuple[list[str], np.ndarray] | None:
     """Unit style vectors of ``root/name`` for ``names``; unreadable images are warned about and left out.
 
     The vectors go batch by batch into one array. With ``work`` (a work folder, :mod:`artifacts.work_folder`) they
     are also kept on disk as they are computed, and ``resume`` continues an embedding interrupted there (its
-    images, model and batch size must be the same; a run that never reached this work folder starts it).
+    images, model and batch size must be the same; a run that never reached this work folder starts it). With
+    ``shards`` of a ``torchrun`` run (and ``work``), each process embeds its shard and the main process returns all
+    the vectors; the others return None.
     """
     if not names:
         return [], np.zeros((0, artist_model.feature_dim), np.float32)
-    vectors = _vector_buffer(len(names), artist_model.feature_dim, root)
     run_args = {"mode": "cluster", "batch_size": max(1, min(batch_size, len(names))), "num_workers": num_workers,
                 "progress": len(names) > 100}
     if work is None:
+        vectors = _vector_buffer(len(names), artist_model.feature_dim, root)
         kept: list[str] = []
         for batch in artist_model.stream_paths(JoinedPaths(root, names), names=names, **run_args):
             vectors[len(kept):len(kept) + len(batch.names)] = batch.features
             kept += batch.names
     else:
-        kept = _embed_to_work(artist_model, root, names, Path(work), resume, vectors, run_args)
+        embedded = _embed_to_work(artist_model, root, names, Path(work), resume, run_args, shards or Shards())
+        if embedded is None:
+            return None
+        kept, vectors = embedded
     if not kept:
         raise UserError(f"none of the {len(names)} images in {root} could be read; check the files")
     vectors = vectors[:len(kept)]
@@ -87,26 +93,32 @@ def embed_images(artist_model: ArtistModel, root: str | os.PathLike, names: list
 
 
 def _embed_to_work(artist_model: ArtistModel, root: str | os.PathLike, names: list[str], work: Path, resume: bool,
-                   vectors: np.ndarray, run_args: dict[str, Any]) -> list[str]:
-    """:func:`embed_images` through the work folder ``work``: fills ``vectors``, returns the names of its rows."""
+                   run_args: dict[str, Any], shards: Shards) -> tuple[list[str], np.ndarray] | None:
+    """:func:`embed_images` through the work folder ``work``: the names and rows (not normalised) of the readable
+    images, on the process that assembles them (None on the others)."""
     identity = {**artist_model.fingerprint(), "image folder": os.path.abspath(root), "image list": list_identity(names),
                 "--batch-size": run_args["batch_size"]}
     # --resume of a command whose earlier run stopped before this stage starts the stage; without any work folder
     # (work.parent) it is refused.
-    folder = WorkFolder.start(work, identity, len(names), resume and (work.exists() or not work.parent.exists()))
-    part = folder.parts[0]
-    todo = names[part.progress.done:]
-    with part.writer((PART_FEATURES, PART_NAMES, PART_SKIPPED)) as writer:
-        for batch in artist_model.stream_paths(JoinedPaths(root, todo), names=todo, **run_args):
-            data, _ = part_data(batch.names, batch.features, [asdict(s) for s in batch.skipped])
-            writer.append(len(batch.names) + len(batch.skipped), len(batch.names), data)
-    kept = list(part.lines(PART_NAMES))
+    folder = shards.start(work, identity, len(names), run_args["batch_size"],
+                          resume and (work.exists() or not work.parent.exists()))
+    vectors = _vector_buffer(len(names), artist_model.feature_dim, root) if shards.is_main else None
+    with shards.running(folder):
+        for part in shards.mine(folder):
+            todo = names[part.start + part.progress.done:part.stop]
+            with part.writer((PART_FEATURES, PART_NAMES, PART_SKIPPED)) as writer:
+                for batch in artist_model.stream_paths(JoinedPaths(root, todo), names=todo, **run_args):
+                    data, _ = part_data(batch.names, batch.features, [asdict(s) for s in batch.skipped])
+                    writer.append(len(batch.names) + len(batch.skipped), len(batch.names), data)
+    if not shards.gather(folder) or vectors is None:
+        return None
+    kept = [name for part in folder.parts for name in part.lines(PART_NAMES)]
     flat = vectors.reshape(-1).view(np.uint8)
     offset = 0
-    for chunk in part.chunks(PART_FEATURES):
+    for chunk in (chunk for part in folder.parts for chunk in part.chunks(PART_FEATURES)):
         flat[offset:offset + len(chunk)] = np.frombuffer(chunk, np.uint8)
         offset += len(chunk)
-    return kept
+    return kept, vectors
 
 
 def load_queries(query: str | os.PathLike, artist_model: ArtistModel | None, names_path: str | None = None,

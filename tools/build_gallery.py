@@ -13,6 +13,9 @@ held-out images of enrolled artists in the same layout and stores the threshold 
 "unknown artist", chosen so that ``--target-false-unknown`` of those images would be marked unknown. ``--features``
 builds a new gallery from saved style vectors (``features.npy`` + ``image_names.txt`` of ``inference_artist.py``,
 names ``artist/...``), read block by block, so millions of vectors need no more memory than their index.
+
+Under ``torchrun`` the embedding is sharded: each process embeds its part of the images on its own device and the
+main process builds and writes the gallery (:mod:`inference.sharding`, docs/scale-out.md).
 """
 
 import argparse
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from artifacts.outputs import read_names
 from artifacts.work_folder import work_folder_for
+from inference.sharding import Shards
 from predictor import DESCRIPTORS, ArtistModel, add_runtime_args, engine_options, load_model_bundle
 from retrieval.gallery import (
     GALLERY_FILE,
@@ -33,7 +37,7 @@ from retrieval.gallery import (
 )
 from retrieval.index import EXACT_LIMIT, INDEX_MEMORY_GIB
 from retrieval.references import artist_images, artist_of, embed_images
-from utils import UserError, run_cli
+from utils import UserError, all_gather_objects, print_main, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,23 +73,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     return add_runtime_args(parser, precision=False)
 
 
-def _model(args: argparse.Namespace, needed_for: str) -> ArtistModel:
+def _model(args: argparse.Namespace, needed_for: str, shards: Shards) -> ArtistModel:
     if not args.checkpoint:
         raise UserError(f"{needed_for} needs the model: pass --checkpoint")
-    return load_model_bundle(args.checkpoint, args.model, device=args.device, **engine_options(args))
+    return shards.main_first(lambda: load_model_bundle(args.checkpoint, args.model, device=shards.device,
+                                                       **engine_options(args)))
 
 
-def enroll(gallery: Gallery | None, artist_model: ArtistModel, args: argparse.Namespace) -> Gallery:
-    """``gallery`` (or a new one) plus the images of ``--images`` it does not hold yet."""
+def enroll(gallery: Gallery | None, artist_model: ArtistModel, args: argparse.Namespace,
+           shards: Shards) -> Gallery | None:
+    """``gallery`` (or a new one) plus the images of ``--images`` it does not hold yet (None on the processes of a
+    sharded run but the main one)."""
     names = artist_images(args.images)
     known = set(gallery.paths) if gallery is not None else set()
     paths = {name: os.path.abspath(os.path.join(args.images, name)) for name in names}
     names = [name for name in names if paths[name] not in known]
     if gallery is not None and not names:
-        print(f"all images of {args.images} are in the gallery already")
+        print_main(f"all images of {args.images} are in the gallery already")
         return gallery
-    kept, vectors = embed_images(artist_model, args.images, names, args.batch_size, args.num_workers,
-                                 work_folder_for(args.output_dir) / "images", args.resume)
+    embedded = embed_images(artist_model, args.images, names, args.batch_size, args.num_workers,
+                            work_folder_for(args.output_dir) / "images", args.resume, shards)
+    if embedded is None:
+        return None
+    kept, vectors = embedded
     artists = [artist_of(name, args.images) for name in kept]
     new_paths = [paths[name] for name in kept]
     print(f"enrolled {len(kept)} images of {len(set(artists))} artists")
@@ -95,15 +105,20 @@ def enroll(gallery: Gallery | None, artist_model: ArtistModel, args: argparse.Na
     return gallery.extended(vectors, artists, new_paths)
 
 
-def calibrate(gallery: Gallery, artist_model: ArtistModel, args: argparse.Namespace) -> Gallery:
+def calibrate(gallery: Gallery | None, artist_model: ArtistModel, args: argparse.Namespace,
+              shards: Shards) -> Gallery | None:
     """Store the per-artist thresholds that mark ``--target-false-unknown`` of the enrolled artists' held-out
-    images unknown (:meth:`Gallery.calibrate`)."""
+    images unknown (:meth:`Gallery.calibrate`). None on the processes of a sharded run but the main one."""
     names = artist_images(args.calibrate)
-    enrolled = [name for name in names if artist_of(name, args.calibrate) in set(gallery.artist_names)]
+    artists = set(all_gather_objects(gallery.artist_names if shards.is_main else None)[0])  # the main one's
+    enrolled = [name for name in names if artist_of(name, args.calibrate) in artists]
     if len(enrolled) < len(names):
-        print(f"calibration: ignoring {len(names) - len(enrolled)} images of artists not in the gallery")
-    kept, vectors = embed_images(artist_model, args.calibrate, enrolled, args.batch_size, args.num_workers,
-                                 work_folder_for(args.output_dir) / "calibrate", args.resume)
+        print_main(f"calibration: ignoring {len(names) - len(enrolled)} images of artists not in the gallery")
+    embedded = embed_images(artist_model, args.calibrate, enrolled, args.batch_size, args.num_workers,
+                            work_folder_for(args.output_dir) / "calibrate", args.resume, shards)
+    if embedded is None:
+        return None
+    kept, vectors = embedded
     rate = gallery.calibrate(vectors, [artist_of(name, args.calibrate) for name in kept], args.target_false_unknown)
     gallery.calibration = {"images": len(kept), "folder": os.path.abspath(args.calibrate),
                            "target_false_unknown": args.target_false_unknown, "false_unknown_rate": rate,
@@ -134,8 +149,18 @@ def from_features(artist_model: ArtistModel | None, args: argparse.Namespace) ->
     return gallery
 
 
-def main(args: argparse.Namespace | None = None) -> Gallery:
+def main(args: argparse.Namespace | None = None) -> Gallery | None:
     args = args if args is not None else get_args_parser().parse_args()
+    shards = Shards.join(args.device)
+    try:
+        return _build(args, shards)
+    finally:
+        shards.close()
+
+
+def _build(args: argparse.Namespace, shards: Shards) -> Gallery | None:
+    """:func:`main` in this process: the gallery it wrote (None on the processes of a sharded run but the main
+    one, which writes it)."""
     out = Path(args.output_dir)
     exists = (out / GALLERY_FILE).is_file()
     if not (args.images or args.features or args.remove or args.calibrate):
@@ -151,8 +176,11 @@ def main(args: argparse.Namespace | None = None) -> Gallery:
     if gallery is not None and args.descriptor not in (None, gallery.descriptor):
         raise UserError(f"{out} holds {gallery.descriptor} style vectors; drop --descriptor {args.descriptor} or "
                         "build a new gallery with it")
+    if shards.distributed and (args.features or not (args.images or args.calibrate)):
+        raise UserError("torchrun shards the embedding of --images and --calibrate; run --features or --remove in "
+                        "one process")
     needs_model = args.images or args.calibrate or (args.features and args.checkpoint)
-    artist_model = _model(args, "--images/--calibrate") if needs_model else None
+    artist_model = _model(args, "--images/--calibrate", shards) if needs_model else None
     if gallery is not None and artist_model is not None:
         gallery.check_model(artist_model, str(out))
     elif artist_model is not None:
@@ -160,14 +188,16 @@ def main(args: argparse.Namespace | None = None) -> Gallery:
         artist_model.use_descriptor(args.descriptor or default)
     for artist in args.remove:
         gallery = gallery.removed(artist)
-        print(f"removed {artist}")
+        print_main(f"removed {artist}")
     if args.features:
         gallery = from_features(artist_model, args)
     if args.images:
-        gallery = enroll(gallery, artist_model, args)
+        gallery = enroll(gallery, artist_model, args, shards)
     if args.calibrate:
-        gallery = calibrate(gallery, artist_model, args)
-    elif gallery.unknown_threshold is not None and (args.images or args.remove):
+        gallery = calibrate(gallery, artist_model, args, shards)
+    if not shards.is_main:
+        return None
+    if not args.calibrate and gallery.unknown_threshold is not None and (args.images or args.remove):
         print("note: the gallery changed since --calibrate; run --calibrate again to refresh its threshold")
     save_gallery(gallery, out)
     shutil.rmtree(work_folder_for(out), ignore_errors=True)  # the embeddings kept for --resume

@@ -4,10 +4,13 @@
 Writes ``features.npy`` (float32, N x D), ``image_names.txt`` (line i names row i) and ``cluster_assignments.json``
 (per cluster: id, size, files, centroid; per image: cluster and distance to its centroid; the silhouette score).
 ``--num-clusters auto`` picks k by silhouette score and reports the scores. ``--features``/``--names`` cluster
-vectors saved earlier (e.g. by ``inference_artist.py --mode cluster``) without running the model.
+vectors saved earlier (e.g. by ``inference_artist.py --mode cluster``) without running the model. To extract on
+several GPUs or machines, run ``inference_artist.py --mode cluster`` under ``torchrun`` and cluster its
+``features.npy`` here (docs/scale-out.md).
 """
 
 import argparse
+import os
 from pathlib import Path
 
 from analysis.clustering import ClusterResult, cluster_features, write_cluster_outputs
@@ -57,6 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace | None = None) -> ClusterResult:
     args = args if args is not None else get_args_parser().parse_args()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError("extract_cluster_features.py runs in one process; under torchrun, extract with "
+                        "inference_artist.py --mode cluster, then cluster its features.npy here with --features")
     if (args.images_dir is None) == (args.features is None):
         raise UserError("pass either --images-dir (with --checkpoint) or --features (with --names)")
     if args.features is not None:
