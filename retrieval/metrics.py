@@ -181,9 +181,13 @@ def _check_memory(count: int, dim: int, chunks: list[tuple[np.ndarray, int]], qu
     need = count * dim * 4 + count * 16 + rows * dim * 4 + BLOCK * BLOCK * 4 + probes + results
     if limit is not None and need > limit:
         raise UserError(
-            f"retrieval over {count:,} vectors needs about {need / 2**30:.1f} GiB ({rows:,} queries x {depth:,} "
-            f"results held at once as int64 ids + float32 scores: {results / 2**30:.1f} GiB, plus the vectors) but "
-            f"{limit / 2**30:.1f} GiB is available; lower --query-chunk (now {query_chunk:,}) or --max-depth")
+            f"retrieval over {count:,} vectors needs about {_size(need)} ({rows:,} queries x {depth:,} results held "
+            f"at once as int64 ids + float32 scores: {_size(results)}, plus the vectors) but {_size(limit)} is "
+            f"available; lower --query-chunk (now {query_chunk:,}) or --max-depth")
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
 
 
 def _agreement(x: np.ndarray, search: Search, queries: np.ndarray, depth: np.ndarray, labels: np.ndarray,
