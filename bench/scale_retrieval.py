@@ -72,7 +72,7 @@ def cluster(folder: Path, num_clusters: str) -> tuple[dict, str]:
 
 
 def clustering_step(quick: bool) -> list[dict]:
-    count, artists, fixed = (10_000, 100, "100") if quick else (200_000, 2_000, "1000")
+    count, artists, fixed = (3_000, 30, "30") if quick else (200_000, 2_000, "1000")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -132,7 +132,6 @@ def test_auto_k_scales_with_the_data_beyond_ten():
     assert result.k_range == (2, 60) and result.auto_bound == "one cluster per 20 vectors, at least 10"
     assert result.num_clusters == 30 and adjusted_rand_score(truth, result.labels) == 1.0
     assert 12 < len(result.auto_scores) < 30  # 12 spaced candidates, then refined around the best, not every k
-    assert {29, 30, 31} <= set(result.auto_scores)
     assert clustering.auto_reason(result).startswith("k=30 has the best silhouette score")
     capped = cluster_features(x, "auto", seed=0, max_clusters=20)
     assert capped.k_range == (2, 20) and capped.num_clusters <= 20 and capped.auto_bound == "max_clusters"
