@@ -5,10 +5,14 @@
     python tools/evaluate_retrieval.py --gallery gallery --queries test_images --checkpoint runs/t
 
 Retrieval: every image of ``--features`` queries all the others (its own image excluded); labels are the top
-folder of each line of ``--names`` (``artist/file.jpg``). Identification: the images of ``--queries`` (one
-sub-folder per artist) are matched to the gallery's artist prototypes; top-1/top-5 over artists in the gallery,
-and with the gallery's calibrated per-artist thresholds (or one ``--unknown-threshold``) the share of enrolled
-artists' images marked unknown (false unknown) and of other artists' images marked unknown (unknown detection).
+folder of each line of ``--names`` (``artist/file.jpg``). Each query's nearest images come from a k-NN search as
+deep as its artist's other images (at least 100): exact up to ``--exact-limit`` vectors, through inverted lists
+above (the report gives the search used and its agreement with exact search on a sample of queries).
+
+Identification: the images of ``--queries`` (one sub-folder per artist) are matched to the gallery's artist
+prototypes; top-1/top-5 over artists in the gallery, and with the gallery's calibrated per-artist thresholds (or
+one ``--unknown-threshold``) the share of enrolled artists' images marked unknown (false unknown) and of other
+artists' images marked unknown (unknown detection).
 """
 
 import argparse
@@ -19,15 +23,23 @@ from typing import Any
 from artifacts.outputs import load_features
 from predictor import add_runtime_args, engine_options, load_model_bundle
 from retrieval.gallery import load_gallery
-from retrieval.metrics import identification_metrics, retrieval_metrics
+from retrieval.metrics import EXACT_LIMIT, QUERY_CHUNK, identification_metrics, retrieval_metrics
 from retrieval.references import artist_images, artist_of, embed_images
-from utils import UserError, run_cli
+from utils import NumberRange, UserError, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--features", help="features.npy (N x D) written by inference_artist.py --mode cluster")
     parser.add_argument("--names", help="image_names.txt of the features; the top folder of a name is its artist")
+    parser.add_argument("--exact-limit", type=NumberRange(int, 1), default=EXACT_LIMIT,
+                        help="search exactly up to this many vectors, through inverted lists above (default: "
+                             "%(default)s; exact time grows with the square of the count)")
+    parser.add_argument("--query-chunk", type=NumberRange(int, 1), default=QUERY_CHUNK,
+                        help="queries searched at once; their results are held in memory (default: %(default)s)")
+    parser.add_argument("--max-depth", type=NumberRange(int, 1), default=None,
+                        help="search at most this many results per query (default: as many as the query's artist "
+                             "has other images, so mAP@R is exact; a cap makes it a lower bound)")
     parser.add_argument("--gallery", help="a gallery folder from tools/build_gallery.py")
     parser.add_argument("--queries", help="query images, one sub-folder per artist (with --gallery)")
     parser.add_argument("--checkpoint", help="the gallery's model (with --queries)")
@@ -43,7 +55,10 @@ def evaluate_features(args: argparse.Namespace) -> dict[str, Any]:
     if not args.names:
         raise UserError("--features needs --names (the image_names.txt written with it) for the artist labels")
     features, names = load_features(args.features, args.names)
-    return retrieval_metrics(features, [artist_of(name, args.names) for name in names])
+    labels = [artist_of(name, args.names) for name in names]
+    del names
+    return retrieval_metrics(features, labels, exact_limit=args.exact_limit, query_chunk=args.query_chunk,
+                             max_depth=args.max_depth)
 
 
 def evaluate_gallery(args: argparse.Namespace) -> dict[str, Any]:
@@ -64,14 +79,15 @@ def evaluate_gallery(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """Two columns, metric and value, one section per evaluation."""
+def format_table(report: dict[str, Any], indent: str = "") -> str:
+    """Two columns, metric and value, one section per evaluation (nested sections indented)."""
     lines = []
-    for section, values in report.items():
-        lines.append(f"{section}:")
-        for key, value in values.items():
+    for key, value in report.items():
+        if isinstance(value, dict):
+            lines += [f"{indent}{key}:", format_table(value, indent + "  ")]
+        else:
             shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-            lines.append(f"  {key:<24} {shown}")
+            lines.append(f"{indent}{key:<{max(26 - len(indent), 1)}} {shown}")
     return "\n".join(lines)
 
 

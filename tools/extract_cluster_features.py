@@ -3,9 +3,10 @@
 
 Writes ``features.npy`` (float32, N x D), ``image_names.txt`` (line i names row i) and ``cluster_assignments.json``
 (per cluster: id, size, files, centroid; per image: cluster and distance to its centroid; the silhouette score).
-``--num-clusters auto`` picks k by silhouette score and reports the scores. ``--features``/``--names`` cluster
-vectors saved earlier (e.g. by ``inference_artist.py --mode cluster``) without running the model. To extract on
-several GPUs or machines, run ``inference_artist.py --mode cluster`` under ``torchrun`` and cluster its
+``--num-clusters auto`` picks k by silhouette score among candidates spaced log-uniformly up to one cluster per 20
+vectors (or ``--max-clusters``) and reports the scores and why it chose its k. ``--features``/``--names`` cluster
+vectors saved earlier (e.g. by ``inference_artist.py --mode cluster``) without running the model.
+To extract on several GPUs or machines, run ``inference_artist.py --mode cluster`` under ``torchrun`` and cluster its
 ``features.npy`` here (docs/scale-out.md).
 """
 
@@ -13,10 +14,10 @@ import argparse
 import os
 from pathlib import Path
 
-from analysis.clustering import ClusterResult, cluster_features, write_cluster_outputs
+from analysis.clustering import ClusterResult, auto_reason, cluster_features, write_cluster_outputs
 from artifacts.outputs import load_features
 from predictor import DESCRIPTORS, add_runtime_args, engine_options, load_model_bundle
-from utils import UserError, run_cli
+from utils import NumberRange, UserError, run_cli
 
 
 def num_clusters_arg(value: str) -> int | str:
@@ -46,6 +47,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="the image_names.txt of --features (default: image_names.txt next to it)")
     parser.add_argument("--num-clusters", type=num_clusters_arg, default="auto",
                         help="number of clusters, or 'auto' to pick it by silhouette score (default: auto)")
+    parser.add_argument("--max-clusters", type=NumberRange(int, 2), default=None,
+                        help="largest k 'auto' tries, e.g. about the number of artists times 2 (default: one "
+                             "cluster per 20 vectors, at least 10)")
     parser.add_argument("--output-dir", required=True, help="where to write the result files")
     parser.add_argument("--l2-normalize", action=argparse.BooleanOptionalAction, default=True,
                         help="cluster unit-length vectors, i.e. by cosine similarity (default: on)")
@@ -81,15 +85,20 @@ def main(args: argparse.Namespace | None = None) -> ClusterResult:
         features, names = batch.features, batch.names
         if batch.skipped:
             print(f"{len(batch.skipped)} unreadable images skipped (warned above)")
-    result = cluster_features(features, args.num_clusters, seed=args.seed, l2_normalize=args.l2_normalize)
+    result = cluster_features(features, args.num_clusters, seed=args.seed, l2_normalize=args.l2_normalize,
+                              max_clusters=args.max_clusters)
     if result.auto_scores is not None:
-        scores = ", ".join(f"k={k}: {score:.4f}" for k, score in result.auto_scores.items())
-        print(f"silhouette score by number of clusters: {scores}; chose k={result.num_clusters}")
+        scores = ", ".join(f"k={k}: {'undefined' if s is None else f'{s:.4f}'}" for k, s in result.auto_scores.items())
+        print(f"silhouette score by number of clusters: {scores}; chose {auto_reason(result)}")
+    if result.reseeded:
+        print(f"MiniBatchKMeans left {result.reseeded} of {result.num_clusters} clusters empty; k-means refinement "
+              "re-seeded them with the vectors farthest from their centroids")
     paths = write_cluster_outputs(args.output_dir, features, names, result)
     silhouette = "undefined" if result.silhouette is None else f"{result.silhouette:.4f}"
     print(f"{len(names)} images in {result.num_clusters} clusters (silhouette score {silhouette}); "
           f"wrote {', '.join(p.name for p in paths.values())} to {args.output_dir}")
     return result
+
 
 if __name__ == "__main__":
     run_cli(main)
