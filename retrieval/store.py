@@ -8,6 +8,7 @@ Anything else is a folder.
 """
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from artifacts.work_folder import file_identity
+from artifacts.work_folder import file_identity, work_folder_for
 from errors import import_optional
 from retrieval import gallery as folders
 from retrieval.gallery import BaseGallery, Gallery
@@ -149,3 +150,14 @@ def references_folder(location: str | os.PathLike) -> Path | None:
         return None
     return Path(uri).parent / f"{Path(uri).stem}.{name}.references"
 
+
+
+def work_folder(location: str | os.PathLike) -> Path:
+    """Where a run building the gallery at ``location`` keeps its embeddings for ``--resume``: beside a folder or a
+    Milvus Lite file, in the current folder for a Milvus server."""
+    if not is_milvus_uri(location):
+        return work_folder_for(location)
+    uri, name = split_location(location)
+    if is_server(uri):
+        return work_folder_for(re.sub(r"[^\w.-]+", "_", f"{uri}_{name}"))
+    return work_folder_for(Path(uri).with_name(f"{Path(uri).stem}.{name}"))

@@ -18,9 +18,9 @@ from typing import Any
 
 from artifacts.outputs import load_features
 from predictor import add_runtime_args, load_model_bundle
-from retrieval.gallery import load_gallery
 from retrieval.metrics import identification_metrics, retrieval_metrics
 from retrieval.references import artist_images, artist_of, embed_images
+from retrieval.store import open_gallery
 from utils import UserError, run_cli
 
 
@@ -28,7 +28,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--features", help="features.npy (N x D) written by inference_artist.py --mode cluster")
     parser.add_argument("--names", help="image_names.txt of the features; the top folder of a name is its artist")
-    parser.add_argument("--gallery", help="a gallery folder from tools/build_gallery.py")
+    parser.add_argument("--gallery", help="a gallery from tools/build_gallery.py (a folder or a Milvus location)")
     parser.add_argument("--queries", help="query images, one sub-folder per artist (with --gallery)")
     parser.add_argument("--checkpoint", help="the gallery's model (with --queries)")
     parser.add_argument("--unknown-threshold", type=float, default=None,
@@ -49,7 +49,7 @@ def evaluate_features(args: argparse.Namespace) -> dict[str, Any]:
 def evaluate_gallery(args: argparse.Namespace) -> dict[str, Any]:
     if not (args.queries and args.checkpoint):
         raise UserError("--gallery needs --queries (images, one sub-folder per artist) and --checkpoint")
-    gallery = load_gallery(args.gallery)
+    gallery = open_gallery(args.gallery)
     artist_model = load_model_bundle(args.checkpoint, device=args.device)
     gallery.check_model(artist_model, args.gallery)
     kept, vectors = embed_images(artist_model, args.queries, artist_images(args.queries), args.batch_size,
