@@ -8,8 +8,10 @@ A location ``URI[#NAME]`` (:mod:`retrieval.store`) names two collections::
                     the gallery's metadata as JSON: format, version, model identity (architecture, checkpoint
                     SHA-256, style vector, feature size, preprocessing), unknown threshold, calibration, index, the
                     next id and a revision counted up by every write
-    NAME__artists   one row per artist: artist (primary), prototype (FLOAT_VECTOR: the mean of its unit vectors,
-                    re-normalised), images, threshold and calibrated (its own calibrated threshold, if any)
+    NAME__artists   one row per artist: id (INT64, primary: the first 8 bytes of the name's SHA-256, as
+                    pymilvus's iterators cannot page on names holding quotes), artist, prototype (FLOAT_VECTOR: the
+                    mean of its unit vectors, re-normalised), images, threshold and calibrated (its own calibrated
+                    threshold, if any)
 
 Scores are inner products of unit vectors (metric IP = cosine). The reference index is FLAT (exact) up to the
 gallery's exact limit (100 000 vectors, as for a folder) and IVF_FLAT above it, with a folder gallery's IVF
@@ -23,6 +25,7 @@ Milvus has no transactions: an interrupted save leaves the collections partly ch
 again). The metadata is written last when a gallery is created, so a half-created collection is refused on opening.
 """
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -41,7 +44,7 @@ from utils import UserError
 META_PROPERTY = "artist_style_gallery"
 ARTISTS_SUFFIX = "__artists"
 REFERENCE_FIELDS = ("id", "artist", "path", "vector")
-ARTIST_FIELDS = ("artist", "prototype", "images", "threshold", "calibrated")
+ARTIST_FIELDS = ("id", "artist", "prototype", "images", "threshold", "calibrated")
 CONNECT_TIMEOUT_S = 10.0
 WRITE_ROWS = 4096  # references per insert call (about 7 MB of 448-value vectors)
 READ_ROWS = 4096  # rows per query-iterator page
@@ -79,6 +82,11 @@ def connect(location: str) -> tuple[MilvusClient, str]:
     return _clients[uri], name
 
 
+def artist_key(artist: str) -> int:
+    """The primary key of an artist's row: the first 8 bytes of its name's SHA-256 as a signed integer."""
+    return int.from_bytes(hashlib.sha256(artist.encode("utf-8")).digest()[:8], "big", signed=True)
+
+
 def _literal(text: str) -> str:
     """``text`` as a string literal of a Milvus filter expression."""
     return json.dumps(text, ensure_ascii=False)
@@ -108,7 +116,8 @@ def _schemas(client: MilvusClient, dim: int) -> tuple[Any, Any]:
     references.add_field("path", DataType.VARCHAR, max_length=MAX_PATH_CHARS)
     references.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
     artists = client.create_schema(auto_id=False, enable_dynamic_field=False)
-    artists.add_field("artist", DataType.VARCHAR, is_primary=True, max_length=MAX_ARTIST_CHARS)
+    artists.add_field("id", DataType.INT64, is_primary=True)
+    artists.add_field("artist", DataType.VARCHAR, max_length=MAX_ARTIST_CHARS)
     artists.add_field("prototype", DataType.FLOAT_VECTOR, dim=dim)
     artists.add_field("images", DataType.INT64)
     artists.add_field("threshold", DataType.DOUBLE)
@@ -310,7 +319,7 @@ class MilvusGallery(BaseGallery):
         with milvus_errors(self.location):
             for artist in sorted(self._deleted):
                 self.client.delete(self.name, filter=f"artist == {_literal(artist)}")
-                self.client.delete(self.name + ARTISTS_SUFFIX, ids=[artist])
+                self.client.delete(self.name + ARTISTS_SUFFIX, ids=[artist_key(artist)])
             next_id = int(self.meta["next_id"])
             for vectors, names, paths in self._inserted:
                 next_id = _insert(self.client, self.name, next_id, [(vectors, names, paths)])
@@ -357,7 +366,7 @@ def _write_artists(gallery: BaseGallery, which: list[str]) -> None:
     position = {a: i for i, a in enumerate(gallery.artist_names)}
     counts, own = gallery.image_counts(), gallery.artist_thresholds or {}
     for start in range(0, len(which), WRITE_ROWS):
-        rows = [{"artist": a, "prototype": gallery.prototypes[position[a]], "images": counts[a],
+        rows = [{"id": artist_key(a), "artist": a, "prototype": gallery.prototypes[position[a]], "images": counts[a],
                  "threshold": float(own.get(a, 0.0)), "calibrated": a in own} for a in which[start:start + WRITE_ROWS]]
         client.upsert(name + ARTISTS_SUFFIX, rows)
 
