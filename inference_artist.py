@@ -48,7 +48,7 @@ from artifacts.outputs import (
     write_json_file,
     write_parts,
 )
-from artifacts.work_folder import Part, WorkFolder, file_identity, list_identity, work_folder_for
+from artifacts.work_folder import Part, WorkFolder, list_identity, work_folder_for
 from data import ImageLoadError
 from errors import import_optional
 from inference.results import JoinedPaths, directory_images
@@ -57,7 +57,7 @@ from predictor import DESCRIPTORS, MODES, ArtistModel, FocusOptions, add_runtime
 from utils import NumberRange, UserError, run_cli
 
 if TYPE_CHECKING:
-    from retrieval.gallery import Gallery
+    from retrieval.gallery import BaseGallery
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,10 @@ class GalleryMatcher:
     """``--gallery`` loaded and checked against the model, with ``--unknown-threshold`` (None: the gallery's
     calibrated per-artist thresholds)."""
 
-    gallery: "Gallery"
+    gallery: "BaseGallery"
     threshold: float | None
     path: str
+    identity: dict[str, Any]  # what changes when the gallery changes (for --resume)
 
     def match(self, features: np.ndarray, top_k: int) -> list[dict[str, Any]]:
         return self.gallery.match(features, top_k, self.threshold)
@@ -120,8 +121,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-json-features", dest="json_features", action="store_false",
                         help="leave feature vectors out of batch_results.json (features.npy keeps them)")
     parser.add_argument("--gallery", default=None,
-                        help="identify artists by similarity to this gallery (tools/build_gallery.py); "
-                             "works without --class-csv")
+                        help="identify artists by similarity to this gallery (tools/build_gallery.py: a folder or "
+                             "a Milvus location, FILE.db or http://host:19530, optionally #COLLECTION); works "
+                             "without --class-csv")
     parser.add_argument("--descriptor", choices=DESCRIPTORS, default=None,
                         help="style vector of the features: pooled (default; the classifier head's input) or texture "
                              "(channel spreads of the first three stages); with --gallery, the gallery's")
@@ -143,13 +145,13 @@ def load_matcher(args: argparse.Namespace, artist_model: ArtistModel) -> Gallery
     """``--gallery`` checked against the model (a gallery built with another model is refused), or None."""
     if not args.gallery:
         return None
-    galleries = import_optional("retrieval.gallery", "requirements-retrieval.txt", "--gallery")
-    gallery = galleries.load_gallery(args.gallery)
+    galleries = import_optional("retrieval.store", "requirements-retrieval.txt", "--gallery")
+    gallery = galleries.open_gallery(args.gallery)
     if args.descriptor not in (None, gallery.descriptor):
         raise UserError(f"gallery {args.gallery} holds {gallery.descriptor} style vectors; drop --descriptor "
                         f"{args.descriptor}")
     gallery.check_model(artist_model, args.gallery)
-    return GalleryMatcher(gallery, args.unknown_threshold, args.gallery)
+    return GalleryMatcher(gallery, args.unknown_threshold, args.gallery, galleries.gallery_identity(args.gallery))
 
 
 def effective_mode(mode: str, matcher: GalleryMatcher | None, artist_model: ArtistModel) -> str:
@@ -205,7 +207,7 @@ def run_identity(artist_model: ArtistModel, args: argparse.Namespace, mode: str,
     """What a directory run's outputs depend on: a ``--resume`` must find the same (model, images, flags)."""
     gallery = None
     if matcher is not None:
-        gallery = {**file_identity(matcher.path), "--unknown-threshold": matcher.threshold}
+        gallery = {**matcher.identity, "--unknown-threshold": matcher.threshold}
     return {**artist_model.fingerprint(), "input folder": os.path.abspath(args.input),
             "image list": list_identity(names), "--mode": mode,
             "--top-k": args.top_k, "--threshold": args.threshold, "--no-json-features": not args.json_features,

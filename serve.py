@@ -33,9 +33,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True,
                         help="model folder (model_best.pth + class_mapping.csv + config.json) or checkpoint file")
     parser.add_argument("--gallery", default=None,
-                        help="a gallery folder of this model (tools/build_gallery.py): POST /v1/similar answers from "
-                             "it, the page shows similar works, and artists can be enrolled and removed (uploaded "
-                             "references are kept in GALLERY.references/)")
+                        help="a gallery of this model (tools/build_gallery.py: a folder, or a Milvus location FILE.db "
+                             "or http://host:19530, optionally #COLLECTION): POST /v1/similar answers from it, the "
+                             "page shows similar works, and artists can be enrolled and removed (uploaded references "
+                             "are kept in GALLERY.references/; not for a Milvus server)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every network)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")

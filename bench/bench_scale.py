@@ -22,7 +22,8 @@ from pathlib import Path
 from utils import UserError, run_cli
 
 HERE = Path(__file__).resolve().parent
-MODULES = ("scale_gallery", "scale_search", "scale_training", "scale_inference", "scale_retrieval", "scale_out")
+MODULES = ("scale_gallery", "scale_search", "scale_training", "scale_inference", "scale_retrieval", "scale_out",
+           "scale_milvus")
 COLUMNS = ("path", "size", "seconds", "peak_gib", "before", "target", "note")
 MARK = "SCALE-ROWS "
 

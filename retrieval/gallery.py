@@ -45,6 +45,7 @@ from retrieval.index import (
     read_block,
     remove_rows,
     row_blocks,
+    search,
     wrap_index,
 )
 from utils import UserError
@@ -107,37 +108,25 @@ def artist_sums(blocks: Iterable[tuple[np.ndarray, np.ndarray]], artists: int, d
     return sums
 
 
-class Gallery:
-    """Reference vectors (unit rows) with their artists and image paths, and the model identity they came from.
+class BaseGallery:
+    """What every gallery store shares: the model identity check, identification by cosine to the artist
+    prototypes, the unknown-artist thresholds and their calibration.
 
-    ``vectors`` is one array or a list of parts (a loaded gallery's memory-mapped shards). The artist prototypes
-    and their scores are computed once per object; :meth:`extended` and :meth:`removed` return new objects.
+    A store (:class:`Gallery`: a folder; :class:`retrieval.milvus_gallery.MilvusGallery`: a Milvus collection)
+    provides ``artist_names``, ``prototypes``, ``dim``, ``size``, :meth:`image_counts`, :meth:`nearest`,
+    :meth:`work`, :meth:`known_paths`, :meth:`index_parameters`, :meth:`extended` and :meth:`removed`.
     """
 
-    def __init__(self, vectors: np.ndarray | list[np.ndarray], artists: list[str], paths: list[str],
-                 model: dict[str, Any], unknown_threshold: float | None = None,
-                 calibration: dict[str, Any] | None = None, exact_limit: int = EXACT_LIMIT,
-                 artist_thresholds: dict[str, float] | None = None, index_memory_gib: float = INDEX_MEMORY_GIB):
-        self.parts = [vectors] if isinstance(vectors, np.ndarray) else list(vectors)
-        self.artists, self.paths, self.model, self.calibration = list(artists), list(paths), model, calibration
-        self.exact_limit, self.index_memory_gib = exact_limit, index_memory_gib
+    artist_names: list[str]  # enrolled artists, sorted; row i of ``prototypes`` belongs to artist_names[i]
+    prototypes: np.ndarray  # per-artist mean of the unit reference vectors, re-normalised
+    dim: int
+    exact_limit: int  # search exactly up to this many references
+
+    def __init__(self, model: dict[str, Any], unknown_threshold: float | None = None,
+                 calibration: dict[str, Any] | None = None, artist_thresholds: dict[str, float] | None = None):
+        self.model, self.calibration = model, calibration
         self._unknown_threshold, self._artist_thresholds = unknown_threshold, artist_thresholds
         self._limits: np.ndarray | None = None
-        self._prototypes: np.ndarray | None = None
-        self._index: tuple[Any, dict] | None = None
-        self.folder: Path | None = None  # the folder whose files ``_stored`` names
-        self._stored: list[dict | None] = [None] * len(self.parts)  # shard entry of each part on disk, if any
-        self._files: dict[str, str | None] = {"prototypes": None, "index": None}
-        self._next_file = 1  # the first unused file number of ``folder``
-
-    @property
-    def dim(self) -> int:
-        return int(self.parts[0].shape[1])
-
-    @property
-    def vectors(self) -> np.ndarray:
-        """All reference vectors as one array (a copy when the gallery has several parts)."""
-        return self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
 
     @property
     def unknown_threshold(self) -> float | None:
@@ -155,6 +144,137 @@ class Gallery:
     @artist_thresholds.setter
     def artist_thresholds(self, value: dict[str, float] | None) -> None:
         self._artist_thresholds, self._limits = value, None
+
+    @property
+    def descriptor(self) -> str:
+        """The style vector the references are (galleries from before texture vectors hold pooled ones)."""
+        return str(self.model.get("descriptor", "pooled"))
+
+    def check_model(self, artist_model: Any, where: str) -> None:
+        """Set ``artist_model`` to the gallery's style vector, and refuse a model other than the gallery's (its
+        vectors would not be comparable)."""
+        artist_model.use_descriptor(self.descriptor)
+        self.check_identity(model_identity(artist_model), where)
+
+    def check_identity(self, identity: dict[str, Any], where: str) -> None:
+        """Refuse a :func:`model_identity` other than the gallery's."""
+        for key, value in self.model.items():
+            if identity.get(key) != value:
+                raise UserError(f"gallery {where} was built with another model ({key}: {value} there, "
+                                f"{identity.get(key)} here); use --checkpoint of that model or rebuild the gallery")
+
+    def identify(self, queries: np.ndarray, top_k: int, block_rows: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, artist ids)`` of the ``top_k`` most similar artist prototypes per unit query, best first;
+        exact, ``block_rows`` queries at a time (default: about ``SCORE_BLOCK_BYTES`` of scores)."""
+        check_queries(queries, self.dim, top_k)
+        prototypes = self.prototypes
+        block = block_rows or max(1, SCORE_BLOCK_BYTES // (4 * len(prototypes)))
+        k = min(top_k, len(prototypes))
+        scores, ids = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
+        for start in range(0, len(queries), block):
+            stop = min(start + block, len(queries))
+            scores[start:stop], ids[start:stop] = best_of(read_block(queries, start, stop) @ prototypes.T, k)
+        return scores, ids
+
+    def _threshold_limits(self) -> np.ndarray:
+        """The threshold of every artist, in :attr:`artist_names` order (computed once per calibration)."""
+        if self._limits is None:
+            limits = np.full(len(self.artist_names), self.unknown_threshold, np.float64)
+            position = {name: i for i, name in enumerate(self.artist_names)}
+            for name, threshold in (self.artist_thresholds or {}).items():
+                if name in position:
+                    limits[position[name]] = threshold
+            self._limits = limits
+        return self._limits
+
+    def unknown(self, scores: np.ndarray, ids: np.ndarray, threshold: float | None = None) -> np.ndarray | None:
+        """Whether each query of :meth:`identify`'s ``(scores, ids)`` is an unknown artist: its best score is below
+        ``threshold`` when given, else below its nearest artist's calibrated threshold. None: no threshold at all."""
+        if threshold is None and self.unknown_threshold is None:
+            return None
+        if threshold is None:
+            return scores[:, 0] < self._threshold_limits()[ids[:, 0]]
+        return scores[:, 0] < threshold
+
+    def match(self, features: np.ndarray, top_k: int, threshold: float | None = None) -> list[dict[str, Any]]:
+        """Per image: ``{"artists": [{"artist", "score"}, ...], "unknown": bool}``, cosine to the artist prototypes;
+        ``unknown`` as :meth:`unknown` decides (``threshold`` overrides the calibrated thresholds)."""
+        scores, ids = self.identify(l2_normalize(features, "style vector"), top_k)
+        unknown = self.unknown(scores, ids, threshold)
+        return [{"artists": [{"artist": self.artist_names[i], "score": float(s)}
+                             for s, i in zip(row_scores, row_ids, strict=True)],
+                 "unknown": bool(unknown is not None and unknown[row])}
+                for row, (row_scores, row_ids) in enumerate(zip(scores, ids, strict=True))]
+
+    def calibrate(self, vectors: np.ndarray, truth: list[str], target_false_unknown: float,
+                  block_rows: int | None = None) -> float:
+        """Set the unknown thresholds from unit vectors of held-out images of enrolled artists (``truth``: their
+        artists); returns the share of them marked unknown.
+
+        Artists differ in how alike their works are, so each gets its own threshold: the mean score of its held-out
+        images against its prototype, plus one shared offset, the largest that marks at most
+        ``target_false_unknown`` of the images unknown (each judged by the threshold of its nearest artist). Artists
+        without held-out images get the mean of those means plus the offset (:attr:`unknown_threshold`). The scores
+        are computed ``block_rows`` images at a time, so memory does not grow with images x artists.
+        """
+        if not truth:
+            raise UserError("no calibration images of enrolled artists; pass a --calibrate folder with one "
+                            "sub-folder per enrolled artist")
+        position = {name: i for i, name in enumerate(self.artist_names)}
+        own = np.fromiter((position[a] for a in truth), np.int64, len(truth))
+        best, nearest = self.identify(vectors, 1, block_rows)
+        step = block_rows or max(1, SCORE_BLOCK_BYTES // (4 * self.dim))
+        genuine = np.concatenate([np.einsum("ij,ij->i", read_block(vectors, s, s + step),
+                                            self.prototypes[own[s:s + step]]) for s in range(0, len(own), step)])
+        counts = np.bincount(own, minlength=len(position))
+        means = np.bincount(own, weights=genuine, minlength=len(position)) / np.maximum(counts, 1)
+        present = counts > 0
+        overall = float(means[present].mean())
+        offsets = best[:, 0] - np.where(present, means, overall)[nearest[:, 0]]
+        offset = calibrate_threshold(offsets, target_false_unknown)
+        self.artist_thresholds = {self.artist_names[i]: float(means[i] + offset) for i in np.flatnonzero(present)}
+        self.unknown_threshold = overall + offset
+        return float(np.mean(offsets < offset))  # what unknown() decides, without rounding at the boundary
+
+    def thresholds(self, threshold: float | None = None) -> dict[str, Any]:
+        """The thresholds :meth:`unknown` applies, for reports: ``threshold`` for every artist when given, else the
+        calibrated ones (``artist_thresholds``, and ``unknown_threshold`` for artists without their own)."""
+        if threshold is not None:
+            return {"unknown_threshold": threshold, "artist_thresholds": None}
+        return {"unknown_threshold": self.unknown_threshold, "artist_thresholds": self.artist_thresholds}
+
+
+class Gallery(BaseGallery):
+    """Reference vectors (unit rows) with their artists and image paths, and the model identity they came from.
+
+    ``vectors`` is one array or a list of parts (a loaded gallery's memory-mapped shards). The artist prototypes
+    and their scores are computed once per object; :meth:`extended` and :meth:`removed` return new objects.
+    """
+
+    def __init__(self, vectors: np.ndarray | list[np.ndarray], artists: list[str], paths: list[str],
+                 model: dict[str, Any], unknown_threshold: float | None = None,
+                 calibration: dict[str, Any] | None = None, exact_limit: int = EXACT_LIMIT,
+                 artist_thresholds: dict[str, float] | None = None, index_memory_gib: float = INDEX_MEMORY_GIB):
+        self.parts = [vectors] if isinstance(vectors, np.ndarray) else list(vectors)
+        super().__init__(model, unknown_threshold, calibration, artist_thresholds)
+        self.artists, self.paths = list(artists), list(paths)
+        self.exact_limit, self.index_memory_gib = exact_limit, index_memory_gib
+        self._prototypes: np.ndarray | None = None
+        self._index: tuple[Any, dict] | None = None
+        self.folder: Path | None = None  # the folder whose files ``_stored`` names
+        self._stored: list[dict | None] = [None] * len(self.parts)  # shard entry of each part on disk, if any
+        self._files: dict[str, str | None] = {"prototypes": None, "index": None}
+        self._next_file = 1  # the first unused file number of ``folder``
+
+    @property
+    def dim(self) -> int:
+        return int(self.parts[0].shape[1])
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """All reference vectors as one array (a copy when the gallery has several parts)."""
+        return self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
 
     @cached_property
     def artist_names(self) -> list[str]:
@@ -201,73 +321,48 @@ class Gallery:
             out[fresh] = self._prototypes_of(fresh)
         return out
 
-    @property
-    def descriptor(self) -> str:
-        """The style vector the references are (galleries from before texture vectors hold pooled ones)."""
-        return str(self.model.get("descriptor", "pooled"))
-
-    def check_model(self, artist_model: Any, where: str) -> None:
-        """Set ``artist_model`` to the gallery's style vector, and refuse a model other than the gallery's (its
-        vectors would not be comparable)."""
-        artist_model.use_descriptor(self.descriptor)
-        self.check_identity(model_identity(artist_model), where)
-
-    def check_identity(self, identity: dict[str, Any], where: str) -> None:
-        """Refuse a :func:`model_identity` other than the gallery's."""
-        for key, value in self.model.items():
-            if identity.get(key) != value:
-                raise UserError(f"gallery {where} was built with another model ({key}: {value} there, "
-                                f"{identity.get(key)} here); use --checkpoint of that model or rebuild the gallery")
-
     def index(self) -> tuple[Any, dict]:
         """The index over all reference vectors and its parameters (built on first use, then kept)."""
         if self._index is None:
             self._index = build_index(self.parts, self.exact_limit, memory_gib=self.index_memory_gib)
         return self._index
 
-    def identify(self, queries: np.ndarray, top_k: int, block_rows: int | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores, artist ids)`` of the ``top_k`` most similar artist prototypes per unit query, best first;
-        exact, ``block_rows`` queries at a time (default: about ``SCORE_BLOCK_BYTES`` of scores)."""
-        check_queries(queries, self.dim, top_k)
-        prototypes = self.prototypes
-        block = block_rows or max(1, SCORE_BLOCK_BYTES // (4 * len(prototypes)))
-        k = min(top_k, len(prototypes))
-        scores, ids = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
-        for start in range(0, len(queries), block):
-            stop = min(start + block, len(queries))
-            scores[start:stop], ids[start:stop] = best_of(read_block(queries, start, stop) @ prototypes.T, k)
-        return scores, ids
+    def index_parameters(self) -> dict[str, Any]:
+        """The search index's parameters, as reports record them."""
+        return self.index()[1]
 
-    def _threshold_limits(self) -> np.ndarray:
-        """The threshold of every artist, in :attr:`artist_names` order (computed once per calibration)."""
-        if self._limits is None:
-            limits = np.full(len(self.artist_names), self.unknown_threshold, np.float64)
-            position = {name: i for i, name in enumerate(self.artist_names)}
-            for name, threshold in (self.artist_thresholds or {}).items():
-                if name in position:
-                    limits[position[name]] = threshold
-            self._limits = limits
-        return self._limits
+    @property
+    def size(self) -> int:
+        """The number of reference vectors."""
+        return len(self.artists)
 
-    def unknown(self, scores: np.ndarray, ids: np.ndarray, threshold: float | None = None) -> np.ndarray | None:
-        """Whether each query of :meth:`identify`'s ``(scores, ids)`` is an unknown artist: its best score is below
-        ``threshold`` when given, else below its nearest artist's calibrated threshold. None: no threshold at all."""
-        if threshold is None and self.unknown_threshold is None:
-            return None
-        if threshold is None:
-            return scores[:, 0] < self._threshold_limits()[ids[:, 0]]
-        return scores[:, 0] < threshold
+    def image_counts(self) -> dict[str, int]:
+        """References per artist, in :attr:`artist_names` order."""
+        counts = np.bincount(self.artist_ids, minlength=len(self.artist_names))
+        return dict(zip(self.artist_names, counts.tolist(), strict=True))
 
-    def match(self, features: np.ndarray, top_k: int, threshold: float | None = None) -> list[dict[str, Any]]:
-        """Per image: ``{"artists": [{"artist", "score"}, ...], "unknown": bool}``, cosine to the artist prototypes;
-        ``unknown`` as :meth:`unknown` decides (``threshold`` overrides the calibrated thresholds)."""
-        scores, ids = self.identify(l2_normalize(features, "style vector"), top_k)
-        unknown = self.unknown(scores, ids, threshold)
-        return [{"artists": [{"artist": self.artist_names[i], "score": float(s)}
-                             for s, i in zip(row_scores, row_ids, strict=True)],
-                 "unknown": bool(unknown is not None and unknown[row])}
-                for row, (row_scores, row_ids) in enumerate(zip(scores, ids, strict=True))]
+    def nearest(self, queries: np.ndarray, top_k: int) -> list[list[dict[str, Any]]]:
+        """Per unit query, the ``top_k`` most similar works ``{"id", "score", "artist", "path"}``, best first (``id``:
+        the row, what :meth:`work` takes)."""
+        scores, ids = search(self.index()[0], queries, top_k)
+        return [[{"id": int(i), "score": float(s), "artist": self.artists[i], "path": self.paths[i]}
+                 for s, i in zip(row_scores, row_ids, strict=True) if i >= 0]
+                for row_scores, row_ids in zip(scores, ids, strict=True)]
+
+    def work(self, image_id: int) -> tuple[str, str] | None:
+        """``(artist, path)`` of work ``image_id`` (a :meth:`nearest` id), None when there is none."""
+        return (self.artists[image_id], self.paths[image_id]) if 0 <= image_id < len(self.paths) else None
+
+    def known_paths(self, paths: Iterable[str]) -> set[str]:
+        """Those of ``paths`` that are references already."""
+        return set(paths) & set(self.paths)
+
+    def blocks(self) -> Iterator[tuple[np.ndarray, list[str], list[str]]]:
+        """``(unit vectors, artists, paths)`` of consecutive rows, block by block (what a copy reads)."""
+        start = 0
+        for block in row_blocks(self.parts):
+            yield block, self.artists[start:start + len(block)], self.paths[start:start + len(block)]
+            start += len(block)
 
     def _derived(self, parts: list[np.ndarray], stored: list[dict | None], artists: list[str], paths: list[str],
                  thresholds: dict[str, float] | None) -> "Gallery":
@@ -322,42 +417,6 @@ class Gallery:
             out._index, self._index = (wrap_index(base, out.parts, params), params), None
         return out
 
-    def calibrate(self, vectors: np.ndarray, truth: list[str], target_false_unknown: float,
-                  block_rows: int | None = None) -> float:
-        """Set the unknown thresholds from unit vectors of held-out images of enrolled artists (``truth``: their
-        artists); returns the share of them marked unknown.
-
-        Artists differ in how alike their works are, so each gets its own threshold: the mean score of its held-out
-        images against its prototype, plus one shared offset, the largest that marks at most
-        ``target_false_unknown`` of the images unknown (each judged by the threshold of its nearest artist). Artists
-        without held-out images get the mean of those means plus the offset (:attr:`unknown_threshold`). The scores
-        are computed ``block_rows`` images at a time, so memory does not grow with images x artists.
-        """
-        if not truth:
-            raise UserError("no calibration images of enrolled artists; pass a --calibrate folder with one "
-                            "sub-folder per enrolled artist")
-        position = {name: i for i, name in enumerate(self.artist_names)}
-        own = np.fromiter((position[a] for a in truth), np.int64, len(truth))
-        best, nearest = self.identify(vectors, 1, block_rows)
-        step = block_rows or max(1, SCORE_BLOCK_BYTES // (4 * self.dim))
-        genuine = np.concatenate([np.einsum("ij,ij->i", read_block(vectors, s, s + step),
-                                            self.prototypes[own[s:s + step]]) for s in range(0, len(own), step)])
-        counts = np.bincount(own, minlength=len(position))
-        means = np.bincount(own, weights=genuine, minlength=len(position)) / np.maximum(counts, 1)
-        present = counts > 0
-        overall = float(means[present].mean())
-        offsets = best[:, 0] - np.where(present, means, overall)[nearest[:, 0]]
-        offset = calibrate_threshold(offsets, target_false_unknown)
-        self.artist_thresholds = {self.artist_names[i]: float(means[i] + offset) for i in np.flatnonzero(present)}
-        self.unknown_threshold = overall + offset
-        return float(np.mean(offsets < offset))  # what unknown() decides, without rounding at the boundary
-
-    def thresholds(self, threshold: float | None = None) -> dict[str, Any]:
-        """The thresholds :meth:`unknown` applies, for reports: ``threshold`` for every artist when given, else the
-        calibrated ones (``artist_thresholds``, and ``unknown_threshold`` for artists without their own)."""
-        if threshold is not None:
-            return {"unknown_threshold": threshold, "artist_thresholds": None}
-        return {"unknown_threshold": self.unknown_threshold, "artist_thresholds": self.artist_thresholds}
 
 
 def calibrate_threshold(best_scores: np.ndarray, target_false_unknown: float) -> float:
@@ -551,8 +610,9 @@ def _new_folder(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _open_features(path: Path, rows: int) -> np.ndarray:
-    """A features ``.npy`` (N x D real numbers, N = ``rows``) memory-mapped, not read."""
+def open_features(path: str | os.PathLike, rows: int, model: dict[str, Any]) -> np.ndarray:
+    """A features ``.npy`` (N x D real numbers, N = ``rows``) memory-mapped, not read; ``model`` without
+    ``feature_dim`` gets the file's, one with another is refused."""
     try:
         features = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
@@ -562,6 +622,9 @@ def _open_features(path: Path, rows: int) -> np.ndarray:
     if len(features) != rows:
         raise UserError(f"{path} holds {len(features)} vectors but {rows} names were given; pass the names file "
                         "written with it")
+    if model.setdefault("feature_dim", features.shape[1]) != features.shape[1]:
+        raise UserError(f"{path} holds {features.shape[1]}-value vectors but the model's {model.get('descriptor')} "
+                        f"style vector has {model['feature_dim']}; pass the features of that style vector")
     return features
 
 
@@ -570,11 +633,8 @@ def build_from_features(features: str | os.PathLike, artists: list[str], paths: 
                         index_memory_gib: float = INDEX_MEMORY_GIB) -> Gallery:
     """A new gallery folder from a features ``.npy`` read block by block: each row L2-normalised into the shard
     files, then the prototypes and the index computed from those (memory-mapped) shards. Memory grows with the
-    artists and the index, not with the vectors. ``model`` without ``feature_dim`` gets the file's."""
-    source = _open_features(Path(features), len(artists))
-    if model.setdefault("feature_dim", source.shape[1]) != source.shape[1]:
-        raise UserError(f"{features} holds {source.shape[1]}-value vectors but the model's {model.get('descriptor')} "
-                        f"style vector has {model['feature_dim']}; pass the features of that style vector")
+    artists and the index, not with the vectors."""
+    source = open_features(features, len(artists), model)
     out = Path(output_dir)
     with _new_folder(out) as tmp:
         writer = _Writer(tmp, 0)

@@ -68,7 +68,7 @@ def add_admin_routes(router: APIRouter, service: Service, settings: Settings, Cu
         """Remove an artist and its references from the gallery."""
         old, new = await service.change_gallery("remove", lambda rt, gallery, store: store.remove(gallery, artist))
         assert old.search is not None and new.search is not None
-        removed = len(old.search.gallery.paths) - len(new.search.gallery.paths)
+        removed = old.search.gallery.size - new.search.gallery.size
         return {"artist": artist, "removed": removed, "gallery": new.search.info(per_artist=False)}
 
     @router.post("/admin/reload", response_model=ModelInfo, dependencies=guard)

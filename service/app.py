@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute
 
 from predictor import BatchedModel
-from retrieval.gallery import Gallery
+from retrieval.gallery import BaseGallery
 from service.admin import add_admin_routes
 from service.auth import api_key_dependencies
 from service.engine import Engine
@@ -136,7 +136,7 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
 
 
-def create_app(model: BatchedModel, settings: Settings | None = None, gallery: Gallery | None = None,
+def create_app(model: BatchedModel, settings: Settings | None = None, gallery: BaseGallery | None = None,
                source: Source | None = None) -> FastAPI:
     """The service for a loaded model. ``gallery``: the retrieval gallery behind ``POST /v1/similar``; a gallery of
     another model is refused (:class:`UserError`), and the model computes the gallery's style vector from now on.
@@ -200,7 +200,7 @@ def _add_metrics(app: FastAPI, service: Service, in_flight: InFlight, settings: 
         search = service.current.search
         if search is None:
             return 0
-        return len(search.gallery.artist_names) if artists else len(search.gallery.paths)
+        return len(search.gallery.artist_names) if artists else search.gallery.size
 
     metrics.watch(queue_depth=lambda: service.current.engine.batcher.queued, requests_in_flight=lambda: in_flight.count,
                   gallery_artists=lambda: gallery_size(True), gallery_references=lambda: gallery_size(False))

@@ -1,15 +1,17 @@
 """Every change the service makes to a stored gallery: enroll an artist, add references to one, remove one.
 
-The only module of the service that writes galleries (:mod:`retrieval.gallery` owns the format). Uploaded
-references are kept as files in ``<gallery>.references/<artist>/``, next to the gallery folder: the layout
+The only module of the service that writes galleries (:mod:`retrieval.store` decides where they live). Uploaded
+references are kept as files in ``<gallery>.references/<artist>/``, next to the gallery folder or Milvus Lite file
+(:func:`retrieval.store.references_folder`; a gallery on a Milvus server is changed with the tools): the layout
 ``tools/build_gallery.py --images`` reads. They are embedded by the function build_gallery embeds with
-(:func:`retrieval.references.embed_images`) and appended with :meth:`Gallery.extended`, as ``build_gallery.py --add``
+(:func:`retrieval.references.embed_images`) and appended with ``extended``, as ``build_gallery.py --add``
 does, so the stored gallery equals ``build_gallery.py --images <gallery>.references --add`` run on the gallery as
 it was.
 
-A change builds a new :class:`Gallery` (the served one is never modified), saves it atomically
-(:func:`retrieval.gallery.save_gallery`) and only then returns it for the service to swap in. A failed change removes
-the reference files it stored and leaves the folder as it was. The caller serializes changes (one at a time).
+A change builds a new gallery object (the served one is never modified), saves it (:func:`retrieval.store.save_gallery`:
+a folder atomically, a Milvus collection in place, so searches of the served gallery may see the change a moment
+before the swap) and only then returns it for the service to swap in. A failed change removes the reference files it
+stored. The caller serializes changes (one at a time).
 """
 
 import hashlib
@@ -18,7 +20,6 @@ import os
 import re
 import shutil
 import unicodedata
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,13 +29,13 @@ from PIL import Image
 
 from data import IMAGE_EXTENSIONS
 from predictor import BatchedModel
-from retrieval.gallery import GALLERY_FILE, Gallery, load_gallery, save_gallery
+from retrieval.gallery import GALLERY_FILE, BaseGallery
 from retrieval.references import artist_of, embed_images
+from retrieval.store import gallery_identity, is_milvus_uri, open_gallery, references_folder, save_gallery
 from service.limits import ServiceError, Upload
 
 T = TypeVar("T")
 OnModelThread = Callable[[Callable[[], T]], T]  # runs a function on the model thread and returns its result
-REFERENCES_SUFFIX = ".references"
 MAX_NAME_CHARS = 100
 FORBIDDEN_CHARS = set('/\\:*?"<>|')  # path separators and what Windows file names cannot hold
 
@@ -56,17 +57,17 @@ def check_artist_name(name: str) -> str:
     raise ServiceError(422, f"the artist name {name!r} {problem}; use letters, digits, spaces and - _ . , ' ( )")
 
 
-def list_artists(gallery: Gallery) -> list[dict[str, Any]]:
-    """Per enrolled artist (sorted): reference count and the threshold :meth:`Gallery.unknown` applies."""
-    counts = Counter(gallery.artists)
+def list_artists(gallery: BaseGallery) -> list[dict[str, Any]]:
+    """Per enrolled artist (sorted): reference count and the threshold :meth:`BaseGallery.unknown` applies."""
+    counts = gallery.image_counts()
     return [artist_entry(gallery, name, counts[name]) for name in gallery.artist_names]
 
 
-def artist_entry(gallery: Gallery, artist: str, references: int | None = None) -> dict[str, Any]:
+def artist_entry(gallery: BaseGallery, artist: str, references: int | None = None) -> dict[str, Any]:
     """``{"artist", "references", "threshold", "calibrated"}``: its own calibrated threshold, else the gallery's."""
     own = gallery.artist_thresholds or {}
     return {"artist": artist,
-            "references": gallery.artists.count(artist) if references is None else references,
+            "references": gallery.image_counts()[artist] if references is None else references,
             "threshold": own.get(artist, gallery.unknown_threshold), "calibrated": artist in own}
 
 
@@ -93,31 +94,33 @@ def stored_name(upload: Upload) -> str:
 
 
 class GalleryStore:
-    """A gallery folder the service changes, and the reference files it stored for it.
+    """A gallery (folder or Milvus location) the service changes, and the reference files it stored for it.
 
-    It remembers the SHA-256 of ``gallery.json`` as loaded (or last written): a change is refused (409) when another
-    program wrote the folder since, instead of overwriting that program's work.
+    It remembers the SHA-256 of ``gallery.json`` (a Milvus gallery's revision) as loaded or last written: a change is
+    refused (409) when another program wrote the gallery since, instead of overwriting that program's work.
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.references = self.path.parent / f"{self.path.name}{REFERENCES_SUFFIX}"
+        self.path = str(path)
+        self.references = references_folder(path)  # None: nowhere to keep uploads (a Milvus server)
         self._fingerprint = self._read_fingerprint()  # before loading: a write in between is caught, not lost
 
     def _read_fingerprint(self) -> str | None:
+        if is_milvus_uri(self.path):
+            return str(gallery_identity(self.path)["revision"])
         try:
-            return hashlib.sha256((self.path / GALLERY_FILE).read_bytes()).hexdigest()
+            return hashlib.sha256((Path(self.path) / GALLERY_FILE).read_bytes()).hexdigest()
         except OSError:
             return None
 
-    def load(self, model: BatchedModel) -> Gallery:
+    def load(self, model: BatchedModel) -> BaseGallery:
         """The stored gallery, refused when it was built with another model (``model`` gets its style vector)."""
-        gallery = load_gallery(self.path)
-        gallery.check_model(model, str(self.path))
+        gallery = open_gallery(self.path)
+        gallery.check_model(model, self.path)
         return gallery
 
-    def enroll(self, gallery: Gallery, artist: str, uploads: list[Upload], model: BatchedModel,
-               on_model_thread: OnModelThread, batch_size: int) -> Gallery:
+    def enroll(self, gallery: BaseGallery, artist: str, uploads: list[Upload], model: BatchedModel,
+               on_model_thread: OnModelThread, batch_size: int) -> BaseGallery:
         """``gallery`` with a new artist made of ``uploads`` (409 when the name is enrolled already)."""
         check_artist_name(artist)
         if artist in gallery.artist_names:
@@ -125,13 +128,13 @@ class GalleryStore:
                                     "/v1/gallery/artists/{artist}/references, or pick another name")
         return self._add(gallery, artist, uploads, model, on_model_thread, batch_size)
 
-    def add_references(self, gallery: Gallery, artist: str, uploads: list[Upload], model: BatchedModel,
-                       on_model_thread: OnModelThread, batch_size: int) -> Gallery:
+    def add_references(self, gallery: BaseGallery, artist: str, uploads: list[Upload], model: BatchedModel,
+                       on_model_thread: OnModelThread, batch_size: int) -> BaseGallery:
         """``gallery`` with ``uploads`` added to an enrolled artist's references (404 for another name)."""
         self._check_enrolled(gallery, artist)
         return self._add(gallery, artist, uploads, model, on_model_thread, batch_size)
 
-    def remove(self, gallery: Gallery, artist: str) -> Gallery:
+    def remove(self, gallery: BaseGallery, artist: str) -> BaseGallery:
         """``gallery`` without ``artist``; the reference files the service stored for it are deleted too."""
         self._check_enrolled(gallery, artist)
         if len(gallery.artist_names) == 1:
@@ -145,17 +148,21 @@ class GalleryStore:
         return smaller
 
     @staticmethod
-    def _check_enrolled(gallery: Gallery, artist: str) -> None:
+    def _check_enrolled(gallery: BaseGallery, artist: str) -> None:
         if artist not in gallery.artist_names:
             raise ServiceError(404, f"artist {artist!r} is not in the gallery; GET /v1/gallery/artists lists them")
 
     def _check_unchanged(self) -> None:
+        if self.references is None:
+            raise ServiceError(409, f"gallery {self.path} is on a Milvus server, where the service has no folder for "
+                                    "uploaded references; change it with tools/build_gallery.py, then POST "
+                                    "/v1/admin/reload")
         if self._read_fingerprint() != self._fingerprint:
             raise ServiceError(409, f"gallery {self.path} changed on disk since the service loaded it (another "
                                     "program wrote it); reload it (POST /v1/admin/reload or SIGHUP), then retry")
 
-    def _add(self, gallery: Gallery, artist: str, uploads: list[Upload], model: BatchedModel,
-             on_model_thread: OnModelThread, batch_size: int) -> Gallery:
+    def _add(self, gallery: BaseGallery, artist: str, uploads: list[Upload], model: BatchedModel,
+             on_model_thread: OnModelThread, batch_size: int) -> BaseGallery:
         """The references stored, embedded as build_gallery does, appended and saved; undone on any failure."""
         self._check_unchanged()
         names = self._store(artist, uploads)
@@ -205,9 +212,9 @@ class GalleryStore:
             except OSError:
                 pass
 
-    def _save(self, gallery: Gallery) -> None:
-        """Compute what serving needs (prototypes, index) and write the folder atomically."""
+    def _save(self, gallery: BaseGallery) -> None:
+        """Compute what serving needs (prototypes, index) and store the gallery."""
         np.asarray(gallery.prototypes)
-        gallery.index()
+        gallery.index_parameters()
         save_gallery(gallery, self.path)
         self._fingerprint = self._read_fingerprint()

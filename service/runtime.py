@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 from predictor import BatchedModel, load_model_bundle
-from retrieval.gallery import Gallery
+from retrieval.gallery import BaseGallery
 from service.engine import Engine
 from service.gallery_admin import GalleryStore
 from service.limits import ServiceError
@@ -42,7 +42,7 @@ class Source:
     compile: bool = False
     engine: dict[str, Any] = field(default_factory=dict)  # load_model_bundle's engine options (--engine)
 
-    def load(self) -> tuple[BatchedModel, Gallery | None, GalleryStore | None]:
+    def load(self) -> tuple[BatchedModel, BaseGallery | None, GalleryStore | None]:
         """The model, and the gallery (checked against it) with its store; a problem is a UserError."""
         model = load_model_bundle(self.checkpoint, device=self.device, amp=self.amp, compile=self.compile,
                                   **self.engine)
@@ -112,7 +112,7 @@ class Service:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def change_gallery(self, operation: str, change: Callable[[Runtime, Gallery, GalleryStore], Gallery]
+    async def change_gallery(self, operation: str, change: Callable[[Runtime, BaseGallery, GalleryStore], BaseGallery]
                              ) -> tuple[Runtime, Runtime]:
         """Run ``change`` (it stores and returns the new gallery; on a worker thread) under the lock, then swap the
         new gallery in; the stored and served galleries stay as they were when it fails. Returns the runtimes

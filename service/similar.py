@@ -1,7 +1,8 @@
-"""``POST /v1/similar`` and gallery thumbnails: nearest works and artists of a loaded retrieval gallery.
+"""``POST /v1/similar`` and gallery thumbnails: nearest works and artists of a loaded retrieval gallery (a folder
+or a Milvus collection).
 
-A work is addressed only by its index in the gallery's own image list; no path from a request reaches the file
-system.
+A work is addressed only by its id in the gallery (a folder's row, a Milvus primary key); no path from a request
+reaches the file system.
 """
 
 import io
@@ -11,8 +12,8 @@ import numpy as np
 from PIL import Image
 
 from data.images import ImageLoadError, load_image
-from retrieval.gallery import Gallery
-from retrieval.index import l2_normalize, search
+from retrieval.gallery import BaseGallery
+from retrieval.index import l2_normalize
 from service.limits import ServiceError
 
 THUMBNAIL_PX = 256  # longest side of a thumbnail
@@ -20,11 +21,12 @@ THUMBNAIL_ROUTE = "v1/gallery/images/{image_id}"  # relative: the page works beh
 
 
 class GallerySearch:
-    """A loaded gallery answering similarity queries (Faiss index built once) and serving its works' thumbnails."""
+    """A loaded gallery answering similarity queries (a folder's Faiss index is built once) and serving its works'
+    thumbnails."""
 
-    def __init__(self, gallery: Gallery):
+    def __init__(self, gallery: BaseGallery):
         self.gallery = gallery
-        self.index, self.index_params = gallery.index()
+        self.index_params = gallery.index_parameters()
 
     def info(self, per_artist: bool = True) -> dict[str, Any]:
         """What ``GET /v1/model`` says about the gallery; without ``per_artist`` (the answers of gallery writes) the
@@ -33,7 +35,7 @@ class GallerySearch:
         thresholds = g.thresholds()
         if not per_artist:
             del thresholds["artist_thresholds"]
-        return {"artists": len(g.artist_names), "works": len(g.paths), **thresholds,
+        return {"artists": len(g.artist_names), "works": g.size, **thresholds,
                 "index": self.index_params.get("type", "")}
 
     def similar(self, features: np.ndarray, top_k: int, top_artists: int) -> list[dict[str, Any]]:
@@ -41,23 +43,21 @@ class GallerySearch:
         gallery has a threshold) and the ``top_k`` nearest works (cosine, artist, thumbnail URL)."""
         vectors = l2_normalize(np.asarray(features, np.float32), "style vector")
         matches = self.gallery.match(vectors, top_artists)
-        scores, ids = search(self.index, vectors, top_k)
         results = []
-        for match, row_scores, row_ids in zip(matches, scores, ids, strict=True):
-            works = [{"id": int(i), "artist": self.gallery.artists[i], "score": float(s),
-                      "name": self.gallery.paths[i].replace("\\", "/").rsplit("/", 1)[-1],
-                      "thumbnail": THUMBNAIL_ROUTE.format(image_id=int(i))}
-                     for s, i in zip(row_scores, row_ids, strict=True) if i >= 0]
+        for match, nearest in zip(matches, self.gallery.nearest(vectors, top_k), strict=True):
+            works = [{"id": work["id"], "artist": work["artist"], "score": work["score"],
+                      "name": work["path"].replace("\\", "/").rsplit("/", 1)[-1],
+                      "thumbnail": THUMBNAIL_ROUTE.format(image_id=work["id"])} for work in nearest]
             results.append({**match, "works": works})
         return results
 
     def thumbnail(self, image_id: int) -> bytes:
-        """The JPEG thumbnail of gallery work ``image_id`` (404 for an id outside the list or a file gone)."""
-        if not 0 <= image_id < len(self.gallery.paths):
-            raise ServiceError(404, f"gallery image {image_id} does not exist; ids run from 0 to "
-                                    f"{len(self.gallery.paths) - 1}")
+        """The JPEG thumbnail of gallery work ``image_id`` (404 for an id the gallery lacks or a file gone)."""
+        work = self.gallery.work(image_id)
+        if work is None:
+            raise ServiceError(404, f"gallery image {image_id} does not exist; use an id POST /v1/similar returned")
         try:
-            image = load_image(self.gallery.paths[image_id])
+            image = load_image(work[1])
         except ImageLoadError as err:
             raise ServiceError(404, f"gallery image {image_id} cannot be read ({err.reason.rstrip('.')}); rebuild "
                                     "the gallery if its images moved") from None

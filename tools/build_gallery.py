@@ -7,6 +7,8 @@
     python tools/build_gallery.py --checkpoint runs/t --output-dir gallery --calibrate val --target-false-unknown 0.05
     python tools/build_gallery.py --checkpoint runs/t --features out/features.npy --names out/image_names.txt \
         --output-dir gallery
+    python tools/build_gallery.py --checkpoint runs/t --images refs --output-dir galleries.db        # Milvus Lite
+    python tools/build_gallery.py --checkpoint runs/t --images refs --output-dir http://milvus:19530#artists
 
 ``--images`` holds one folder per artist (any number of images, nested folders allowed). ``--calibrate`` takes
 held-out images of enrolled artists in the same layout and stores the threshold below which a best score means
@@ -21,22 +23,14 @@ main process builds and writes the gallery (:mod:`inference.sharding`, docs/scal
 import argparse
 import os
 import shutil
-from pathlib import Path
 
 from artifacts.outputs import read_names
-from artifacts.work_folder import work_folder_for
 from inference.sharding import Shards
 from predictor import DESCRIPTORS, ArtistModel, add_runtime_args, engine_options, load_model_bundle
-from retrieval.gallery import (
-    GALLERY_FILE,
-    Gallery,
-    build_from_features,
-    load_gallery,
-    model_identity,
-    save_gallery,
-)
+from retrieval.gallery import BaseGallery, Gallery, model_identity
 from retrieval.index import EXACT_LIMIT, INDEX_MEMORY_GIB
 from retrieval.references import artist_images, artist_of, embed_images
+from retrieval.store import build_from_features, gallery_exists, open_gallery, save_gallery, work_folder
 from utils import UserError, all_gather_objects, print_main, run_cli
 
 
@@ -45,7 +39,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="model folder or checkpoint file (needed except for --remove)")
     parser.add_argument("--model", default=None, help="architecture (default: recorded with the checkpoint)")
     parser.add_argument("--images", help="reference images: one sub-folder per artist")
-    parser.add_argument("--output-dir", required=True, help="the gallery folder (written atomically)")
+    parser.add_argument("--output-dir", required=True,
+                        help="the gallery: a folder (written atomically), or a Milvus collection: a Milvus Lite file "
+                             "(a path ending in .db) or a server (http://host:19530), each optionally #COLLECTION "
+                             "(default: gallery)")
     parser.add_argument("--features", metavar="NPY",
                         help="build a new gallery from these style vectors (features.npy) instead of --images")
     parser.add_argument("--names", help="with --features: the name of each row, 'artist/...' (image_names.txt)")
@@ -80,19 +77,19 @@ def _model(args: argparse.Namespace, needed_for: str, shards: Shards) -> ArtistM
                                                        **engine_options(args)))
 
 
-def enroll(gallery: Gallery | None, artist_model: ArtistModel, args: argparse.Namespace,
-           shards: Shards) -> Gallery | None:
+def enroll(gallery: BaseGallery | None, artist_model: ArtistModel, args: argparse.Namespace,
+           shards: Shards) -> BaseGallery | None:
     """``gallery`` (or a new one) plus the images of ``--images`` it does not hold yet (None on the processes of a
     sharded run but the main one)."""
     names = artist_images(args.images)
-    known = set(gallery.paths) if gallery is not None else set()
     paths = {name: os.path.abspath(os.path.join(args.images, name)) for name in names}
+    known = gallery.known_paths(paths.values()) if gallery is not None else set()
     names = [name for name in names if paths[name] not in known]
     if gallery is not None and not names:
         print_main(f"all images of {args.images} are in the gallery already")
         return gallery
     embedded = embed_images(artist_model, args.images, names, args.batch_size, args.num_workers,
-                            work_folder_for(args.output_dir) / "images", args.resume, shards)
+                            work_folder(args.output_dir) / "images", args.resume, shards)
     if embedded is None:
         return None
     kept, vectors = embedded
@@ -105,8 +102,8 @@ def enroll(gallery: Gallery | None, artist_model: ArtistModel, args: argparse.Na
     return gallery.extended(vectors, artists, new_paths)
 
 
-def calibrate(gallery: Gallery | None, artist_model: ArtistModel, args: argparse.Namespace,
-              shards: Shards) -> Gallery | None:
+def calibrate(gallery: BaseGallery | None, artist_model: ArtistModel, args: argparse.Namespace,
+              shards: Shards) -> BaseGallery | None:
     """Store the per-artist thresholds that mark ``--target-false-unknown`` of the enrolled artists' held-out
     images unknown (:meth:`Gallery.calibrate`). None on the processes of a sharded run but the main one."""
     names = artist_images(args.calibrate)
@@ -115,7 +112,7 @@ def calibrate(gallery: Gallery | None, artist_model: ArtistModel, args: argparse
     if len(enrolled) < len(names):
         print_main(f"calibration: ignoring {len(names) - len(enrolled)} images of artists not in the gallery")
     embedded = embed_images(artist_model, args.calibrate, enrolled, args.batch_size, args.num_workers,
-                            work_folder_for(args.output_dir) / "calibrate", args.resume, shards)
+                            work_folder(args.output_dir) / "calibrate", args.resume, shards)
     if embedded is None:
         return None
     kept, vectors = embedded
@@ -130,7 +127,7 @@ def calibrate(gallery: Gallery | None, artist_model: ArtistModel, args: argparse
     return gallery
 
 
-def from_features(artist_model: ArtistModel | None, args: argparse.Namespace) -> Gallery:
+def from_features(artist_model: ArtistModel | None, args: argparse.Namespace) -> BaseGallery:
     """A new gallery from ``--features`` / ``--names`` (streamed); the model identity is recorded when
     ``--checkpoint`` is given, else only the vectors' size and style vector."""
     if not args.names:
@@ -149,7 +146,7 @@ def from_features(artist_model: ArtistModel | None, args: argparse.Namespace) ->
     return gallery
 
 
-def main(args: argparse.Namespace | None = None) -> Gallery | None:
+def main(args: argparse.Namespace | None = None) -> BaseGallery | None:
     args = args if args is not None else get_args_parser().parse_args()
     shards = Shards.join(args.device)
     try:
@@ -158,11 +155,11 @@ def main(args: argparse.Namespace | None = None) -> Gallery | None:
         shards.close()
 
 
-def _build(args: argparse.Namespace, shards: Shards) -> Gallery | None:
+def _build(args: argparse.Namespace, shards: Shards) -> BaseGallery | None:
     """:func:`main` in this process: the gallery it wrote (None on the processes of a sharded run but the main
     one, which writes it)."""
-    out = Path(args.output_dir)
-    exists = (out / GALLERY_FILE).is_file()
+    out = args.output_dir
+    exists = gallery_exists(out)
     if not (args.images or args.features or args.remove or args.calibrate):
         raise UserError("nothing to do: pass --images, --features, --remove or --calibrate")
     if args.features and (args.images or args.add or args.remove or exists):
@@ -172,7 +169,7 @@ def _build(args: argparse.Namespace, shards: Shards) -> Gallery | None:
         raise UserError(f"{out} already holds a gallery; pass --add to extend it or another --output-dir")
     if (args.add or args.remove or (args.calibrate and not (args.images or args.features))) and not exists:
         raise UserError(f"{out} holds no gallery to change; build one first with --images")
-    gallery = load_gallery(out) if exists else None
+    gallery = open_gallery(out) if exists else None
     if gallery is not None and args.descriptor not in (None, gallery.descriptor):
         raise UserError(f"{out} holds {gallery.descriptor} style vectors; drop --descriptor {args.descriptor} or "
                         "build a new gallery with it")
@@ -182,7 +179,7 @@ def _build(args: argparse.Namespace, shards: Shards) -> Gallery | None:
     needs_model = args.images or args.calibrate or (args.features and args.checkpoint)
     artist_model = _model(args, "--images/--calibrate", shards) if needs_model else None
     if gallery is not None and artist_model is not None:
-        gallery.check_model(artist_model, str(out))
+        gallery.check_model(artist_model, out)
     elif artist_model is not None:
         default = "texture" if "texture" in artist_model.descriptors else "pooled"
         artist_model.use_descriptor(args.descriptor or default)
@@ -200,8 +197,8 @@ def _build(args: argparse.Namespace, shards: Shards) -> Gallery | None:
     if not args.calibrate and gallery.unknown_threshold is not None and (args.images or args.remove):
         print("note: the gallery changed since --calibrate; run --calibrate again to refresh its threshold")
     save_gallery(gallery, out)
-    shutil.rmtree(work_folder_for(out), ignore_errors=True)  # the embeddings kept for --resume
-    print(f"gallery: {len(gallery.artist_names)} artists, {len(gallery.paths)} vectors -> {out}")
+    shutil.rmtree(work_folder(out), ignore_errors=True)  # the embeddings kept for --resume
+    print(f"gallery: {len(gallery.artist_names)} artists, {gallery.size} vectors -> {out}")
     return gallery
 
 

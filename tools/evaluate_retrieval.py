@@ -22,9 +22,9 @@ from typing import Any
 
 from artifacts.outputs import load_features
 from predictor import add_runtime_args, engine_options, load_model_bundle
-from retrieval.gallery import load_gallery
 from retrieval.metrics import EXACT_LIMIT, QUERY_CHUNK, identification_metrics, retrieval_metrics
 from retrieval.references import artist_images, artist_of, embed_images
+from retrieval.store import open_gallery
 from utils import NumberRange, UserError, run_cli
 
 
@@ -40,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-depth", type=NumberRange(int, 1), default=None,
                         help="search at most this many results per query (default: as many as the query's artist "
                              "has other images, so mAP@R is exact; a cap makes it a lower bound)")
-    parser.add_argument("--gallery", help="a gallery folder from tools/build_gallery.py")
+    parser.add_argument("--gallery", help="a gallery from tools/build_gallery.py (a folder or a Milvus location)")
     parser.add_argument("--queries", help="query images, one sub-folder per artist (with --gallery)")
     parser.add_argument("--checkpoint", help="the gallery's model (with --queries)")
     parser.add_argument("--unknown-threshold", type=float, default=None,
@@ -64,7 +64,7 @@ def evaluate_features(args: argparse.Namespace) -> dict[str, Any]:
 def evaluate_gallery(args: argparse.Namespace) -> dict[str, Any]:
     if not (args.queries and args.checkpoint):
         raise UserError("--gallery needs --queries (images, one sub-folder per artist) and --checkpoint")
-    gallery = load_gallery(args.gallery)
+    gallery = open_gallery(args.gallery)
     artist_model = load_model_bundle(args.checkpoint, device=args.device, **engine_options(args))
     gallery.check_model(artist_model, args.gallery)
     kept, vectors = embed_images(artist_model, args.queries, artist_images(args.queries), args.batch_size,

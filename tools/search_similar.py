@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from predictor import add_runtime_args, engine_options, load_model_bundle
-from retrieval.gallery import Gallery, load_gallery
-from retrieval.index import search
+from retrieval.gallery import BaseGallery
 from retrieval.references import load_queries
+from retrieval.store import open_gallery
 from utils import UserError, run_cli
 
 FIELDS = ("query", "rank", "score", "artist", "path")
@@ -28,7 +28,9 @@ FIELDS = ("query", "rank", "score", "artist", "path")
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gallery", required=True, help="a gallery folder from tools/build_gallery.py")
+    parser.add_argument("--gallery", required=True,
+                        help="a gallery from tools/build_gallery.py: a folder or a Milvus location (FILE.db or "
+                             "http://host:19530, optionally #COLLECTION)")
     parser.add_argument("--query", required=True, help="an image, a folder of images, or a .npy of style vectors")
     parser.add_argument("--names", help="names of the rows of a .npy query, one per line (image_names.txt)")
     parser.add_argument("--checkpoint", help="the gallery's model (needed for image queries)")
@@ -38,17 +40,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return add_runtime_args(parser, precision=False)
 
 
-def nearest_works(gallery: Gallery, names: list[str], queries: Any, top_k: int) -> list[dict[str, Any]]:
+def nearest_works(gallery: BaseGallery, names: list[str], queries: Any, top_k: int) -> list[dict[str, Any]]:
     """Records ``{"query", "rank", "score", "artist", "path"}``, ``top_k`` per query, most similar first."""
-    index, _ = gallery.index()
-    scores, ids = search(index, queries, top_k)
-    return [{"query": names[q], "rank": rank, "score": float(score), "artist": gallery.artists[i],
-             "path": gallery.paths[i]}
-            for q in range(len(names))
-            for rank, (score, i) in enumerate(((s, i) for s, i in zip(scores[q], ids[q], strict=True) if i >= 0), 1)]
+    return [{"query": name, "rank": rank, "score": work["score"], "artist": work["artist"], "path": work["path"]}
+            for name, works in zip(names, gallery.nearest(queries, top_k), strict=True)
+            for rank, work in enumerate(works, 1)]
 
 
-def write_results(path: Path, records: list[dict[str, Any]], gallery: Gallery) -> None:
+def write_results(path: Path, records: list[dict[str, Any]], gallery: BaseGallery) -> None:
     """JSON (with the index parameters and the note that scores are cosines of unit vectors) or CSV."""
     if path.suffix.lower() not in (".json", ".csv"):
         raise UserError(f"--output {path} must end in .json or .csv")
@@ -59,7 +58,7 @@ def write_results(path: Path, records: list[dict[str, Any]], gallery: Gallery) -
             writer.writeheader()
             writer.writerows(records)
         return
-    report = {"metric": "cosine", "normalized": True, "index": gallery.index()[1], "results": records}
+    report = {"metric": "cosine", "normalized": True, "index": gallery.index_parameters(), "results": records}
     path.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
@@ -67,7 +66,7 @@ def main(args: argparse.Namespace | None = None) -> list[dict[str, Any]]:
     args = args if args is not None else get_args_parser().parse_args()
     if args.output and Path(args.output).suffix.lower() not in (".json", ".csv"):
         raise UserError(f"--output {args.output} must end in .json or .csv")
-    gallery = load_gallery(args.gallery)
+    gallery = open_gallery(args.gallery)
     artist_model = None
     if args.checkpoint:
         artist_model = load_model_bundle(args.checkpoint, device=args.device, **engine_options(args))
