@@ -22,6 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+
 from artifacts.run_folder import read_log_records  # noqa: E402
 from utils import run_cli  # noqa: E402
 
@@ -31,6 +37,46 @@ WORLDS = {
     "12 artists x 12": (12, 12, 1.0),
     "long tail 6 artists 40..6": (6, 40, 0.68),
 }
+
+# fine-grained long-tail worlds (tools/make_medium_world.py): name: (families, seed); 12 artists, 30..6 images
+MEDIUM_WORLDS = {
+    "medium 4 media x 3, seed 0": (("ink", "dots", "paint", "pixel"), 0),
+    "medium ink+dots 2 x 6, seed 1": (("ink", "dots"), 1),
+    "medium 4 media x 3, seed 2": (("ink", "dots", "paint", "pixel"), 2),
+    "medium paint+pixel 2 x 6, seed 3": (("paint", "pixel"), 3),
+}
+
+
+def image_statistics(path: Path) -> np.ndarray:
+    """Hand-written style statistics of one image: FFT band energies, gradient orientation and magnitude
+    histograms, a colour histogram and the number of distinct grey levels (the baseline the network must beat)."""
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB"), np.float32) / 255
+    grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    gy, gx = np.gradient(grey)
+    mag = np.hypot(gx, gy)
+    orientation = np.histogram(np.arctan2(gy, gx) % np.pi, bins=12, range=(0, np.pi), weights=mag)[0]
+    spectrum = np.abs(np.fft.rfft2(grey - grey.mean()))
+    radius = np.hypot(np.fft.rfftfreq(grey.shape[1])[None], np.fft.fftfreq(grey.shape[0])[:, None])
+    bands = np.histogram(radius, bins=12, range=(0, 0.71), weights=spectrum)[0]
+    magnitudes = np.histogram(mag, bins=8, range=(0, 0.5))[0] / grey.size
+    colours = np.histogramdd(rgb.reshape(-1, 3), bins=4, range=[(0, 1)] * 3)[0].ravel() / grey.size
+    levels = len(np.unique(np.rint(grey * 255)))
+    return np.concatenate([orientation / (mag.sum() + 1e-6), np.log1p(bands), magnitudes, colours,
+                           [mag.mean(), grey.std(), np.log(levels)]])
+
+
+def statistics_baseline(dataset: Path) -> np.ndarray:
+    """Per-class recall on ``val/`` of a logistic regression on :func:`image_statistics` fitted on ``train/``."""
+    def features(split: str) -> tuple[np.ndarray, np.ndarray]:
+        names = sorted(p.name for p in (dataset / split).iterdir() if p.is_dir())
+        pairs = [(image_statistics(f), c) for c, n in enumerate(names) for f in sorted((dataset / split / n).iterdir())]
+        return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+    (x, y), (xv, yv) = features("train"), features("val")
+    predicted = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(x, y).predict(xv)
+    return np.array([np.mean(predicted[yv == c] == c) for c in range(y.max() + 1)])
+
 
 def hand_tuned(lr: str) -> list[str]:
     """The issue's hand-tuned flags on top of the old defaults: an absolute LR, no warm-up, cool-down, repeated

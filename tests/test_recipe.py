@@ -20,7 +20,7 @@ from training.config import TrainConfig
 from training.early_stopping import EarlyStopping
 from training.factory import build_optimizer, scale_lr
 from training.recipe import DataShape, Recipe, RunShape, apply_recipe, choose_recipe, recipe_block
-from training.report import MAX_MATRIX_CLASSES, Predictions, write_report
+from training.report import MAX_MATRIX_CLASSES, PER_CLASS_FILE, Predictions, tail_summary, write_report
 
 FAST = ["--device", "cpu", "--model", "lsnet_t_artist", "--input-size", "64", "--feature-dim", "32",
         "--num-workers", "0", "--print-freq", "100", "--batch-size", "8"]
@@ -158,6 +158,26 @@ def test_report_with_many_classes_lists_the_confused_pairs(tmp_path):
     assert {"report_loss.png", "report_metric.png", "report_lr.png", "report_per_class.png"} <= set(page.images)
     text = " ".join(page.text)
     assert "Most confused pairs" in text and "artist_0 artist_7 1" in " ".join(text.split())
+
+
+def test_report_shows_recall_against_training_images_per_artist(tmp_path):
+    """The long tail at a glance: macro recall beside top-1, the fewest-image artists' recall, the per-artist CSV."""
+    names = ["head", "middle", "tail", "unseen"]
+    targets = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    predicted = np.array([0, 0, 0, 0, 1, 0, 0, 0])  # head 4/4, middle 1/2, tail 0/2; "unseen" has no val image
+    scores = np.eye(4)[predicted]
+    preds = Predictions.from_scores(scores, targets)
+    line = tail_summary(preds, names, [30, 12, 5, 3])
+    assert line.startswith("validation of the best weights: top-1 0.625, macro recall 0.500;")
+    assert "fewest training images: tail 0.00 (5 training images), middle 0.50 (12 training images), head 1.00" in line
+    assert line.endswith("lowest recall 0.00")
+    assert tail_summary(preds, names, None).endswith("macro recall 0.500")
+    write_report(tmp_path, RECORDS, names, preds, "acc1", "best acc1: epoch 3", train_counts=[30, 12, 5, 3])
+    assert (tmp_path / PER_CLASS_FILE).read_text().splitlines() == [
+        "artist,train_images,val_images,recall", "head,30,4,1.0000", "middle,12,2,0.5000", "tail,5,2,0.0000",
+        "unseen,3,0,"]
+    page = read_page(tmp_path)
+    assert "report_tail.png" in page.images and "macro recall 0.500" in " ".join(page.text)
 
 
 @pytest.mark.slow
