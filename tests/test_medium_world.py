@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.make_medium_world import FAMILIES, long_tail_counts, main, get_args_parser, medium_styles
+from tools.make_medium_world import FAMILIES, get_args_parser, long_tail_counts, main, medium_styles
 from utils import UserError
 
 

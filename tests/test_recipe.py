@@ -1,6 +1,7 @@
 """The training recipe (choices per data / run shape, explicit flags win, stored and kept on resume), --lr-abs,
 --layer-decay, --patience and the end-of-run report."""
 
+import dataclasses
 import json
 from html.parser import HTMLParser
 from pathlib import Path
@@ -42,6 +43,21 @@ def test_small_short_run_from_scratch():
     assert s["weight_decay"] == 0.025 and 0.9 <= s["model_ema_decay"] < 0.99
     assert choose_recipe("auto", SMALL, RunShape(epochs=15, batch_size=4)).settings["lr_abs"] == pytest.approx(2e-3)
     assert all(choice.reason for choice in recipe.choices.values())
+
+
+def test_small_images_are_trained_at_about_their_own_size():
+    """Issue 26: 96 px images upscaled to 224 blur the texture; from scratch they train at 96 (multiple of 32)."""
+    run = RunShape(epochs=30, batch_size=32)
+    small = DataShape(images=126, classes=12, smallest=4, largest=21, image_side=100)
+    choice = choose_recipe("auto", small, run).choices["input_size"]
+    assert choice.value == 96 and "100 px" in choice.reason and "224" in choice.reason
+    assert choose_recipe("auto", dataclasses.replace(small, image_side=40), run).settings["input_size"] == 64
+    for unchanged in (dataclasses.replace(small, image_side=700), dataclasses.replace(small, image_side=None)):
+        assert "input_size" not in choose_recipe("auto", unchanged, run).settings
+    assert "input_size" not in choose_recipe("auto", small, dataclasses.replace(run, pretrained=True)).settings
+    assert apply_recipe(config("--epochs", "30"), choose_recipe("auto", small, run)).model.input_size == 96
+    assert apply_recipe(config("--input-size", "160"), choose_recipe("auto", small, run)).model.input_size == 160
+    assert "100 px" in small.describe()
 
 
 def test_long_large_multi_gpu_run_comes_back_to_the_imagenet_regime():

@@ -78,6 +78,7 @@ class AugmentConfig:
 
     color_jitter: float = 0.4
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    crop_scale: float = 0.08
     train_interpolation: str = "bicubic"
     repeated_aug: bool = True
     three_augment: bool = False
@@ -171,10 +172,12 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """``--sampler`` random (shuffled, with ``--repeated-aug``) or class-balanced groups of ``samples_per_class``."""
+    """``--sampler`` random (shuffled, with ``--repeated-aug``) or class-balanced groups of ``samples_per_class``;
+    ``epoch_repeats`` passes of it per epoch."""
 
     name: str = "random"
     samples_per_class: int = 4
+    epoch_repeats: int = 1
 
 
 # Config field -> flag (namespace attribute) where the names differ.
@@ -245,7 +248,7 @@ class TrainConfig:
         return TransformConfig(
             input_size=self.model.input_size, color_jitter=aug.color_jitter, auto_augment=aug.auto_augment,
             interpolation=aug.train_interpolation, reprob=aug.reprob, remode=aug.remode, recount=aug.recount,
-            three_augment=aug.three_augment, squash=self.model.finetune,
+            three_augment=aug.three_augment, squash=self.model.finetune, crop_scale=aug.crop_scale,
         )
 
 

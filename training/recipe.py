@@ -28,43 +28,50 @@ RECIPES = ("auto", "imagenet", "finetune")
 DEIT_EMA_DECAY = 0.99996
 LARGE_DATA = 50_000  # images from which repeated augmentation pays off (DeiT's ImageNet regime), with processes > 1
 LONG_RUN = 100  # epochs from which mixup / cutmix pay off
+MIN_INPUT = 64  # the smallest input size the recipe trains small images at
 
 
 @dataclass(frozen=True)
 class DataShape:
-    """The training data: images, classes (labels), and the smallest and largest class (images per class)."""
+    """The training data: images, classes (labels), the smallest and largest class (images per class), and the
+    median shorter side of the images in pixels (None: unknown)."""
 
     images: int
     classes: int
     smallest: int
     largest: int
+    image_side: int | None = None
 
     @classmethod
-    def from_counts(cls, counts: Sequence[int], images: int | None = None) -> "DataShape":
+    def from_counts(cls, counts: Sequence[int], images: int | None = None,
+                    image_side: int | None = None) -> "DataShape":
         """From images per class (multi-label: positives per label, with ``images`` the image count)."""
         counts = [int(c) for c in counts] or [0]
-        return cls(int(images if images is not None else sum(counts)), len(counts), min(counts), max(counts))
+        return cls(int(images if images is not None else sum(counts)), len(counts), min(counts), max(counts),
+                   image_side)
 
     @classmethod
-    def from_labels(cls, targets: Sequence[int], num_classes: int) -> "DataShape":
+    def from_labels(cls, targets: Sequence[int], num_classes: int, image_side: int | None = None) -> "DataShape":
         """From the class id of every training image."""
         counts = [0] * num_classes
         for target in targets:
             counts[target] += 1
-        return cls.from_counts(counts)
+        return cls.from_counts(counts, image_side=image_side)
 
     @property
     def per_class(self) -> float:
         return self.images / max(self.classes, 1)
 
     def describe(self) -> str:
+        side = f", {self.image_side} px" if self.image_side else ""
         return (f"{self.images} images, {self.classes} classes ({self.per_class:.0f} per class, "
-                f"{self.smallest}..{self.largest})")
+                f"{self.smallest}..{self.largest}){side}")
 
 
 @dataclass(frozen=True)
 class RunShape:
-    """The run: epochs, batch per process, processes, accumulation, pretrained start, multi-label targets."""
+    """The run: epochs, batch per process, processes, accumulation, pretrained start, multi-label targets, and the
+    model's default input size."""
 
     epochs: int
     batch_size: int
@@ -72,6 +79,7 @@ class RunShape:
     accumulation_steps: int = 1
     pretrained: bool = False
     multi_label: bool = False
+    input_size: int = 224
 
     @property
     def effective_batch(self) -> int:
@@ -128,8 +136,20 @@ def choose_recipe(requested: str, data: DataShape, run: RunShape) -> Recipe:
         why = ("auto: the run starts from pretrained weights" if run.pretrained
                else "auto: the run starts from random weights")
     run = dataclasses.replace(run, pretrained=name == "finetune")  # --recipe finetune: tuned as for pretrained
-    choices = {**_schedule(data, run), **_regularisation(data, run)}
+    choices = {**_resolution(data, run), **_schedule(data, run), **_regularisation(data, run)}
     return Recipe(name, why, MappingProxyType(choices))
+
+
+def _resolution(data: DataShape, run: RunShape) -> dict[str, Choice]:
+    """The input size from scratch: images smaller than the model's input are trained at about their own size
+    (pretrained weights keep the size they were trained at)."""
+    if run.pretrained or data.image_side is None or data.image_side >= run.input_size:
+        return {}
+    side = max(MIN_INPUT, data.image_side // 32 * 32)
+    return {"input_size": Choice(side, f"the images are {data.image_side} px (median shorter side): upscaled to "
+                                       f"{run.input_size} they blur the strokes and grain that tell artists apart "
+                                       f"(measured: bench/bench_recipe.py's medium worlds), so {side} (a multiple "
+                                       f"of 32, at least {MIN_INPUT})")}
 
 
 def _schedule(data: DataShape, run: RunShape) -> dict[str, Choice]:
@@ -225,7 +245,8 @@ def prepare_recipe(cfg: TrainConfig, data: DataShape, world_size: int,
     """Choose the recipe (``--resume``: the checkpoint's), print it and apply it; returns the new configuration."""
     recipe = saved_recipe(cfg.run.resume) if cfg.run.resume else None
     run = RunShape(cfg.optim.epochs, cfg.optim.batch_size, world_size, cfg.optim.accumulation_steps,
-                   pretrained=bool(cfg.model.pretrained or cfg.model.finetune_from), multi_label=multi_label)
+                   pretrained=bool(cfg.model.pretrained or cfg.model.finetune_from), multi_label=multi_label,
+                   input_size=cfg.model.input_size)
     if recipe is None:
         recipe = choose_recipe(cfg.flags.get("recipe", "auto"), data, run)
         header = f"{data.describe()}, {run.epochs} epochs, effective batch {run.effective_batch}"
