@@ -17,6 +17,7 @@ import model  # noqa: F401  (registers the LSNet models)
 import train_artist_multilabel
 import train_artist_style
 from artifacts.run_folder import Best
+from losses import LogitAdjustedLoss
 from training.config import TrainConfig
 from training.early_stopping import EarlyStopping
 from training.factory import build_optimizer, scale_lr
@@ -58,6 +59,18 @@ def test_small_images_are_trained_at_about_their_own_size():
     assert apply_recipe(config("--epochs", "30"), choose_recipe("auto", small, run)).model.input_size == 96
     assert apply_recipe(config("--input-size", "160"), choose_recipe("auto", small, run)).model.input_size == 160
     assert "100 px" in small.describe()
+
+
+def test_logit_adjusted_loss_adds_the_log_prior():
+    counts = torch.tensor([9, 1, 0])
+    loss = LogitAdjustedLoss(torch.nn.CrossEntropyLoss(), counts, tau=1.0)
+    logits, targets = torch.zeros(2, 3), torch.tensor([0, 1])
+    prior = torch.tensor([9, 1, 1]) / 11  # a class without images counts as one
+    assert loss(logits, targets).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(prior.log().expand(2, 3), targets).item())
+    per_class = [loss(logits[:1], torch.tensor([c])).item() for c in range(2)]
+    assert per_class[1] > per_class[0]  # the rare class must win by a margin in training
+    assert not list(loss.parameters()) and "offset" not in loss.state_dict()  # nothing to save or resume
 
 
 def test_long_large_multi_gpu_run_comes_back_to_the_imagenet_regime():

@@ -156,12 +156,14 @@ class MultiLabelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """``--loss`` and its settings: ArcFace scale / margin / sub-centres, the supcon temperature."""
+    """``--loss`` and its settings: ArcFace scale / margin / sub-centres, the supcon temperature, the cross-entropy's
+    logit adjustment ``tau`` (0: off)."""
 
     name: str = "ce"
     scale: float = 30.0
     margin: float = 0.3
     subcenters: int = 3
+    logit_adjust: float = 0.0
     temperature: float = 0.1
 
     @property

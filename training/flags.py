@@ -36,7 +36,7 @@ FLAG_RANGES: dict[str, NumberRange] = {
     "warmup_epochs": _COUNT, "cooldown_epochs": _COUNT, "decay_epochs": _POSITIVE, "decay_rate": _NON_NEGATIVE,
     "lr_noise": _NON_NEGATIVE, "lr_noise_pct": _SHARE, "lr_noise_std": _NON_NEGATIVE,
     "color_jitter": _NON_NEGATIVE, "crop_scale": NumberRange(float, 0, 1, low_open=True), "smoothing": _BELOW_ONE,
-    "reprob": _SHARE, "epoch_repeats": _SIZE,
+    "reprob": _SHARE, "epoch_repeats": _SIZE, "logit_adjust": _NON_NEGATIVE,
     "recount": _SIZE, "mixup": _NON_NEGATIVE, "cutmix": _NON_NEGATIVE, "cutmix_minmax": _SHARE, "mixup_prob": _SHARE,
     "mixup_switch_prob": _SHARE, "model_ema_decay": _SHARE, "seed": _COUNT, "start_epoch": _COUNT,
     "save_every": _COUNT, "eval_every": _SIZE, "num_workers": _COUNT, "print_freq": _SIZE,
@@ -247,6 +247,8 @@ def add_embedding_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--loss-margin", type=float, default=0.3, help="ArcFace additive angular margin (radians)")
     group.add_argument("--subcenters", type=int, default=3, help="sub-centres per class of subcenter-arcface")
     group.add_argument("--temperature", type=float, default=0.1, help="supcon temperature")
+    group.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
+                       help="ce: add TAU x log(class share) to the logits in training (long tails; 0: off)")
     group.add_argument("--sampler", default="random", choices=("random", "class-balanced"),
                        help="class-balanced: every artist equally often, in groups of --samples-per-class (replaces "
                             "--repeated-aug)")
