@@ -61,6 +61,32 @@ def test_small_images_are_trained_at_about_their_own_size():
     assert "100 px" in small.describe()
 
 
+def test_short_runs_on_little_data_get_more_passes_per_epoch():
+    """Issue 26: 126 images at batch 32 make 90 steps in 30 epochs and underfit; passes per epoch bring the run
+    to at least 400 steps (at most 8 passes), and the EMA follows the steps actually taken."""
+    small = DataShape(images=126, classes=12, smallest=4, largest=21)
+    recipe = choose_recipe("auto", small, RunShape(epochs=30, batch_size=32))
+    choice = recipe.choices["epoch_repeats"]
+    assert choice.value == 5 and "90 optimizer steps" in choice.reason
+    assert recipe.settings["model_ema_decay"] == pytest.approx(1 - 10 / (630 // 32 * 30), abs=1e-6)
+    assert choose_recipe("auto", small, RunShape(epochs=2, batch_size=32)).settings["epoch_repeats"] == 8
+    large = DataShape(images=50_000, classes=100, smallest=500, largest=500)
+    assert choose_recipe("auto", large, RunShape(epochs=30, batch_size=32)).settings["epoch_repeats"] == 1
+    assert "epoch_repeats" not in choose_recipe("auto", small, RunShape(30, 32, multi_label=True)).settings
+    assert apply_recipe(config(), recipe).sampler.epoch_repeats == 5
+    assert apply_recipe(config("--epoch-repeats", "2"), recipe).sampler.epoch_repeats == 2
+
+
+def test_short_runs_keep_the_colours_and_sharpness_that_make_a_style():
+    short = choose_recipe("auto", SMALL, RunShape(epochs=30, batch_size=32))
+    assert short.settings["aa"] is None and short.settings["color_jitter"] == 0.0
+    assert "--aa none because 30 epochs: RandAugment" in recipe_block(short, frozenset(), "x")
+    applied = apply_recipe(config(), short)
+    assert applied.augment.auto_augment is None and applied.transform.color_jitter == 0.0
+    assert not {"aa", "color_jitter"} & choose_recipe("auto", SMALL, RunShape(300, 32)).settings.keys()
+    assert apply_recipe(config("--aa", "rand-m5"), short).augment.auto_augment == "rand-m5"
+
+
 def test_logit_adjusted_loss_adds_the_log_prior():
     counts = torch.tensor([9, 1, 0])
     loss = LogitAdjustedLoss(torch.nn.CrossEntropyLoss(), counts, tau=1.0)

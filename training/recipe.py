@@ -29,6 +29,8 @@ DEIT_EMA_DECAY = 0.99996
 LARGE_DATA = 50_000  # images from which repeated augmentation pays off (DeiT's ImageNet regime), with processes > 1
 LONG_RUN = 100  # epochs from which mixup / cutmix pay off
 MIN_INPUT = 64  # the smallest input size the recipe trains small images at
+MIN_STEPS = 400  # optimizer steps a short run on little data gets at least (by passes per epoch)
+MAX_REPEATS = 8  # passes over the training images per epoch at most
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,10 @@ def choose_recipe(requested: str, data: DataShape, run: RunShape) -> Recipe:
         why = ("auto: the run starts from pretrained weights" if run.pretrained
                else "auto: the run starts from random weights")
     run = dataclasses.replace(run, pretrained=name == "finetune")  # --recipe finetune: tuned as for pretrained
-    choices = {**_resolution(data, run), **_schedule(data, run), **_regularisation(data, run)}
+    passes = _passes(data, run)
+    repeats = passes["epoch_repeats"].value if passes else 1
+    choices = {**_resolution(data, run), **passes, **_schedule(data, run), **_augmentation(run),
+               **_regularisation(data, run, repeats)}
     return Recipe(name, why, MappingProxyType(choices))
 
 
@@ -150,6 +155,30 @@ def _resolution(data: DataShape, run: RunShape) -> dict[str, Choice]:
                                        f"{run.input_size} they blur the strokes and grain that tell artists apart "
                                        f"(measured: bench/bench_recipe.py's medium worlds), so {side} (a multiple "
                                        f"of 32, at least {MIN_INPUT})")}
+
+
+def _passes(data: DataShape, run: RunShape) -> dict[str, Choice]:
+    """Passes over the training images per epoch: enough optimizer steps for a short run on little data."""
+    if run.multi_label:
+        return {}
+    steps = run.steps(data.images)
+    repeats = min(MAX_REPEATS, math.ceil(MIN_STEPS / steps))
+    reason = (f"{data.images} images at batch {run.effective_batch} make {steps} optimizer steps in {run.epochs} "
+              f"epochs: at least {MIN_STEPS} (measured: a run that stops at {steps} steps underfits), at most "
+              f"{MAX_REPEATS} passes per epoch" if repeats > 1 else
+              f"{steps} optimizer steps in {run.epochs} epochs are enough (more passes from below {MIN_STEPS})")
+    return {"epoch_repeats": Choice(max(repeats, 1), reason)}
+
+
+def _augmentation(run: RunShape) -> dict[str, Choice]:
+    """RandAugment and colour jitter off in short runs: they rewrite the colour, contrast and sharpness that make a
+    style (measured on the medium worlds of bench/bench_recipe.py)."""
+    if run.epochs >= LONG_RUN:
+        return {}
+    reason = (f"{run.epochs} epochs: RandAugment's colour, contrast, posterize and sharpness operations and colour "
+              "jitter change the palette, quantisation and blur that tell artists apart (on from "
+              f"{LONG_RUN} epochs with the flags' defaults)")
+    return {"aa": Choice(None, reason), "color_jitter": Choice(0.0, reason)}
 
 
 def _schedule(data: DataShape, run: RunShape) -> dict[str, Choice]:
@@ -175,7 +204,7 @@ def _schedule(data: DataShape, run: RunShape) -> dict[str, Choice]:
     }
 
 
-def _regularisation(data: DataShape, run: RunShape) -> dict[str, Choice]:
+def _regularisation(data: DataShape, run: RunShape, repeats: int = 1) -> dict[str, Choice]:
     """Mixup / cutmix, label smoothing, EMA decay and weight decay sized to the data and the run."""
     choices: dict[str, Choice] = {}
     if not run.multi_label:
@@ -186,7 +215,7 @@ def _regularisation(data: DataShape, run: RunShape) -> dict[str, Choice]:
         choices["mixup"] = Choice(mix[0], reason)
         choices["cutmix"] = Choice(mix[1], reason)
         choices["smoothing"] = Choice(0.1, "label smoothing 0.1 helps at every size")
-    steps = run.steps(data.images)
+    steps = run.steps(data.images * repeats)
     decay = min(DEIT_EMA_DECAY, max(0.9, 1 - 10 / steps))
     choices["model_ema_decay"] = Choice(float(f"{decay:.6g}"),
                                         f"averages about the last 10% of the {steps} optimizer steps")
@@ -229,6 +258,8 @@ def recipe_block(recipe: Recipe, explicit: frozenset[str], header: str) -> str:
 
 
 def _show(value: Any) -> str:
+    if value is None:
+        return "none"
     if isinstance(value, bool):
         return "on" if value else "off"
     return f"{value:g}" if isinstance(value, float) else str(value)
