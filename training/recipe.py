@@ -164,7 +164,7 @@ def _passes(data: DataShape, run: RunShape) -> dict[str, Choice]:
     steps = run.steps(data.images)
     repeats = min(MAX_REPEATS, math.ceil(MIN_STEPS / steps))
     reason = (f"{data.images} images at batch {run.effective_batch} make {steps} optimizer steps in {run.epochs} "
-              f"epochs: at least {MIN_STEPS} (measured: a run that stops at {steps} steps underfits), at most "
+              f"epochs, too few to fit (bench/bench_recipe.py --medium): at least {MIN_STEPS}, at most "
               f"{MAX_REPEATS} passes per epoch" if repeats > 1 else
               f"{steps} optimizer steps in {run.epochs} epochs are enough (more passes from below {MIN_STEPS})")
     return {"epoch_repeats": Choice(max(repeats, 1), reason)}

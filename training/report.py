@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import torch
 from torch import nn
@@ -275,6 +276,7 @@ def _tail_section(folder: Path, preds: Predictions, names: Sequence[str], train_
     def draw(fig, ax):
         ax.scatter(counts[seen], recall[seen], alpha=0.6)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("training images of the artist")
         ax.set_ylabel("validation recall")
