@@ -33,6 +33,7 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
+from analysis.style_statistics import style_statistics  # noqa: E402
 from artifacts.run_folder import read_log_records  # noqa: E402
 from training.report import PER_CLASS_FILE  # noqa: E402
 from utils import run_cli  # noqa: E402
@@ -54,22 +55,9 @@ MEDIUM_WORLDS = {
 
 
 def image_statistics(path: Path) -> np.ndarray:
-    """Hand-written style statistics of one image: FFT band energies, gradient orientation and magnitude
-    histograms, a colour histogram and the number of distinct grey levels (the baseline the network must beat)."""
+    """:func:`analysis.style_statistics.style_statistics` of one image file."""
     with Image.open(path) as image:
-        rgb = np.asarray(image.convert("RGB"), np.float32) / 255
-    grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
-    gy, gx = np.gradient(grey)
-    mag = np.hypot(gx, gy)
-    orientation = np.histogram(np.arctan2(gy, gx) % np.pi, bins=12, range=(0, np.pi), weights=mag)[0]
-    spectrum = np.abs(np.fft.rfft2(grey - grey.mean()))
-    radius = np.hypot(np.fft.rfftfreq(grey.shape[1])[None], np.fft.fftfreq(grey.shape[0])[:, None])
-    bands = np.histogram(radius, bins=12, range=(0, 0.71), weights=spectrum)[0]
-    magnitudes = np.histogram(mag, bins=8, range=(0, 0.5))[0] / grey.size
-    colours = np.histogramdd(rgb.reshape(-1, 3), bins=4, range=[(0, 1)] * 3)[0].ravel() / grey.size
-    levels = len(np.unique(np.rint(grey * 255)))
-    return np.concatenate([orientation / (mag.sum() + 1e-6), np.log1p(bands), magnitudes, colours,
-                           [mag.mean(), grey.std(), np.log(levels)]])
+        return style_statistics(np.asarray(image.convert("RGB"), np.float32) / 255)
 
 
 def statistics_baseline(dataset: Path) -> np.ndarray:
