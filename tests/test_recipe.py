@@ -69,7 +69,8 @@ def test_short_runs_on_little_data_get_more_passes_per_epoch():
     choice = recipe.choices["epoch_repeats"]
     assert choice.value == 5 and "90 optimizer steps" in choice.reason
     assert recipe.settings["model_ema_decay"] == pytest.approx(1 - 10 / (630 // 32 * 30), abs=1e-6)
-    assert choose_recipe("auto", small, RunShape(epochs=2, batch_size=32)).settings["epoch_repeats"] == 8
+    assert choose_recipe("auto", small, RunShape(epochs=10, batch_size=32)).settings["epoch_repeats"] == 8
+    assert choose_recipe("auto", small, RunShape(epochs=9, batch_size=32)).settings["epoch_repeats"] == 1
     large = DataShape(images=50_000, classes=100, smallest=500, largest=500)
     assert choose_recipe("auto", large, RunShape(epochs=30, batch_size=32)).settings["epoch_repeats"] == 1
     assert "epoch_repeats" not in choose_recipe("auto", small, RunShape(30, 32, multi_label=True)).settings

@@ -31,6 +31,7 @@ LONG_RUN = 100  # epochs from which mixup / cutmix pay off
 MIN_INPUT = 64  # the smallest input size the recipe trains small images at
 MIN_STEPS = 400  # optimizer steps a short run on little data gets at least (by passes per epoch)
 MAX_REPEATS = 8  # passes over the training images per epoch at most
+MIN_REPEAT_EPOCHS = 10  # shorter runs check the pipeline: one pass per epoch
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,9 @@ def _passes(data: DataShape, run: RunShape) -> dict[str, Choice]:
     """Passes over the training images per epoch: enough optimizer steps for a short run on little data."""
     if run.multi_label:
         return {}
+    if run.epochs < MIN_REPEAT_EPOCHS:
+        return {"epoch_repeats": Choice(1, f"{run.epochs} epochs: a check of the pipeline keeps one pass per epoch "
+                                           f"(more passes for little data from {MIN_REPEAT_EPOCHS} epochs)")}
     steps = run.steps(data.images)
     repeats = min(MAX_REPEATS, math.ceil(MIN_STEPS / steps))
     reason = (f"{data.images} images at batch {run.effective_batch} make {steps} optimizer steps in {run.epochs} "
