@@ -12,8 +12,8 @@ from torch import nn
 
 import utils
 
-__all__ = ["DISTILLATION_TYPES", "LOSSES", "METRIC_LOSSES", "ArcFaceLoss", "DistillationLoss", "LogitAdjustedLoss",
-           "StyleEmbeddingLoss", "SupConLoss", "build_classification_criterion", "multilabel_pos_weight"]
+__all__ = ["DISTILLATION_TYPES", "LOSSES", "METRIC_LOSSES", "ArcFaceLoss", "DistillationLoss", "StyleEmbeddingLoss",
+           "SupConLoss", "build_classification_criterion", "multilabel_pos_weight"]
 
 DISTILLATION_TYPES = ("none", "soft", "hard")
 METRIC_LOSSES = ("arcface", "subcenter-arcface", "supcon")
@@ -28,21 +28,6 @@ def build_classification_criterion(mixup_active: bool, smoothing: float) -> nn.M
     if smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=smoothing)
     return nn.CrossEntropyLoss()
-
-
-class LogitAdjustedLoss(nn.Module):
-    """Logit-adjusted training loss (Menon et al. 2021): ``base(logits + tau * log(class prior), targets)``, so rare
-    classes need a larger margin in training and are not under-predicted at test time (plain logits). ``tau`` 1 is
-    the balanced softmax."""
-
-    def __init__(self, base: nn.Module, class_counts: torch.Tensor, tau: float = 1.0):
-        super().__init__()
-        self.base, self.tau = base, tau
-        prior = class_counts.double().clamp(min=1) / class_counts.double().clamp(min=1).sum()
-        self.register_buffer("offset", (tau * prior.log()).float(), persistent=False)
-
-    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.base(outputs + self.offset.to(outputs.device, outputs.dtype), targets)
 
 
 class DistillationLoss(nn.Module):

@@ -12,14 +12,13 @@ Examples::
 
 import argparse
 
-import torch
 from torch import nn
 
 import model  # noqa: F401  (registers the LSNet models with timm)
 import utils
 from data import RobustImageFolder, build_dataset, build_transform
 from data.images import median_short_side
-from losses import DistillationLoss, LogitAdjustedLoss, build_classification_criterion
+from losses import DistillationLoss, build_classification_criterion
 from training.config import TrainConfig
 from training.distributed import start_process
 from training.factory import build_metric_criterion, build_mixup, create_model, create_teacher, resolve_num_classes
@@ -51,7 +50,7 @@ def main(args: argparse.Namespace) -> dict:
         dataset_val, num_classes = split(cfg, False, dist.is_main)
         dataset_train = None if cfg.run.eval_only else split(cfg, True, dist.is_main)[0]
         num_classes = resolve_num_classes(cfg.model.num_classes, num_classes, cfg.run.data_path)
-        extra_config, counts = None, None
+        extra_config = None
         if dataset_train is not None:  # the recipe needs the data's shape; the training transform follows it
             side = median_short_side([path for path, _ in dataset_train.samples])
             shape = DataShape.from_labels(dataset_train.targets, num_classes, image_side=side)
@@ -59,19 +58,16 @@ def main(args: argparse.Namespace) -> dict:
             dataset_train.transform = build_transform(True, cfg.transform)
             dataset_val.transform = build_transform(False, cfg.transform)  # the recipe may change the input size
             extra_config = {"recipe": recipe.as_dict()}
-            counts = torch.bincount(torch.as_tensor(dataset_train.targets), minlength=num_classes)
         net = create_model(cfg.model, num_classes, seed=cfg.run.seed, distillation=cfg.distill.enabled)
         return fit(cfg, dist, net, dataset_train, dataset_val, dataset_val.classes,
-                   build_task(cfg, net, num_classes, extra_config, counts))
+                   build_task(cfg, net, num_classes, extra_config))
     finally:
         utils.cleanup_distributed()
 
 
-def build_task(cfg: TrainConfig, net: nn.Module, num_classes: int, extra_config: dict | None = None,
-               class_counts: torch.Tensor | None = None) -> Task:
-    """The training criterion: cross-entropy (with mixup, ``--logit-adjust`` from ``class_counts`` (training images
-    per class) and distillation as asked) or the metric ``--loss``; ``extra_config``: further ``config.json``
-    entries (the recipe)."""
+def build_task(cfg: TrainConfig, net: nn.Module, num_classes: int, extra_config: dict | None = None) -> Task:
+    """The training criterion: cross-entropy (with mixup and distillation as asked) or the metric ``--loss``;
+    ``extra_config``: further ``config.json`` entries (the recipe)."""
     if cfg.loss.metric:
         mixing = [flag for flag in ("mixup", "cutmix") if flag in cfg.explicit and cfg.flags[flag] > 0]
         if mixing:
@@ -81,8 +77,6 @@ def build_task(cfg: TrainConfig, net: nn.Module, num_classes: int, extra_config:
                     extra_config={**(extra_config or {}), "loss": cfg.loss.name})
     mixup_fn = build_mixup(cfg.augment, cfg.optim.batch_size, num_classes)
     criterion = build_classification_criterion(mixup_fn is not None, cfg.augment.smoothing)
-    if cfg.loss.logit_adjust > 0 and class_counts is not None:
-        criterion = LogitAdjustedLoss(criterion, class_counts, cfg.loss.logit_adjust)
     if cfg.distill.enabled and not cfg.run.eval_only:
         teacher = create_teacher(cfg.distill, num_classes)
         criterion = DistillationLoss(criterion, teacher, cfg.distill.type, cfg.distill.alpha, cfg.distill.tau)

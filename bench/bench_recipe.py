@@ -80,8 +80,7 @@ def hand_tuned(lr: str) -> list[str]:
 
 
 # the settings the recipe chose before issue 26, given as flags (what "before" means on the medium worlds)
-BEFORE_26 = ["--input-size", "224", "--aa", "rand-m9-mstd0.5-inc1", "--color-jitter", "0.4", "--crop-scale", "0.08",
-             "--epoch-repeats", "1", "--logit-adjust", "0"]
+BEFORE_26 = ["--input-size", "224", "--aa", "rand-m9-mstd0.5-inc1", "--color-jitter", "0.4", "--epoch-repeats", "1"]
 MEDIUM_VARIANTS = {"recipe now (auto)": [], "before issue 26": BEFORE_26}
 
 VARIANTS = {

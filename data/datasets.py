@@ -26,8 +26,7 @@ class TransformConfig:
     """What the training and evaluation transforms depend on (``--input-size``, the augmentation flags...).
 
     ``auto_augment``: a timm policy string or None (off); ``three_augment``: DeiT-III ThreeAugment instead of it;
-    ``squash``: evaluate with a plain resize to ``input_size`` (``--finetune``) instead of resize + center crop;
-    ``crop_scale``: the smallest share of the image area a random training crop keeps (``--crop-scale``).
+    ``squash``: evaluate with a plain resize to ``input_size`` (``--finetune``) instead of resize + center crop.
     """
 
     input_size: int
@@ -39,7 +38,6 @@ class TransformConfig:
     recount: int = 1
     three_augment: bool = False
     squash: bool = False
-    crop_scale: float = 0.08
 
 
 class RobustImageFolder(datasets.ImageFolder):
@@ -202,7 +200,6 @@ def build_transform(is_train: bool, cfg: TransformConfig) -> Callable:
         transform = create_transform(
             input_size=cfg.input_size,
             is_training=True,
-            scale=(cfg.crop_scale, 1.0),
             color_jitter=cfg.color_jitter,
             auto_augment=cfg.auto_augment,
             interpolation=cfg.interpolation,

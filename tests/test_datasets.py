@@ -190,11 +190,6 @@ def test_epoch_repeats_passes_over_the_data_in_new_orders():
         EpochRepeats(base, 0)
 
 
-def test_crop_scale_reaches_the_random_resized_crop():
-    transform = build_transform(True, TransformConfig(input_size=32, crop_scale=0.5))
-    assert [t.scale for t in transform.transforms if isinstance(t, RandomResizedCropAndInterpolation)] == [(0.5, 1.0)]
-
-
 def test_median_short_side(tmp_path):
     paths = [gen.noise_image(tmp_path / f"{i}.png", size) for i, size in enumerate([(50, 40), (90, 70), (30, 80)])]
     assert median_short_side([*paths, tmp_path / "missing.png"]) == 40 and median_short_side([]) is None

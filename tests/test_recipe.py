@@ -17,7 +17,6 @@ import model  # noqa: F401  (registers the LSNet models)
 import train_artist_multilabel
 import train_artist_style
 from artifacts.run_folder import Best
-from losses import LogitAdjustedLoss
 from training.config import TrainConfig
 from training.early_stopping import EarlyStopping
 from training.factory import build_optimizer, scale_lr
@@ -86,18 +85,6 @@ def test_short_runs_keep_the_colours_and_sharpness_that_make_a_style():
     assert applied.augment.auto_augment is None and applied.transform.color_jitter == 0.0
     assert not {"aa", "color_jitter"} & choose_recipe("auto", SMALL, RunShape(300, 32)).settings.keys()
     assert apply_recipe(config("--aa", "rand-m5"), short).augment.auto_augment == "rand-m5"
-
-
-def test_logit_adjusted_loss_adds_the_log_prior():
-    counts = torch.tensor([9, 1, 0])
-    loss = LogitAdjustedLoss(torch.nn.CrossEntropyLoss(), counts, tau=1.0)
-    logits, targets = torch.zeros(2, 3), torch.tensor([0, 1])
-    prior = torch.tensor([9, 1, 1]) / 11  # a class without images counts as one
-    assert loss(logits, targets).item() == pytest.approx(
-        torch.nn.functional.cross_entropy(prior.log().expand(2, 3), targets).item())
-    per_class = [loss(logits[:1], torch.tensor([c])).item() for c in range(2)]
-    assert per_class[1] > per_class[0]  # the rare class must win by a margin in training
-    assert not list(loss.parameters()) and "offset" not in loss.state_dict()  # nothing to save or resume
 
 
 def test_long_large_multi_gpu_run_comes_back_to_the_imagenet_regime():

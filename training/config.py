@@ -78,7 +78,6 @@ class AugmentConfig:
 
     color_jitter: float = 0.4
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    crop_scale: float = 0.08
     train_interpolation: str = "bicubic"
     repeated_aug: bool = True
     three_augment: bool = False
@@ -156,14 +155,12 @@ class MultiLabelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """``--loss`` and its settings: ArcFace scale / margin / sub-centres, the supcon temperature, the cross-entropy's
-    logit adjustment ``tau`` (0: off)."""
+    """``--loss`` and its settings: ArcFace scale / margin / sub-centres, the supcon temperature."""
 
     name: str = "ce"
     scale: float = 30.0
     margin: float = 0.3
     subcenters: int = 3
-    logit_adjust: float = 0.0
     temperature: float = 0.1
 
     @property
@@ -250,7 +247,7 @@ class TrainConfig:
         return TransformConfig(
             input_size=self.model.input_size, color_jitter=aug.color_jitter, auto_augment=aug.auto_augment,
             interpolation=aug.train_interpolation, reprob=aug.reprob, remode=aug.remode, recount=aug.recount,
-            three_augment=aug.three_augment, squash=self.model.finetune, crop_scale=aug.crop_scale,
+            three_augment=aug.three_augment, squash=self.model.finetune,
         )
 
 

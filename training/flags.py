@@ -35,8 +35,7 @@ FLAG_RANGES: dict[str, NumberRange] = {
     "clip_grad": _NON_NEGATIVE, "lr": _POSITIVE, "min_lr": _NON_NEGATIVE, "warmup_lr": _NON_NEGATIVE,
     "warmup_epochs": _COUNT, "cooldown_epochs": _COUNT, "decay_epochs": _POSITIVE, "decay_rate": _NON_NEGATIVE,
     "lr_noise": _NON_NEGATIVE, "lr_noise_pct": _SHARE, "lr_noise_std": _NON_NEGATIVE,
-    "color_jitter": _NON_NEGATIVE, "crop_scale": NumberRange(float, 0, 1, low_open=True), "smoothing": _BELOW_ONE,
-    "reprob": _SHARE, "epoch_repeats": _SIZE, "logit_adjust": _NON_NEGATIVE,
+    "color_jitter": _NON_NEGATIVE, "smoothing": _BELOW_ONE, "reprob": _SHARE, "epoch_repeats": _SIZE,
     "recount": _SIZE, "mixup": _NON_NEGATIVE, "cutmix": _NON_NEGATIVE, "cutmix_minmax": _SHARE, "mixup_prob": _SHARE,
     "mixup_switch_prob": _SHARE, "model_ema_decay": _SHARE, "seed": _COUNT, "start_epoch": _COUNT,
     "save_every": _COUNT, "eval_every": _SIZE, "num_workers": _COUNT, "print_freq": _SIZE,
@@ -176,9 +175,6 @@ def _add_optimisation_args(group: argparse._ArgumentGroup) -> None:
 def _add_augmentation_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--color-jitter", type=float, default=0.4)
     group.add_argument("--aa", type=_optional_str, default="rand-m9-mstd0.5-inc1", help="timm auto-augment; none: off")
-    group.add_argument("--crop-scale", type=float, default=0.08,
-                       help="smallest share of the image area a random training crop keeps (then resized to "
-                            "--input-size; 1: only flips and aspect changes)")
     group.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     group.add_argument("--train-interpolation", default="bicubic")
     group.add_argument("--repeated-aug", action=BOOL, default=True,
@@ -247,8 +243,6 @@ def add_embedding_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--loss-margin", type=float, default=0.3, help="ArcFace additive angular margin (radians)")
     group.add_argument("--subcenters", type=int, default=3, help="sub-centres per class of subcenter-arcface")
     group.add_argument("--temperature", type=float, default=0.1, help="supcon temperature")
-    group.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
-                       help="ce: add TAU x log(class share) to the logits in training (long tails; 0: off)")
     group.add_argument("--sampler", default="random", choices=("random", "class-balanced"),
                        help="class-balanced: every artist equally often, in groups of --samples-per-class (replaces "
                             "--repeated-aug)")
