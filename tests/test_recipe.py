@@ -84,6 +84,7 @@ def test_short_runs_keep_the_colours_and_sharpness_that_make_a_style():
     applied = apply_recipe(config(), short)
     assert applied.augment.auto_augment is None and applied.transform.color_jitter == 0.0
     assert not {"aa", "color_jitter"} & choose_recipe("auto", SMALL, RunShape(300, 32)).settings.keys()
+    assert not {"aa", "color_jitter"} & choose_recipe("auto", SMALL, RunShape(30, 32, multi_label=True)).settings.keys()
     assert apply_recipe(config("--aa", "rand-m5"), short).augment.auto_augment == "rand-m5"
 
 

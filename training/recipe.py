@@ -175,9 +175,9 @@ def _passes(data: DataShape, run: RunShape) -> dict[str, Choice]:
 
 
 def _augmentation(run: RunShape) -> dict[str, Choice]:
-    """RandAugment and colour jitter off in short runs: they rewrite the colour, contrast and sharpness that make a
-    style (measured on the medium worlds of bench/bench_recipe.py)."""
-    if run.epochs >= LONG_RUN:
+    """RandAugment and colour jitter off in short single-label runs: they rewrite the colour, contrast and sharpness
+    that make a style (measured on the medium worlds of bench/bench_recipe.py)."""
+    if run.epochs >= LONG_RUN or run.multi_label:  # measured on single-label runs only
         return {}
     reason = (f"{run.epochs} epochs: RandAugment's colour, contrast, posterize and sharpness operations and colour "
               "jitter change the palette, quantisation and blur that tell artists apart (on from "
