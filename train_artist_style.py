@@ -17,6 +17,7 @@ from torch import nn
 import model  # noqa: F401  (registers the LSNet models with timm)
 import utils
 from data import RobustImageFolder, build_dataset, build_transform
+from data.images import median_short_side
 from losses import DistillationLoss, build_classification_criterion
 from training.config import TrainConfig
 from training.distributed import start_process
@@ -51,9 +52,11 @@ def main(args: argparse.Namespace) -> dict:
         num_classes = resolve_num_classes(cfg.model.num_classes, num_classes, cfg.run.data_path)
         extra_config = None
         if dataset_train is not None:  # the recipe needs the data's shape; the training transform follows it
-            shape = DataShape.from_labels(dataset_train.targets, num_classes)
+            side = median_short_side([path for path, _ in dataset_train.samples])
+            shape = DataShape.from_labels(dataset_train.targets, num_classes, image_side=side)
             cfg, recipe = prepare_recipe(cfg, shape, dist.world_size)
             dataset_train.transform = build_transform(True, cfg.transform)
+            dataset_val.transform = build_transform(False, cfg.transform)  # the recipe may change the input size
             extra_config = {"recipe": recipe.as_dict()}
         net = create_model(cfg.model, num_classes, seed=cfg.run.seed, distillation=cfg.distill.enabled)
         return fit(cfg, dist, net, dataset_train, dataset_val, dataset_val.classes,

@@ -2,7 +2,7 @@
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import BinaryIO, cast
 
 import numpy as np
@@ -14,6 +14,7 @@ __all__ = [
     "is_image_file",
     "load_image",
     "load_first_readable",
+    "median_short_side",
     "to_rgb",
     "verify_image",
 ]
@@ -42,6 +43,20 @@ class ImageLoadError(OSError):
 def is_image_file(path: str | os.PathLike) -> bool:
     """True when the file name has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
     return os.fspath(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def median_short_side(paths: Sequence[str | os.PathLike], limit: int = 256) -> int | None:
+    """The median shorter side in pixels of up to ``limit`` of ``paths`` spread evenly (headers only; unreadable
+    files are skipped); None when none can be read."""
+    step = max(1, len(paths) // limit)
+    sides = []
+    for path in list(paths)[::step][:limit]:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return int(np.median(sides)) if sides else None
 
 
 def load_image(path_or_file: str | os.PathLike | BinaryIO) -> Image.Image:

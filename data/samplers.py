@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
-__all__ = ["ClassBalancedSampler", "RASampler", "build_sampler"]
+__all__ = ["ClassBalancedSampler", "EpochRepeats", "RASampler", "build_sampler"]
 
 
 class RASampler(Sampler[int]):
@@ -104,6 +104,28 @@ class ClassBalancedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.groups_per_replica * self.samples_per_class
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class EpochRepeats(Sampler[int]):
+    """``repeats`` passes of ``sampler`` per epoch, each in its own order (the base sampler's epoch
+    ``epoch * repeats + pass``): small data gets more optimizer steps per epoch, each image differently augmented in
+    every pass."""
+
+    def __init__(self, sampler: Sampler[int], repeats: int):
+        if repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {repeats}")
+        self.sampler, self.repeats, self.epoch = sampler, repeats, 0
+
+    def __iter__(self) -> Iterator[int]:
+        for done in range(self.repeats):
+            self.sampler.set_epoch(self.epoch * self.repeats + done)
+            yield from self.sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler) * self.repeats
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -15,9 +15,9 @@ from torchvision import transforms
 
 from data.class_mapping import compare_class_mappings, read_class_mapping, write_class_mapping
 from data.datasets import TransformConfig, build_dataset, build_transform
-from data.images import load_image
+from data.images import load_image, median_short_side
 from data.prepare import prepare_dataset
-from data.samplers import RASampler, build_sampler
+from data.samplers import EpochRepeats, RASampler, build_sampler
 from data.scan import CACHE_FILE, ScanCache, verify_images, walk_files
 from utils import UserError
 
@@ -178,6 +178,23 @@ def test_ra_sampler_repeats_across_replicas():
     assert len(list(RASampler([0], num_replicas=4, rank=3))) == 1
     with pytest.raises(ValueError):
         RASampler(dataset, num_replicas=2, rank=2)
+
+
+def test_epoch_repeats_passes_over_the_data_in_new_orders():
+    base = torch.utils.data.DistributedSampler(list(range(10)), num_replicas=1, rank=0, seed=3)
+    sampler = EpochRepeats(base, 3)
+    first = list(sampler)
+    assert len(sampler) == len(first) == 30 and sorted(first) == sorted(list(range(10)) * 3)
+    assert first[:10] != first[10:20] and list(sampler) == first  # passes differ; an epoch is reproducible
+    sampler.set_epoch(1)
+    assert list(sampler) != first and sorted(sampler) == sorted(first)
+    with pytest.raises(ValueError):
+        EpochRepeats(base, 0)
+
+
+def test_median_short_side(tmp_path):
+    paths = [gen.noise_image(tmp_path / f"{i}.png", size) for i, size in enumerate([(50, 40), (90, 70), (30, 80)])]
+    assert median_short_side([*paths, tmp_path / "missing.png"]) == 40 and median_short_side([]) is None
 
 
 def test_build_sampler_single_process():

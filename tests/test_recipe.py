@@ -1,6 +1,7 @@
 """The training recipe (choices per data / run shape, explicit flags win, stored and kept on resume), --lr-abs,
 --layer-decay, --patience and the end-of-run report."""
 
+import dataclasses
 import json
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,7 +21,7 @@ from training.config import TrainConfig
 from training.early_stopping import EarlyStopping
 from training.factory import build_optimizer, scale_lr
 from training.recipe import DataShape, Recipe, RunShape, apply_recipe, choose_recipe, recipe_block
-from training.report import MAX_MATRIX_CLASSES, Predictions, write_report
+from training.report import MAX_MATRIX_CLASSES, PER_CLASS_FILE, Predictions, tail_summary, write_report
 
 FAST = ["--device", "cpu", "--model", "lsnet_t_artist", "--input-size", "64", "--feature-dim", "32",
         "--num-workers", "0", "--print-freq", "100", "--batch-size", "8"]
@@ -42,6 +43,49 @@ def test_small_short_run_from_scratch():
     assert s["weight_decay"] == 0.025 and 0.9 <= s["model_ema_decay"] < 0.99
     assert choose_recipe("auto", SMALL, RunShape(epochs=15, batch_size=4)).settings["lr_abs"] == pytest.approx(2e-3)
     assert all(choice.reason for choice in recipe.choices.values())
+
+
+def test_small_images_are_trained_at_about_their_own_size():
+    """Issue 26: 96 px images upscaled to 224 blur the texture; from scratch they train at 96 (multiple of 32)."""
+    run = RunShape(epochs=30, batch_size=32)
+    small = DataShape(images=126, classes=12, smallest=4, largest=21, image_side=100)
+    choice = choose_recipe("auto", small, run).choices["input_size"]
+    assert choice.value == 96 and "100 px" in choice.reason and "224" in choice.reason
+    assert choose_recipe("auto", dataclasses.replace(small, image_side=40), run).settings["input_size"] == 64
+    for unchanged in (dataclasses.replace(small, image_side=700), dataclasses.replace(small, image_side=None)):
+        assert "input_size" not in choose_recipe("auto", unchanged, run).settings
+    assert "input_size" not in choose_recipe("auto", small, dataclasses.replace(run, pretrained=True)).settings
+    assert apply_recipe(config("--epochs", "30"), choose_recipe("auto", small, run)).model.input_size == 96
+    assert apply_recipe(config("--input-size", "160"), choose_recipe("auto", small, run)).model.input_size == 160
+    assert "100 px" in small.describe()
+
+
+def test_short_runs_on_little_data_get_more_passes_per_epoch():
+    """Issue 26: 126 images at batch 32 make 90 steps in 30 epochs and underfit; passes per epoch bring the run
+    to at least 400 steps (at most 8 passes), and the EMA follows the steps actually taken."""
+    small = DataShape(images=126, classes=12, smallest=4, largest=21)
+    recipe = choose_recipe("auto", small, RunShape(epochs=30, batch_size=32))
+    choice = recipe.choices["epoch_repeats"]
+    assert choice.value == 5 and "90 optimizer steps" in choice.reason
+    assert recipe.settings["model_ema_decay"] == pytest.approx(1 - 10 / (630 // 32 * 30), abs=1e-6)
+    assert choose_recipe("auto", small, RunShape(epochs=10, batch_size=32)).settings["epoch_repeats"] == 8
+    assert choose_recipe("auto", small, RunShape(epochs=9, batch_size=32)).settings["epoch_repeats"] == 1
+    large = DataShape(images=50_000, classes=100, smallest=500, largest=500)
+    assert choose_recipe("auto", large, RunShape(epochs=30, batch_size=32)).settings["epoch_repeats"] == 1
+    assert "epoch_repeats" not in choose_recipe("auto", small, RunShape(30, 32, multi_label=True)).settings
+    assert apply_recipe(config(), recipe).sampler.epoch_repeats == 5
+    assert apply_recipe(config("--epoch-repeats", "2"), recipe).sampler.epoch_repeats == 2
+
+
+def test_short_runs_keep_the_colours_and_sharpness_that_make_a_style():
+    short = choose_recipe("auto", SMALL, RunShape(epochs=30, batch_size=32))
+    assert short.settings["aa"] is None and short.settings["color_jitter"] == 0.0
+    assert "--aa none because 30 epochs: RandAugment" in recipe_block(short, frozenset(), "x")
+    applied = apply_recipe(config(), short)
+    assert applied.augment.auto_augment is None and applied.transform.color_jitter == 0.0
+    assert not {"aa", "color_jitter"} & choose_recipe("auto", SMALL, RunShape(300, 32)).settings.keys()
+    assert not {"aa", "color_jitter"} & choose_recipe("auto", SMALL, RunShape(30, 32, multi_label=True)).settings.keys()
+    assert apply_recipe(config("--aa", "rand-m5"), short).augment.auto_augment == "rand-m5"
 
 
 def test_long_large_multi_gpu_run_comes_back_to_the_imagenet_regime():
@@ -158,6 +202,26 @@ def test_report_with_many_classes_lists_the_confused_pairs(tmp_path):
     assert {"report_loss.png", "report_metric.png", "report_lr.png", "report_per_class.png"} <= set(page.images)
     text = " ".join(page.text)
     assert "Most confused pairs" in text and "artist_0 artist_7 1" in " ".join(text.split())
+
+
+def test_report_shows_recall_against_training_images_per_artist(tmp_path):
+    """The long tail at a glance: macro recall beside top-1, the fewest-image artists' recall, the per-artist CSV."""
+    names = ["head", "middle", "tail", "unseen"]
+    targets = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    predicted = np.array([0, 0, 0, 0, 1, 0, 0, 0])  # head 4/4, middle 1/2, tail 0/2; "unseen" has no val image
+    scores = np.eye(4)[predicted]
+    preds = Predictions.from_scores(scores, targets)
+    line = tail_summary(preds, names, [30, 12, 5, 3])
+    assert line.startswith("validation of the best weights: top-1 0.625, macro recall 0.500;")
+    assert "fewest training images: tail 0.00 (5 training images), middle 0.50 (12 training images), head 1.00" in line
+    assert line.endswith("lowest recall 0.00")
+    assert tail_summary(preds, names, None).endswith("macro recall 0.500")
+    write_report(tmp_path, RECORDS, names, preds, "acc1", "best acc1: epoch 3", train_counts=[30, 12, 5, 3])
+    assert (tmp_path / PER_CLASS_FILE).read_text().splitlines() == [
+        "artist,train_images,val_images,recall", "head,30,4,1.0000", "middle,12,2,0.5000", "tail,5,2,0.0000",
+        "unseen,3,0,"]
+    page = read_page(tmp_path)
+    assert "report_tail.png" in page.images and "macro recall 0.500" in " ".join(page.text)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from analysis.style_statistics import style_statistics
 from data.multilabel import parse_labels, read_label_file, read_multilabel_csv
 from tools.make_synthetic_artists import (
     MIX_ALPHAS,
@@ -30,21 +31,6 @@ SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "make_synthetic_artists
 NUM_ARTISTS, TRAIN_PER_ARTIST, TEST_PER_ARTIST, SIZE = 8, 12, 6, 64
 
 
-def _style_features(img: np.ndarray, colour: bool = True) -> np.ndarray:
-    """Cheap hand-crafted style statistics: gradient orientations, frequency spectrum, optionally a colour histogram."""
-    grey = img @ np.array([0.299, 0.587, 0.114], np.float32)
-    gy, gx = np.gradient(grey)
-    mag = np.hypot(gx, gy)
-    orientation = np.histogram(np.arctan2(gy, gx) % np.pi, bins=8, range=(0, np.pi), weights=mag)[0]
-    spectrum = np.abs(np.fft.rfft2(grey - grey.mean()))
-    radius = np.hypot(np.fft.rfftfreq(grey.shape[1])[None], np.fft.fftfreq(grey.shape[0])[:, None])
-    bands = np.histogram(radius, bins=8, range=(0, 0.71), weights=spectrum)[0]
-    parts = [orientation / (mag.sum() + 1e-6), bands / (bands.sum() + 1e-6), [mag.mean(), grey.std()]]
-    if colour:
-        parts.append(np.histogramdd(img.reshape(-1, 3), bins=4, range=[(0, 1)] * 3)[0].ravel() / grey.size)
-    return np.concatenate(parts)
-
-
 def _load(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"), np.float32) / 255
@@ -54,7 +40,7 @@ def _dataset_features(result: dict, colour: bool = True) -> tuple[np.ndarray, np
     x, y = [], []
     for label, name in enumerate(result["artists"]):
         for path in sorted((result["output_dir"] / name).iterdir()):
-            x.append(_style_features(_load(path), colour))
+            x.append(style_statistics(_load(path), colour))
             y.append(label)
     return np.array(x), np.array(y)
 
@@ -161,7 +147,7 @@ def test_same_content_is_classified_by_style(style_classifier):
         content = make_content(np.random.default_rng([99, k]), SIZE)
         for a in range(NUM_ARTISTS):
             img = render(content, make_style(a), np.random.default_rng([99, k, a]))
-            correct += int(style_classifier.predict([_style_features(img)])[0] == a)
+            correct += int(style_classifier.predict([style_statistics(img)])[0] == a)
     assert correct >= 0.9 * 3 * NUM_ARTISTS, correct
 
 
@@ -173,7 +159,7 @@ def test_mixed_images_follow_their_proportions(train_set, style_classifier):
     pure = pure_ok = uneven = uneven_ok = 0
     for row in rows:
         labels = [(artists.index(n), w) for n, w in parse_labels(row["labels"]).items()]
-        proba = style_classifier.predict_proba([_style_features(_load(root / row["image_path"]))])[0]
+        proba = style_classifier.predict_proba([style_statistics(_load(root / row["image_path"]))])[0]
         if len(labels) == 1:
             pure, pure_ok = pure + 1, pure_ok + int(proba.argmax() == labels[0][0])
         elif labels[0][1] > labels[1][1]:

@@ -171,10 +171,12 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """``--sampler`` random (shuffled, with ``--repeated-aug``) or class-balanced groups of ``samples_per_class``."""
+    """``--sampler`` random (shuffled, with ``--repeated-aug``) or class-balanced groups of ``samples_per_class``;
+    ``epoch_repeats`` passes of it per epoch."""
 
     name: str = "random"
     samples_per_class: int = 4
+    epoch_repeats: int = 1
 
 
 # Config field -> flag (namespace attribute) where the names differ.

@@ -35,7 +35,7 @@ FLAG_RANGES: dict[str, NumberRange] = {
     "clip_grad": _NON_NEGATIVE, "lr": _POSITIVE, "min_lr": _NON_NEGATIVE, "warmup_lr": _NON_NEGATIVE,
     "warmup_epochs": _COUNT, "cooldown_epochs": _COUNT, "decay_epochs": _POSITIVE, "decay_rate": _NON_NEGATIVE,
     "lr_noise": _NON_NEGATIVE, "lr_noise_pct": _SHARE, "lr_noise_std": _NON_NEGATIVE,
-    "color_jitter": _NON_NEGATIVE, "smoothing": _BELOW_ONE, "reprob": _SHARE,
+    "color_jitter": _NON_NEGATIVE, "smoothing": _BELOW_ONE, "reprob": _SHARE, "epoch_repeats": _SIZE,
     "recount": _SIZE, "mixup": _NON_NEGATIVE, "cutmix": _NON_NEGATIVE, "cutmix_minmax": _SHARE, "mixup_prob": _SHARE,
     "mixup_switch_prob": _SHARE, "model_ema_decay": _SHARE, "seed": _COUNT, "start_epoch": _COUNT,
     "save_every": _COUNT, "eval_every": _SIZE, "num_workers": _COUNT, "print_freq": _SIZE,
@@ -248,6 +248,8 @@ def add_embedding_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                             "--repeated-aug)")
     group.add_argument("--samples-per-class", type=int, default=4, metavar="K",
                        help="images per artist in each group of the class-balanced sampler")
+    group.add_argument("--epoch-repeats", type=int, default=1, metavar="N",
+                       help="passes over the training images per epoch (small data: more steps per epoch)")
     return parser
 
 

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 import utils
-from data.samplers import ClassBalancedSampler, RASampler
+from data.samplers import ClassBalancedSampler, EpochRepeats, RASampler
 from training.config import SamplerConfig
 from training.distributed import DistEnv
 from utils import UserError
@@ -28,8 +28,8 @@ def build_loaders(dataset_train: Dataset | None, dataset_val: Dataset, dist: Dis
                   num_workers: int, seed: int, repeated_aug: bool = True, pin_memory: bool = True,
                   dist_eval: bool = False, sampler: SamplerConfig | None = None) -> Loaders:
     """Samplers seeded by seed + epoch (``ClassBalancedSampler`` with a class-balanced ``sampler``, else
-    ``RASampler`` with ``repeated_aug``), validation batches of 1.5 x ``batch_size``, split over the processes with
-    ``dist_eval``; memory pinned only on CUDA."""
+    ``RASampler`` with ``repeated_aug``; the sampler's ``epoch_repeats`` passes of it per epoch), validation
+    batches of 1.5 x ``batch_size``, split over the processes with ``dist_eval``; memory pinned only on CUDA."""
     pin = pin_memory and dist.device.type == "cuda"
     generator = torch.Generator()
     loader_train = None
@@ -42,6 +42,8 @@ def build_loaders(dataset_train: Dataset | None, dataset_val: Dataset, dist: Dis
         else:
             train_sampler = DistributedSampler(dataset_train, num_replicas=dist.world_size, rank=dist.rank,
                                                shuffle=True, seed=seed)
+        if sampler is not None and sampler.epoch_repeats > 1:
+            train_sampler = EpochRepeats(train_sampler, sampler.epoch_repeats)
         loader_train = DataLoader(dataset_train, batch_size=batch_size, sampler=train_sampler,
                                   num_workers=num_workers, pin_memory=pin, drop_last=True, generator=generator)
         if len(loader_train) == 0:

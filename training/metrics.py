@@ -38,25 +38,35 @@ class Metric(Protocol):
 
 
 class TopKAccuracy:
-    """Single-label top-k accuracy in percent (``acc1``, ``acc5``); k is capped at the number of classes."""
+    """Single-label top-k accuracy in percent (``acc1``, ``acc5``; k is capped at the number of classes) and the
+    macro recall (``macro_recall``: the top-1 recall of each class with validation images, averaged)."""
 
     def __init__(self, topk: Sequence[int] = (1, 5)):
         self.topk = tuple(topk)
         self.correct = torch.zeros(len(self.topk), dtype=torch.float64)
         self.count = 0
+        self.per_class = torch.zeros((2, 0), dtype=torch.float64)  # (images, top-1 hits) per class
 
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
         batch = target.shape[0]  # timm's accuracy: percent of the batch per k (k capped at the class count)
         counts = torch.stack([percent.double() * batch / 100 for percent in accuracy(output, target, self.topk)])
         self.correct = self.correct.to(output.device) + counts.round()
         self.count += batch
+        classes = output.shape[1]
+        hits = target[output.argmax(dim=1) == target]
+        seen = torch.stack([torch.bincount(t, minlength=classes).double() for t in (target, hits)])
+        self.per_class = seen + (self.per_class.to(seen.device) if self.per_class.numel() else 0)
 
     def compute(self, distributed: bool = False) -> dict[str, float]:
-        totals = torch.cat([self.correct, self.correct.new_tensor([self.count])])
+        totals = torch.cat([self.correct, self.correct.new_tensor([self.count]), self.per_class.flatten()])
         if distributed:
             utils.all_reduce_sum(totals)
-        correct, count = totals[:-1].tolist(), max(totals[-1].item(), 1)
-        return {f"acc{k}": 100.0 * c / count for k, c in zip(self.topk, correct, strict=True)}
+        n = len(self.topk)
+        correct, count = totals[:n].tolist(), max(totals[n].item(), 1)
+        images, hits = totals[n + 1:].reshape(2, -1)
+        recall = (hits[images > 0] / images[images > 0]).mean().item() if (images > 0).any() else 0.0
+        return {**{f"acc{k}": 100.0 * c / count for k, c in zip(self.topk, correct, strict=True)},
+                "macro_recall": 100.0 * recall}
 
 
 def _ap(ranked: Iterable[np.ndarray], positives: np.ndarray) -> float:

@@ -28,43 +28,53 @@ RECIPES = ("auto", "imagenet", "finetune")
 DEIT_EMA_DECAY = 0.99996
 LARGE_DATA = 50_000  # images from which repeated augmentation pays off (DeiT's ImageNet regime), with processes > 1
 LONG_RUN = 100  # epochs from which mixup / cutmix pay off
+MIN_INPUT = 64  # the smallest input size the recipe trains small images at
+MIN_STEPS = 400  # optimizer steps a short run on little data gets at least (by passes per epoch)
+MAX_REPEATS = 8  # passes over the training images per epoch at most
+MIN_REPEAT_EPOCHS = 10  # shorter runs check the pipeline: one pass per epoch
 
 
 @dataclass(frozen=True)
 class DataShape:
-    """The training data: images, classes (labels), and the smallest and largest class (images per class)."""
+    """The training data: images, classes (labels), the smallest and largest class (images per class), and the
+    median shorter side of the images in pixels (None: unknown)."""
 
     images: int
     classes: int
     smallest: int
     largest: int
+    image_side: int | None = None
 
     @classmethod
-    def from_counts(cls, counts: Sequence[int], images: int | None = None) -> "DataShape":
+    def from_counts(cls, counts: Sequence[int], images: int | None = None,
+                    image_side: int | None = None) -> "DataShape":
         """From images per class (multi-label: positives per label, with ``images`` the image count)."""
         counts = [int(c) for c in counts] or [0]
-        return cls(int(images if images is not None else sum(counts)), len(counts), min(counts), max(counts))
+        return cls(int(images if images is not None else sum(counts)), len(counts), min(counts), max(counts),
+                   image_side)
 
     @classmethod
-    def from_labels(cls, targets: Sequence[int], num_classes: int) -> "DataShape":
+    def from_labels(cls, targets: Sequence[int], num_classes: int, image_side: int | None = None) -> "DataShape":
         """From the class id of every training image."""
         counts = [0] * num_classes
         for target in targets:
             counts[target] += 1
-        return cls.from_counts(counts)
+        return cls.from_counts(counts, image_side=image_side)
 
     @property
     def per_class(self) -> float:
         return self.images / max(self.classes, 1)
 
     def describe(self) -> str:
+        side = f", {self.image_side} px" if self.image_side else ""
         return (f"{self.images} images, {self.classes} classes ({self.per_class:.0f} per class, "
-                f"{self.smallest}..{self.largest})")
+                f"{self.smallest}..{self.largest}){side}")
 
 
 @dataclass(frozen=True)
 class RunShape:
-    """The run: epochs, batch per process, processes, accumulation, pretrained start, multi-label targets."""
+    """The run: epochs, batch per process, processes, accumulation, pretrained start, multi-label targets, and the
+    model's default input size."""
 
     epochs: int
     batch_size: int
@@ -72,6 +82,7 @@ class RunShape:
     accumulation_steps: int = 1
     pretrained: bool = False
     multi_label: bool = False
+    input_size: int = 224
 
     @property
     def effective_batch(self) -> int:
@@ -128,8 +139,50 @@ def choose_recipe(requested: str, data: DataShape, run: RunShape) -> Recipe:
         why = ("auto: the run starts from pretrained weights" if run.pretrained
                else "auto: the run starts from random weights")
     run = dataclasses.replace(run, pretrained=name == "finetune")  # --recipe finetune: tuned as for pretrained
-    choices = {**_schedule(data, run), **_regularisation(data, run)}
+    passes = _passes(data, run)
+    repeats = passes["epoch_repeats"].value if passes else 1
+    choices = {**_resolution(data, run), **passes, **_schedule(data, run), **_augmentation(run),
+               **_regularisation(data, run, repeats)}
     return Recipe(name, why, MappingProxyType(choices))
+
+
+def _resolution(data: DataShape, run: RunShape) -> dict[str, Choice]:
+    """The input size from scratch: images smaller than the model's input are trained at about their own size
+    (pretrained weights keep the size they were trained at)."""
+    if run.pretrained or data.image_side is None or data.image_side >= run.input_size:
+        return {}
+    side = max(MIN_INPUT, data.image_side // 32 * 32)
+    return {"input_size": Choice(side, f"the images are {data.image_side} px (median shorter side): upscaled to "
+                                       f"{run.input_size} they blur the strokes and grain that tell artists apart "
+                                       f"(measured: bench/bench_recipe.py's medium worlds), so {side} (a multiple "
+                                       f"of 32, at least {MIN_INPUT})")}
+
+
+def _passes(data: DataShape, run: RunShape) -> dict[str, Choice]:
+    """Passes over the training images per epoch: enough optimizer steps for a short run on little data."""
+    if run.multi_label:
+        return {}
+    if run.epochs < MIN_REPEAT_EPOCHS:
+        return {"epoch_repeats": Choice(1, f"{run.epochs} epochs: a check of the pipeline keeps one pass per epoch "
+                                           f"(more passes for little data from {MIN_REPEAT_EPOCHS} epochs)")}
+    steps = run.steps(data.images)
+    repeats = min(MAX_REPEATS, math.ceil(MIN_STEPS / steps))
+    reason = (f"{data.images} images at batch {run.effective_batch} make {steps} optimizer steps in {run.epochs} "
+              f"epochs, too few to fit (bench/bench_recipe.py --medium): at least {MIN_STEPS}, at most "
+              f"{MAX_REPEATS} passes per epoch" if repeats > 1 else
+              f"{steps} optimizer steps in {run.epochs} epochs are enough (more passes from below {MIN_STEPS})")
+    return {"epoch_repeats": Choice(max(repeats, 1), reason)}
+
+
+def _augmentation(run: RunShape) -> dict[str, Choice]:
+    """RandAugment and colour jitter off in short single-label runs: they rewrite the colour, contrast and sharpness
+    that make a style (measured on the medium worlds of bench/bench_recipe.py)."""
+    if run.epochs >= LONG_RUN or run.multi_label:  # measured on single-label runs only
+        return {}
+    reason = (f"{run.epochs} epochs: RandAugment's colour, contrast, posterize and sharpness operations and colour "
+              "jitter change the palette, quantisation and blur that tell artists apart (on from "
+              f"{LONG_RUN} epochs with the flags' defaults)")
+    return {"aa": Choice(None, reason), "color_jitter": Choice(0.0, reason)}
 
 
 def _schedule(data: DataShape, run: RunShape) -> dict[str, Choice]:
@@ -155,7 +208,7 @@ def _schedule(data: DataShape, run: RunShape) -> dict[str, Choice]:
     }
 
 
-def _regularisation(data: DataShape, run: RunShape) -> dict[str, Choice]:
+def _regularisation(data: DataShape, run: RunShape, repeats: int = 1) -> dict[str, Choice]:
     """Mixup / cutmix, label smoothing, EMA decay and weight decay sized to the data and the run."""
     choices: dict[str, Choice] = {}
     if not run.multi_label:
@@ -166,7 +219,7 @@ def _regularisation(data: DataShape, run: RunShape) -> dict[str, Choice]:
         choices["mixup"] = Choice(mix[0], reason)
         choices["cutmix"] = Choice(mix[1], reason)
         choices["smoothing"] = Choice(0.1, "label smoothing 0.1 helps at every size")
-    steps = run.steps(data.images)
+    steps = run.steps(data.images * repeats)
     decay = min(DEIT_EMA_DECAY, max(0.9, 1 - 10 / steps))
     choices["model_ema_decay"] = Choice(float(f"{decay:.6g}"),
                                         f"averages about the last 10% of the {steps} optimizer steps")
@@ -209,6 +262,8 @@ def recipe_block(recipe: Recipe, explicit: frozenset[str], header: str) -> str:
 
 
 def _show(value: Any) -> str:
+    if value is None:
+        return "none"
     if isinstance(value, bool):
         return "on" if value else "off"
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -225,7 +280,8 @@ def prepare_recipe(cfg: TrainConfig, data: DataShape, world_size: int,
     """Choose the recipe (``--resume``: the checkpoint's), print it and apply it; returns the new configuration."""
     recipe = saved_recipe(cfg.run.resume) if cfg.run.resume else None
     run = RunShape(cfg.optim.epochs, cfg.optim.batch_size, world_size, cfg.optim.accumulation_steps,
-                   pretrained=bool(cfg.model.pretrained or cfg.model.finetune_from), multi_label=multi_label)
+                   pretrained=bool(cfg.model.pretrained or cfg.model.finetune_from), multi_label=multi_label,
+                   input_size=cfg.model.input_size)
     if recipe is None:
         recipe = choose_recipe(cfg.flags.get("recipe", "auto"), data, run)
         header = f"{data.describe()}, {run.epochs} epochs, effective batch {run.effective_batch}"

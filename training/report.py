@@ -3,7 +3,9 @@ folder.
 
 Loss and metric curves and the learning-rate schedule from ``train_log.txt``; from a validation pass of
 ``model_best.pth``: a confusion matrix (up to :data:`MAX_MATRIX_CLASSES` classes, else the most confused pairs
-listed), per-class accuracy sorted, and the worst-classified validation images as thumbnails. Multi-label runs
+listed), per-class accuracy sorted, recall against the number of training images per artist (the long tail at a
+glance, also written as ``report_per_class.csv`` and summed up in the console), and the worst-classified validation
+images as thumbnails. Multi-label runs
 get the curves and the per-label average precision.
 
 Single-label validation is kept as a few numbers per image (:class:`Predictions`) and counted sparsely, so the
@@ -12,6 +14,7 @@ labels) are checked against the available memory before they are allocated.
 """
 
 import copy
+import csv
 import html
 import os
 import warnings
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import torch
 from torch import nn
@@ -35,10 +39,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix  # noqa: E402
 
-__all__ = ["MAX_MATRIX_CLASSES", "REPORT_FILE", "LabelScores", "Predictions", "best_summary", "most_confused",
-           "per_class_accuracy", "predict", "write_report", "write_run_report"]
+__all__ = ["MAX_MATRIX_CLASSES", "PER_CLASS_FILE", "REPORT_FILE", "LabelScores", "Predictions", "best_summary",
+           "most_confused", "per_class_accuracy", "predict", "tail_summary", "write_per_class", "write_report",
+           "write_run_report"]
 
 REPORT_FILE = "report.html"
+PER_CLASS_FILE = "report_per_class.csv"  # artist, train_images, val_images, recall (empty: no validation image)
+TAIL_SHOWN = 3  # artists named in the console's tail line
 MAX_MATRIX_CLASSES = 50
 WORST_SHOWN = 16
 PAIRS_SHOWN = 20
@@ -237,9 +244,57 @@ def _worst_png(folder: Path, preds: Predictions, names: Sequence[str]) -> str | 
     return "report_worst.png"
 
 
-def _single_label_section(folder: Path, preds: Predictions, names: Sequence[str]) -> str:
+def tail_summary(preds: Predictions, names: Sequence[str], train_counts: Sequence[int] | None) -> str:
+    """One line: top-1 beside macro recall, and the artists with the fewest training images and their recall."""
+    recall = per_class_accuracy(preds, len(names))
+    line = (f"validation of the best weights: top-1 {np.mean(preds.predicted == preds.targets):.3f}, "
+            f"macro recall {np.nanmean(recall) if np.isfinite(recall).any() else 0:.3f}")
+    if train_counts is None:
+        return line
+    fewest = [i for i in np.argsort(train_counts, kind="stable") if np.isfinite(recall[i])][:TAIL_SHOWN]
+    tail = ", ".join(f"{names[i]} {recall[i]:.2f} ({train_counts[i]} training images)" for i in fewest)
+    return f"{line}; fewest training images: {tail}; lowest recall {np.nanmin(recall):.2f}"
+
+
+def write_per_class(path: Path, preds: Predictions, names: Sequence[str], train_counts: Sequence[int]) -> None:
+    """``report_per_class.csv``: each artist's training and validation images and validation recall."""
+    recall = per_class_accuracy(preds, len(names))
+    val_counts = np.bincount(preds.targets, minlength=len(names))
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(("artist", "train_images", "val_images", "recall"))
+        writer.writerows((name, int(train_counts[i]), int(val_counts[i]), "" if np.isnan(recall[i]) else
+                          f"{recall[i]:.4f}") for i, name in enumerate(names))
+
+
+def _tail_section(folder: Path, preds: Predictions, names: Sequence[str], train_counts: Sequence[int]) -> str:
+    """Recall against training images per artist (scatter) and the per-artist CSV."""
+    recall = per_class_accuracy(preds, len(names))
+    seen = np.isfinite(recall)
+    counts = np.asarray(train_counts)
+
+    def draw(fig, ax):
+        ax.scatter(counts[seen], recall[seen], alpha=0.6)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("training images of the artist")
+        ax.set_ylabel("validation recall")
+        ax.set_title("recall by training images per artist")
+        ax.grid(alpha=0.3)
+
+    write_per_class(folder / PER_CLASS_FILE, preds, names, train_counts)
+    return (f"<h2>The long tail</h2>{_img(_figure(folder / 'report_tail.png', draw))}"
+            f'<p>Per artist: <a href="{PER_CLASS_FILE}">{PER_CLASS_FILE}</a></p>')
+
+
+def _single_label_section(folder: Path, preds: Predictions, names: Sequence[str],
+                          train_counts: Sequence[int] | None = None) -> str:
     shown = np.nan_to_num(per_class_accuracy(preds, len(names)), nan=1.0)
-    parts = [_img(_per_class_png(folder, names, shown, "accuracy per class (validation)"))]
+    parts = [f"<p>{html.escape(tail_summary(preds, names, train_counts))}</p>",
+             _img(_per_class_png(folder, names, shown, "accuracy per class (validation)"))]
+    if train_counts is not None:
+        parts.append(_tail_section(folder, preds, names, train_counts))
     if len(names) <= MAX_MATRIX_CLASSES:
         parts.append(_img(_confusion_png(folder, preds, names)))
     pairs = most_confused(preds, len(names))
@@ -253,7 +308,7 @@ def _single_label_section(folder: Path, preds: Predictions, names: Sequence[str]
     return "".join(parts)
 
 
-def _multi_label_section(folder: Path, preds: LabelScores, names: Sequence[str]) -> str:
+def _multi_label_section(folder: Path, preds: LabelScores, names: Sequence[str], train_counts: None = None) -> str:
     ap = average_precision(torch.from_numpy(preds.scores), torch.from_numpy(preds.present)).numpy()
     return _img(_per_class_png(folder, names, np.nan_to_num(ap, nan=0.0), "average precision per label"))
 
@@ -263,15 +318,17 @@ def _img(name: str) -> str:
 
 
 def write_report(folder: str | os.PathLike, records: Sequence[dict[str, Any]], class_names: Sequence[str],
-                 preds: Predictions | LabelScores | None, best_key: str, summary: str) -> Path:
-    """Write ``report.html`` and its PNGs into ``folder``; ``preds``: the best weights' validation outputs."""
+                 preds: Predictions | LabelScores | None, best_key: str, summary: str,
+                 train_counts: Sequence[int] | None = None) -> Path:
+    """Write ``report.html`` and its PNGs into ``folder``; ``preds``: the best weights' validation outputs;
+    ``train_counts``: training images per class (single-label: adds the long-tail view)."""
     folder = Path(folder)
     body = [f"<h1>Training report</h1><p>{html.escape(summary)}</p><h2>Curves</h2>"]
     body += [_img(name) for name in _curve_pngs(folder, records, best_key)]
     if preds is not None:
         body.append("<h2>Validation of the best weights</h2>")
         section = _multi_label_section if isinstance(preds, LabelScores) else _single_label_section
-        body.append(section(folder, preds, class_names))
+        body.append(section(folder, preds, class_names, train_counts))
     page = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Training report</title><style>body{font-family:"
             "sans-serif;max-width:60em;margin:1em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
             "padding:2px 8px}</style></head><body>" + "".join(body) + "</body></html>\n")
@@ -282,16 +339,19 @@ def write_report(folder: str | os.PathLike, records: Sequence[dict[str, Any]], c
 
 def write_run_report(folder: Path, model: nn.Module, records: Sequence[dict[str, Any]], class_names: Sequence[str],
                      val_dataset: Dataset, device: torch.device, *, best_key: str, summary: str, batch_size: int,
-                     multi_label: bool = False) -> Path | None:
+                     multi_label: bool = False, train_counts: Sequence[int] | None = None) -> Path | None:
     """The end-of-run report: the best weights (``model_best.pth``) predict ``val_dataset``, then
-    :func:`write_report`. A failure is a warning: the run's checkpoints are already saved."""
+    :func:`write_report` (single-label: :func:`tail_summary` is printed). A failure is a warning: the run's
+    checkpoints are already saved."""
     try:
         preds = None
         if (folder / BEST_FILE).is_file():
             best = copy.deepcopy(model)
             load_checkpoint(folder / BEST_FILE, best, log=lambda _: None)
             preds = predict(best, val_dataset, device, batch_size, multi_label)
-        path = write_report(folder, records, class_names, preds, best_key, summary)
+        path = write_report(folder, records, class_names, preds, best_key, summary, train_counts)
+        if isinstance(preds, Predictions):
+            print(tail_summary(preds, class_names, train_counts), flush=True)
     except (OSError, ValueError, RuntimeError, MemoryError, UserError) as err:
         print(f"warning: the training report could not be written ({err}); the run itself is saved", flush=True)
         return None

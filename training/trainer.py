@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from timm.utils import ModelEmaV3, NativeScaler
 from torch import nn
@@ -179,7 +180,14 @@ class Trainer:
         if path is not None:
             write_run_report(path, self.model, records, self.class_names, self.loaders.val.dataset, self.dist.device,
                              best_key=self.task.best_key, summary=summary, batch_size=self.loaders.val.batch_size,
-                             multi_label=self.cfg.multilabel is not None)
+                             multi_label=self.cfg.multilabel is not None, train_counts=self._train_counts())
+
+    def _train_counts(self) -> list[int] | None:
+        """Training images per class (single-label datasets with ``targets``), for the report's long-tail view."""
+        targets = getattr(self.loaders.train.dataset if self.loaders.train is not None else None, "targets", None)
+        if self.cfg.multilabel is not None or targets is None:
+            return None
+        return np.bincount(np.asarray(targets, dtype=np.int64), minlength=len(self.class_names)).tolist()
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """DistributedDataParallel under torchrun, ``torch.compile`` with ``--compile``."""
