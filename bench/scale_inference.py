@@ -127,8 +127,9 @@ def resume_step(quick: bool) -> list[dict]:
         while proc.poll() is None and not (progress.is_file()
                                            and json.loads(progress.read_text())["done"] >= count // 3):
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        finish(proc, out, began)
+        if proc.poll() is None:  # poll() reaps a run that already ended: then there is nothing to kill or wait for
+            proc.send_signal(signal.SIGKILL)
+            finish(proc, out, began)
         killed_at = json.loads(progress.read_text())["done"] if progress.is_file() else count
         seconds, peak = run(model, images, out, "--resume")
         same = all((tmp / "single" / name).read_bytes() == (out / name).read_bytes()
