@@ -24,7 +24,7 @@ from torch import nn
 
 import model  # noqa: F401  (registers the LSNet models with timm)
 import utils
-from data import MultiLabelImageDataset, build_transform
+from data import MultiLabelImageDataset, annotation_counts, build_transform
 from losses import multilabel_pos_weight
 from training.config import TrainConfig
 from training.distributed import start_process
@@ -32,6 +32,7 @@ from training.factory import build_mixup, create_model, resolve_num_classes
 from training.flags import TrainArgumentParser, add_common_args, add_multilabel_args
 from training.metrics import MultiLabelMetrics
 from training.recipe import DataShape, prepare_recipe
+from training.resume import open_resume
 from training.trainer import Task, fit
 
 LABEL_STATS_FILE = "label_stats.csv"
@@ -97,9 +98,15 @@ def load_datasets(cfg: TrainConfig, verbose: bool) -> tuple[MultiLabelImageDatas
 
 def main(args: argparse.Namespace) -> dict:
     try:
-        cfg = TrainConfig.from_args(args)
+        cfg, resume = open_resume(TrainConfig.from_args(args))
         ml = cfg.multilabel
         dist = start_process(cfg.run.device, cfg.run.seed)
+        extra_config = {"multi_label": True, "threshold": ml.threshold}
+        if not cfg.run.eval_only:  # the same recipe logic as single-label training, on the CSV's label counts
+            images, label_counts = annotation_counts(ml.train_ann, ml.label_delimiter)
+            cfg, recipe = prepare_recipe(cfg, DataShape.from_counts(label_counts, images=images), dist.world_size,
+                                         multi_label=True, resume=resume)
+            extra_config["recipe"] = recipe.as_dict()
         dataset_train, dataset_val = load_datasets(cfg, dist.is_main)
         classes = dataset_train.classes
         num_classes = resolve_num_classes(cfg.model.num_classes, len(classes), cfg.run.data_path)
@@ -114,12 +121,6 @@ def main(args: argparse.Namespace) -> dict:
                 Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
                 write_label_stats(Path(cfg.run.output_dir) / LABEL_STATS_FILE, classes, positives, target_sums,
                                   pos_weight)
-        extra_config = {"multi_label": True, "threshold": ml.threshold}
-        if not cfg.run.eval_only:  # the same recipe logic as single-label training, on the label counts
-            shape = DataShape.from_counts(positives, images=len(dataset_train))
-            cfg, recipe = prepare_recipe(cfg, shape, dist.world_size, multi_label=True)
-            dataset_train.transform = build_transform(True, cfg.transform)
-            extra_config["recipe"] = recipe.as_dict()
         if cfg.augment.smoothing > 0 and not (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0):
             utils.print_main("note: --smoothing acts only with --mixup / --cutmix in multi-label training")
         net = create_model(cfg.model, num_classes, seed=cfg.run.seed)
@@ -128,7 +129,7 @@ def main(args: argparse.Namespace) -> dict:
         task = Task(criterion, mixup_fn=mixup_fn, eval_criterion=criterion,
                     metric_factory=functools.partial(MultiLabelMetrics, threshold=ml.threshold), best_key=BEST_KEY,
                     extra_config=extra_config)
-        return fit(cfg, dist, net, dataset_train, dataset_val, classes, task)
+        return fit(cfg, dist, net, dataset_train, dataset_val, classes, task, resume)
     finally:
         utils.cleanup_distributed()
 

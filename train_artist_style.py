@@ -16,7 +16,7 @@ from torch import nn
 
 import model  # noqa: F401  (registers the LSNet models with timm)
 import utils
-from data import RobustImageFolder, build_dataset, build_transform
+from data import SplitScan, build_dataset, scan_split
 from data.images import median_short_side
 from losses import DistillationLoss, build_classification_criterion
 from training.config import TrainConfig
@@ -24,6 +24,7 @@ from training.distributed import start_process
 from training.factory import build_metric_criterion, build_mixup, create_model, create_teacher, resolve_num_classes
 from training.flags import TrainArgumentParser, add_common_args, add_distillation_args, add_embedding_args
 from training.recipe import DataShape, prepare_recipe
+from training.resume import open_resume
 from training.trainer import Task, fit
 from utils import UserError
 
@@ -37,30 +38,30 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def split(cfg: TrainConfig, is_train: bool, verbose: bool) -> tuple[RobustImageFolder, int]:
-    """The ``train/`` or ``val/`` dataset of ``--data-path`` and its class count."""
-    return build_dataset(is_train, cfg.run.data_path, cfg.transform, workers=cfg.run.num_workers,
-                         cache_dir=cfg.run.output_dir, verbose=verbose)
+def scan(cfg: TrainConfig, is_train: bool, verbose: bool) -> SplitScan:
+    """The verified images of ``--data-path``'s ``train/`` or ``val/``."""
+    return scan_split(is_train, cfg.run.data_path, workers=cfg.run.num_workers, cache_dir=cfg.run.output_dir,
+                      verbose=verbose)
 
 
 def main(args: argparse.Namespace) -> dict:
     try:
-        cfg = TrainConfig.from_args(args)
+        cfg, resume = open_resume(TrainConfig.from_args(args))
         dist = start_process(cfg.run.device, cfg.run.seed)
-        dataset_val, num_classes = split(cfg, False, dist.is_main)
-        dataset_train = None if cfg.run.eval_only else split(cfg, True, dist.is_main)[0]
-        num_classes = resolve_num_classes(cfg.model.num_classes, num_classes, cfg.run.data_path)
+        val_scan = scan(cfg, False, dist.is_main)
+        train_scan = None if cfg.run.eval_only else scan(cfg, True, dist.is_main)
+        num_classes = resolve_num_classes(cfg.model.num_classes, len(val_scan.classes), cfg.run.data_path)
         extra_config = None
-        if dataset_train is not None:  # the recipe needs the data's shape; the training transform follows it
-            side = median_short_side([path for path, _ in dataset_train.samples])
-            shape = DataShape.from_labels(dataset_train.targets, num_classes, image_side=side)
-            cfg, recipe = prepare_recipe(cfg, shape, dist.world_size)
-            dataset_train.transform = build_transform(True, cfg.transform)
-            dataset_val.transform = build_transform(False, cfg.transform)  # the recipe may change the input size
+        if train_scan is not None:  # the recipe sees the scanned data; every transform is built after it
+            side = median_short_side([path for path, _ in train_scan.samples])
+            shape = DataShape.from_labels(train_scan.targets, num_classes, image_side=side)
+            cfg, recipe = prepare_recipe(cfg, shape, dist.world_size, resume=resume)
             extra_config = {"recipe": recipe.as_dict()}
+        dataset_train = build_dataset(train_scan, cfg.transform) if train_scan is not None else None
+        dataset_val = build_dataset(val_scan, cfg.transform)
         net = create_model(cfg.model, num_classes, seed=cfg.run.seed, distillation=cfg.distill.enabled)
         return fit(cfg, dist, net, dataset_train, dataset_val, dataset_val.classes,
-                   build_task(cfg, net, num_classes, extra_config))
+                   build_task(cfg, net, num_classes, extra_config), resume)
     finally:
         utils.cleanup_distributed()
 
@@ -69,7 +70,7 @@ def build_task(cfg: TrainConfig, net: nn.Module, num_classes: int, extra_config:
     """The training criterion: cross-entropy (with mixup and distillation as asked) or the metric ``--loss``;
     ``extra_config``: further ``config.json`` entries (the recipe)."""
     if cfg.loss.metric:
-        mixing = [flag for flag in ("mixup", "cutmix") if flag in cfg.explicit and cfg.flags[flag] > 0]
+        mixing = [flag for flag in ("mixup", "cutmix") if flag in cfg.explicit and getattr(cfg.augment, flag) > 0]
         if mixing:
             raise UserError(f"--loss {cfg.loss.name} needs each image's own artist: drop --{' and --'.join(mixing)}"
                             " (mixup and cutmix are off with metric losses)")

@@ -12,7 +12,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,8 @@ from data.class_mapping import CLASS_MAPPING_FILE, compare_class_mappings, read_
 from utils import UserError
 
 __all__ = ["ARGS_FILE", "LOG_FILE", "SCHEDULE_ARGS", "TENSORBOARD_DIR", "Best", "ResumePoint", "RunFolder",
-           "args_record", "best_checkpoint", "checkpoint_sizes", "epoch_checkpoint_name", "find_resume_checkpoint",
-           "json_safe", "read_eval_weights", "read_log_records", "read_resume_point", "tensorboard_tag",
-           "training_checkpoint"]
+           "args_record", "best_checkpoint", "checkpoint_sizes", "epoch_checkpoint_name", "json_safe",
+           "read_eval_weights", "read_log_records", "read_resume_point", "tensorboard_tag", "training_checkpoint"]
 
 LOG_FILE = "train_log.txt"
 ARGS_FILE = "args.json"
@@ -110,10 +109,9 @@ def epoch_checkpoint_name(epoch: int) -> str:
     return f"checkpoint_epoch{epoch}.pth"
 
 
-def find_resume_checkpoint(folder: str | os.PathLike) -> tuple[Path, str]:
-    """The newest loadable training checkpoint of a run folder: ``checkpoint.pth``, else the highest
-    ``checkpoint_epochN.pth``; returns it and a note saying why another one was passed over ("" when none was)."""
-    folder = Path(folder)
+def _newest_loadable(folder: Path) -> tuple[Path, dict[str, Any], str]:
+    """The newest loadable training checkpoint of a run folder (``checkpoint.pth``, else the highest
+    ``checkpoint_epochN.pth``), its contents, and a note saying why another one was passed over ("" when none was)."""
     numbered = sorted((int(match.group(1)), path) for path in folder.glob("checkpoint_epoch*.pth")
                       if (match := re.fullmatch(r"checkpoint_epoch(\d+)\.pth", path.name)))
     candidates = [folder / CHECKPOINT_FILE] + [path for _, path in reversed(numbered)]
@@ -123,11 +121,9 @@ def find_resume_checkpoint(folder: str | os.PathLike) -> tuple[Path, str]:
             passed_over.append(f"{path.name} is missing")
             continue
         try:
-            load_checkpoint_file(path)
+            return path, load_checkpoint_file(path), "; ".join(passed_over)
         except UserError as err:
             passed_over.append(str(err))
-            continue
-        return path, "; ".join(passed_over)
     raise UserError(f"{folder} holds no loadable training checkpoint ({'; '.join(passed_over)}); pass the run's "
                     "--output-dir, or start a new run without --resume")
 
@@ -190,16 +186,25 @@ class ResumePoint:
         """``optimizer``, ``lr_scheduler``, ``scaler`` state dict or ``rng_states`` (None when not stored)."""
         return self.raw.get(name)
 
+    def check_classes(self, class_names: Sequence[str]) -> None:
+        """Refuse a checkpoint trained on other classes than ``class_names``."""
+        _check_classes(self.raw, self.path, class_names, "resume with the dataset it was trained on")
 
-def read_resume_point(path: str | os.PathLike, class_names: Sequence[str]) -> ResumePoint:
-    """Read a ``checkpoint.pth`` to resume, checking it holds training state and was trained on ``class_names``."""
+
+def read_resume_point(path: str | os.PathLike, log: Callable[[str], None] = print) -> ResumePoint:
+    """Read the checkpoint to resume, once: a file as given, a folder's newest loadable training checkpoint (said
+    through ``log`` when it is not ``checkpoint.pth``); it must hold training state."""
     path = Path(path)
-    raw = load_checkpoint_file(path)
+    if path.is_dir():
+        found, raw, passed_over = _newest_loadable(path)
+        log(f"--resume {path}: continuing from {found}" + (f" ({passed_over})" if passed_over else ""))
+        path = found
+    else:
+        raw = load_checkpoint_file(path)
     missing = [key for key in ("optimizer", "epoch") if key not in raw]
     if missing:
         raise UserError(f"{path} holds no training state ({', '.join(missing)} missing), so it cannot be resumed; "
                         f"start a new run from its weights with --finetune-from {path}")
-    _check_classes(raw, path, class_names, "resume with the dataset it was trained on")
     return ResumePoint(path, raw)
 
 

@@ -9,10 +9,11 @@ from typing import Any
 
 _SOURCES = {
     "class_mapping": ("CLASS_MAPPING_FILE", "compare_class_mappings", "read_class_mapping", "write_class_mapping"),
-    "datasets": ("RobustImageFolder", "TransformConfig", "build_dataset", "build_transform", "dataset_classes"),
+    "datasets": ("RobustImageFolder", "SplitScan", "TransformConfig", "build_dataset", "build_transform",
+                 "dataset_classes", "scan_split"),
     "images": ("IMAGE_EXTENSIONS", "ImageLoadError", "is_image_file", "load_image", "to_rgb", "verify_image"),
-    "multilabel": ("MultiLabelImageDataset", "format_labels", "parse_labels", "read_multilabel_csv",
-                   "write_multilabel_csv"),
+    "multilabel": ("MultiLabelImageDataset", "annotation_counts", "format_labels", "parse_labels",
+                   "read_multilabel_csv", "write_multilabel_csv"),
     "prepare": ("prepare_dataset",),
     "samplers": ("RASampler", "build_sampler"),
     "scan": ("ScanCache", "verify_images"),

@@ -17,25 +17,27 @@ from .scan import ScanCache, verify_images
 from .threeaugment import three_augment_transform
 from .transforms import build_inference_transform, eval_data_config
 
-__all__ = ["RobustImageFolder", "TransformConfig", "build_dataset", "build_transform", "dataset_classes"]
+__all__ = ["RobustImageFolder", "SplitScan", "TransformConfig", "build_dataset", "build_transform", "dataset_classes",
+           "scan_split"]
 
 @dataclass(frozen=True)
 class TransformConfig:
-    """What the training and evaluation transforms depend on (``--input-size``, the augmentation flags...).
+    """What the training and evaluation transforms depend on: ``--input-size`` and the augmentation settings (their
+    defaults are declared once, in :class:`training.config.AugmentConfig`, which builds this object).
 
     ``auto_augment``: a timm policy string or None (off); ``three_augment``: DeiT-III ThreeAugment instead of it;
     ``squash``: evaluate with a plain resize to ``input_size`` (``--finetune``) instead of resize + center crop.
     """
 
     input_size: int
-    color_jitter: float = 0.4
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    interpolation: str = "bicubic"
-    reprob: float = 0.25
-    remode: str = "pixel"
-    recount: int = 1
-    three_augment: bool = False
-    squash: bool = False
+    color_jitter: float
+    auto_augment: str | None
+    interpolation: str
+    reprob: float
+    remode: str
+    recount: int
+    three_augment: bool
+    squash: bool
 
 
 class RobustImageFolder(datasets.ImageFolder):
@@ -52,6 +54,7 @@ class RobustImageFolder(datasets.ImageFolder):
         allow_empty: allow classes without images (e.g. a validation split of a tiny class).
         workers, cache: verification processes and result cache (see :func:`data.scan.verify_images`).
         verbose: print the per-file warnings and the scan summary.
+        samples: the ``(path, class id)`` pairs of an earlier scan (:func:`scan_split`): used as they are.
     """
 
     def __init__(
@@ -64,8 +67,10 @@ class RobustImageFolder(datasets.ImageFolder):
         workers: int = 0,
         cache: ScanCache | None = None,
         verbose: bool = True,
+        samples: Sequence[tuple[str, int]] | None = None,
     ):
         self._given_classes = list(classes) if classes is not None else None
+        self._scanned = list(samples) if samples is not None else None
         self._workers, self._cache, self._verbose = workers, cache, verbose
         self.rejected: list[tuple[str, str]] = []
         self._warned: set[str] = set()
@@ -85,6 +90,8 @@ class RobustImageFolder(datasets.ImageFolder):
         is_valid_file: Callable[[str], bool] | None = None,
         allow_empty: bool = False,
     ) -> list[tuple[str, int]]:
+        if self._scanned is not None:
+            return self._scanned
         candidates = datasets.folder.make_dataset(directory, class_to_idx, extensions=IMAGE_EXTENSIONS,
                                                   allow_empty=True)
         reasons = verify_images([path for path, _ in candidates], workers=self._workers, cache=self._cache,
@@ -147,13 +154,29 @@ def dataset_classes(data_path: str | os.PathLike) -> list[str]:
     return classes
 
 
-def build_dataset(is_train: bool, data_path: str | os.PathLike, transform: TransformConfig, *, workers: int = 0,
-                  cache_dir: str | os.PathLike | None = None, verbose: bool = True) -> tuple[RobustImageFolder, int]:
-    """``(dataset, num_classes)`` for ``data_path/train`` or ``/val``, transformed by :func:`build_transform`.
+@dataclass(frozen=True)
+class SplitScan:
+    """The readable images of one split (``train/`` or ``val/``) with their class ids, the dataset's classes, and
+    the files left out with the reason."""
 
-    ``workers``: image verification processes; ``cache_dir``: where the scan cache goes when the dataset folder is
+    root: Path
+    is_train: bool
+    classes: tuple[str, ...]
+    samples: tuple[tuple[str, int], ...]
+    rejected: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def targets(self) -> list[int]:
+        return [target for _, target in self.samples]
+
+
+def scan_split(is_train: bool, data_path: str | os.PathLike, *, workers: int = 0,
+               cache_dir: str | os.PathLike | None = None, verbose: bool = True) -> SplitScan:
+    """Verify the images of ``data_path/train`` or ``/val`` (a bad one is reported and left out).
+
+    ``workers``: verification processes; ``cache_dir``: where the scan cache goes when the dataset folder is
     read-only (the run's output folder). Both splits use the classes of :func:`dataset_classes`, so ids agree;
-    ``val/`` may lack some classes. In distributed training, build on rank 0 first (``verbose=True``), then on the
+    ``val/`` may lack some classes. In distributed training, scan on rank 0 first (``verbose=True``), then on the
     other ranks after a barrier: they reuse its scan cache.
     """
     root = Path(data_path)
@@ -164,11 +187,17 @@ def build_dataset(is_train: bool, data_path: str | os.PathLike, transform: Trans
     cache = ScanCache.for_dataset(root, cache_dir)
     if cache is None and verbose:
         print(f"note: {root} is read-only and no --output-dir is set: the image scan is not cached")
-    dataset = RobustImageFolder(split_dir, classes, transform=build_transform(is_train, transform),
-                                allow_empty=not is_train, workers=workers, cache=cache, verbose=verbose)
-    if not dataset.samples:
+    folder = RobustImageFolder(split_dir, classes, allow_empty=not is_train, workers=workers, cache=cache,
+                               verbose=verbose)
+    if not folder.samples:
         raise UserError(f"{split_dir} has no readable images; run prepare_dataset.py (with --val-ratio > 0 for val/)")
-    return dataset, len(classes)
+    return SplitScan(split_dir, is_train, tuple(classes), tuple(folder.samples), tuple(folder.rejected))
+
+
+def build_dataset(scan: SplitScan, transform: TransformConfig) -> RobustImageFolder:
+    """The dataset of a scanned split, transformed by :func:`build_transform` (training or evaluation)."""
+    return RobustImageFolder(scan.root, list(scan.classes), transform=build_transform(scan.is_train, transform),
+                             allow_empty=True, verbose=False, samples=scan.samples)
 
 
 def _posterize_at_least_one_bit(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:

@@ -26,6 +26,7 @@ from .scan import ScanCache, verify_images, walk_files
 __all__ = [
     "CSV_HEADER",
     "MultiLabelImageDataset",
+    "annotation_counts",
     "collect_labeled_images",
     "format_labels",
     "parse_labels",
@@ -109,6 +110,14 @@ def read_multilabel_csv(path: str | os.PathLike, label_delimiter: str = ",") -> 
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 text ({err.reason}); save it as UTF-8") from None
     return rows
+
+
+def annotation_counts(path: str | os.PathLike, label_delimiter: str = ",") -> tuple[int, list[int]]:
+    """Rows and positives per label (sorted labels) of an annotation CSV: the data's shape before the images are
+    verified (the training recipe's view)."""
+    rows = read_multilabel_csv(path, label_delimiter)
+    counts = Counter(name for _, labels in rows for name in labels)
+    return len(rows), [counts[name] for name in sorted(counts)]
 
 
 def _parse_row(row: list[str], label_delimiter: str, where: str) -> Row:

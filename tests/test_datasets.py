@@ -14,18 +14,21 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from torchvision import transforms
 
 from data.class_mapping import compare_class_mappings, read_class_mapping, write_class_mapping
-from data.datasets import TransformConfig, build_dataset, build_transform
+from data.datasets import build_dataset, build_transform, scan_split
 from data.images import load_image, median_short_side
 from data.prepare import prepare_dataset
 from data.samplers import EpochRepeats, RASampler, build_sampler
 from data.scan import CACHE_FILE, ScanCache, verify_images, walk_files
+from training.config import AugmentConfig
 from utils import UserError
 
 SIZE = (20, 16)
 
 
 def split(is_train: bool, root: Path, workers: int = 0, verbose: bool = True):
-    return build_dataset(is_train, root, TransformConfig(input_size=32), workers=workers, verbose=verbose)
+    """The split's dataset (32 px transforms) and its scan."""
+    scan = scan_split(is_train, root, workers=workers, verbose=verbose)
+    return build_dataset(scan, AugmentConfig().transform(32)), scan
 
 
 def layout(root: Path, train: dict[str, int], val: dict[str, int]) -> Path:
@@ -46,9 +49,9 @@ def test_build_dataset_on_prepare_output(tmp_path):
     src = gen.artist_folders(tmp_path / "src", {"b": 5, "a": 5, "日本": 4}, SIZE)
     out = tmp_path / "out"
     prepare_dataset(src, out, min_images=1, workers=0, verbose=False)
-    train, num_classes = split(True, out)
+    train, scan = split(True, out)
     val, _ = split(False, out)
-    assert num_classes == 3 and train.classes == val.classes == ["a", "b", "日本"]
+    assert len(scan.classes) == 3 and train.classes == val.classes == ["a", "b", "日本"]
     assert (len(train), len(val)) == (11, 3)
     image, target = train[0]
     assert image.shape == (3, 32, 32) and target == 0
@@ -62,10 +65,10 @@ def test_build_dataset_on_prepare_output(tmp_path):
 def test_corrupt_images_are_filtered_with_a_warning_each(tmp_path, capsys):
     root = layout(tmp_path, {"a": 3, "b": 3}, {"a": 1, "b": 1})
     bad = [gen.truncated_jpeg(root / "train" / "a" / "cut.jpg"), gen.text_file(root / "train" / "b" / "fake.png")]
-    dataset, _ = split(True, root)
+    dataset, scan = split(True, root)
     out = capsys.readouterr().out
     assert f"warning: skipping {bad[0]}: truncated" in out and f"warning: skipping {bad[1]}: not an image" in out
-    assert len(dataset) == 6 and {p for p, _ in dataset.rejected} == {str(p) for p in bad}
+    assert len(dataset) == 6 and {p for p, _ in scan.rejected} == {str(p) for p in bad}
     split(True, root, verbose=False)
     assert "warning" not in capsys.readouterr().out
 
@@ -79,8 +82,8 @@ def test_scan_cache_is_keyed_by_size_and_mtime(tmp_path):
     cached, _ = split(True, root)
     assert len(cached) == 6, "an unchanged (size, mtime) must come from the cache, not be decoded again"
     os.utime(victim, ns=(0, 10**18))
-    rescanned, _ = split(True, root)
-    assert len(rescanned) == 5 and rescanned.rejected[0][0] == str(victim)
+    rescanned, scan = split(True, root)
+    assert len(rescanned) == 5 and scan.rejected[0][0] == str(victim)
 
 
 def test_unwritable_cache_is_reported_and_scan_still_works(tmp_path, capsys):
@@ -105,8 +108,8 @@ def test_file_broken_after_the_scan_does_not_break_the_epoch(tmp_path, capsys):
 def test_val_without_some_classes_keeps_train_ids(tmp_path):
     root = layout(tmp_path, {"a": 2, "b": 2, "c": 2}, {"a": 1, "c": 1})
     train, _ = split(True, root)
-    val, num_classes = split(False, root)
-    assert num_classes == 3 and val.class_to_idx == train.class_to_idx == {"a": 0, "b": 1, "c": 2}
+    val, scan = split(False, root)
+    assert len(scan.classes) == 3 and val.class_to_idx == train.class_to_idx == {"a": 0, "b": 1, "c": 2}
     assert val.targets == [0, 2]
 
 
@@ -132,7 +135,7 @@ def test_missing_or_empty_splits_are_user_errors(tmp_path):
 
 
 def test_train_transform_is_timm_randaugment_with_erasing(tmp_path):
-    transform = build_transform(True, TransformConfig(input_size=32))
+    transform = build_transform(True, AugmentConfig().transform(32))
     steps = transform.transforms
     assert isinstance(steps[0], RandomResizedCropAndInterpolation) and steps[0].interpolation.value == "bicubic"
     assert any(isinstance(t, RandAugment) for t in steps)
@@ -143,18 +146,18 @@ def test_train_transform_is_timm_randaugment_with_erasing(tmp_path):
 
 def test_eval_transforms(tmp_path):
     image = load_image(gen.noise_image(tmp_path / "x.png", (50, 40)))
-    resize_crop = build_transform(False, TransformConfig(input_size=224)).transforms[0]  # inference's
+    resize_crop = build_transform(False, AugmentConfig().transform(224)).transforms[0]  # inference's
     assert resize_crop.scale_size == 256 and resize_crop.resample == Image.Resampling.BICUBIC
     assert resize_crop.size == (224, 224)
-    evaluation = build_transform(False, TransformConfig(input_size=32))
+    evaluation = build_transform(False, AugmentConfig().transform(32))
     assert evaluation.transforms[0].scale_size == 36 and evaluation(image).shape == (3, 32, 32)
     assert evaluation(image).dtype == torch.float32
-    finetune = build_transform(False, TransformConfig(input_size=32, squash=True))
+    finetune = build_transform(False, AugmentConfig().transform(32, squash=True))
     assert finetune.transforms[0].scale_size == (32, 32) and finetune(image).shape == (3, 32, 32)
 
 
 def test_three_augment(tmp_path):
-    transform = build_transform(True, TransformConfig(input_size=32, three_augment=True))
+    transform = build_transform(True, AugmentConfig(three_augment=True).transform(32))
     choice = next(t for t in transform.transforms if isinstance(t, transforms.RandomChoice))
     assert [type(t).__name__ for t in choice.transforms] == ["Grayscale", "Solarization", "GaussianBlur"]
     assert any(isinstance(t, transforms.ColorJitter) for t in transform.transforms)
@@ -264,7 +267,7 @@ def test_compare_class_mappings():
 @pytest.mark.parametrize("aa", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "original"])
 def test_posterize_to_zero_bits_does_not_crash(tmp_path, aa):
     """timm asks for 0 bits at high (increasing) or low (plain) magnitudes; Pillow >= 11 raises on that."""
-    transform = build_transform(True, TransformConfig(input_size=32, auto_augment=aa))
+    transform = build_transform(True, AugmentConfig(auto_augment=aa).transform(32))
     posterize_ops = [
         sub for step in transform.transforms for op in (getattr(step, "ops", None) or getattr(step, "policy", []))
         for sub in (op if isinstance(op, (list, tuple)) else [op]) if "Posterize" in sub.name

@@ -21,10 +21,11 @@ from test_train import ENV, read_log, train_straight_and_resumed
 import predict_artist_multilabel
 import train_artist_multilabel
 from artifacts.checkpoint import load_checkpoint, load_checkpoint_file
-from data import MultiLabelImageDataset, TransformConfig, build_transform, read_multilabel_csv, write_multilabel_csv
+from data import MultiLabelImageDataset, build_transform, read_multilabel_csv, write_multilabel_csv
 from losses import multilabel_pos_weight
 from tools import generate_multilabel_csv, split_multilabel_dataset
 from tools.make_synthetic_artists import generate_artists
+from training.config import AugmentConfig
 from training.metrics import MultiLabelMetrics, average_precision
 from utils import UserError
 
@@ -131,7 +132,7 @@ def val_presence(data: list[str]) -> tuple[MultiLabelImageDataset, np.ndarray]:
     """The validation set (labels of the training CSV) and its label presence matrix."""
     train = MultiLabelImageDataset(data[3], data[1], verbose=False)
     val = MultiLabelImageDataset(data[5], data[1], classes=train.classes,
-                                 transform=build_transform(False, TransformConfig(input_size=32)))
+                                 transform=build_transform(False, AugmentConfig().transform(32)))
     present = np.zeros((len(val), len(train.classes)), dtype=bool)
     for row, (_, indices, _) in enumerate(val.samples):
         present[row, list(indices)] = True

@@ -33,16 +33,34 @@ def config(*argv: str) -> TrainConfig:
 
 
 def test_small_short_run_from_scratch():
-    """A newcomer's run (issue 13): usable absolute LR, no warm-up epoch at 1e-6, no cool-down, no repeated
-    augmentation, no mixing or erasing in 15 epochs, an EMA sized to ~200 steps."""
+    """A newcomer's run (issue 13): usable absolute LR, a one-epoch warm-up (rising per step), no cool-down, no
+    repeated augmentation, no mixing or erasing in 15 epochs, an EMA sized to ~200 steps."""
     recipe = choose_recipe("auto", SMALL, RunShape(epochs=15, batch_size=16))
     s = recipe.settings
     assert recipe.name == "scratch" and "random weights" in recipe.why
-    assert s["lr_abs"] == pytest.approx(4e-3) and s["warmup_epochs"] == 0 and s["cooldown_epochs"] == 0
+    assert s["lr_abs"] == pytest.approx(4e-3) and s["warmup_epochs"] == 1 and s["cooldown_epochs"] == 0
     assert s["repeated_aug"] is False and s["mixup"] == s["cutmix"] == s["reprob"] == 0
     assert s["weight_decay"] == 0.025 and 0.9 <= s["model_ema_decay"] < 0.99
     assert choose_recipe("auto", SMALL, RunShape(epochs=15, batch_size=4)).settings["lr_abs"] == pytest.approx(2e-3)
     assert all(choice.reason for choice in recipe.choices.values())
+
+
+def test_the_recipe_chooses_the_batch_only_when_none_is_given():
+    """Issue 24: 131 training images with no --batch-size train at 32 (4+ batches per epoch), not DeiT's 256."""
+    newcomer = DataShape(images=131, classes=12, smallest=4, largest=21)
+    for data, world_size, expected in ((newcomer, 1, 32), (newcomer, 2, 16), (SMALL, 1, 32),
+                                       (DataShape(10, 2, 5, 5), 1, 8), (DataShape(10**6, 1000, 5, 5000), 4, 256)):
+        choice = choose_recipe("auto", data, RunShape(epochs=30, batch_size=None, world_size=world_size))
+        assert choice.choices["batch_size"].value == expected and "batches per epoch" in choice.choices[
+            "batch_size"].reason
+    assert choose_recipe("imagenet", SMALL, RunShape(epochs=30, batch_size=None)).settings == {"batch_size": 32}
+    assert "batch_size" not in choose_recipe("auto", newcomer, RunShape(epochs=30, batch_size=64)).settings
+    chosen = apply_recipe(config(), choose_recipe("auto", newcomer, RunShape(epochs=30, batch_size=None)))
+    assert chosen.optim.batch_size == 32 and config().optim.batch_size is None
+    assert apply_recipe(config("--batch-size", "4"), choose_recipe("auto", newcomer, RunShape(30, None))).optim \
+        .batch_size == 4
+    # the other choices follow the chosen batch: the LR of batch 32 (x sqrt(16 / 16) capped), steps of batch 32
+    assert choose_recipe("auto", newcomer, RunShape(30, None)).settings["lr_abs"] == pytest.approx(4e-3)
 
 
 def test_small_images_are_trained_at_about_their_own_size():
@@ -244,14 +262,23 @@ def test_auto_recipe_run_records_it_stops_early_and_reports(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_keeps_the_recipe(tmp_path, capsys):
+def test_resume_keeps_the_recipe(tmp_path, capsys, monkeypatch):
     data = make_colour_data(tmp_path / "data")
     out = tmp_path / "run"
     common = [*FAST, "--data-path", str(data), "--output-dir", str(out)]
     parse = train_artist_style.get_args_parser().parse_args
+    reads = []
+    real_load = torch.load
+
+    def counting_load(path, *args, **kwargs):
+        reads.append(Path(path).name)
+        return real_load(path, *args, **kwargs)
+
     with one_thread():
         train_artist_style.main(parse([*common, "--epochs", "1", "--recipe", "imagenet"]))
+        monkeypatch.setattr(torch, "load", counting_load)
         train_artist_style.main(parse([*common, "--epochs", "2", "--resume", str(out)]))  # no --recipe: auto
+    assert reads.count("checkpoint.pth") == 1, "a start with --resume reads its checkpoint once"
     assert "(its recipe is kept)" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["recipe"]["name"] == "imagenet"
     args = json.loads((out / "args.json").read_text())

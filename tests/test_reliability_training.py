@@ -17,6 +17,7 @@ from artifacts import run_folder
 from artifacts.checkpoint import load_checkpoint_file, save_checkpoint_atomic
 from artifacts.run_folder import append_log_record, checkpoint_sizes
 from training.config import TrainConfig
+from training.resume import open_resume
 from utils import UserError
 
 
@@ -37,11 +38,12 @@ COMMON = ["--batch-size", "8", "--no-model-ema", *NO_AUG]
 
 @pytest.mark.slow
 def test_diverged_epoch_is_not_saved_and_the_stop_names_the_last_good_epoch(tiny_data, tmp_path):
-    """Epoch 1 warms up at a sane rate; epoch 2 runs at --lr 1e6 and explodes: nothing of it reaches the folder."""
+    """Epoch 1 warms up at a sane rate (plateau: stepped per epoch); epoch 2 runs at --lr 1e6 and explodes: nothing of
+    it reaches the folder."""
     out = tmp_path / "run"
     with pytest.raises(UserError, match=r"(epoch 2 diverged|loss is (nan|inf) at epoch 2).*the last good epoch is 1"):
         run_main("--data-path", str(tiny_data), "--output-dir", str(out), "--epochs", "2", *COMMON,
-                 "--lr", "1e6", "--warmup-epochs", "1", "--warmup-lr", "1e-4", "--sched", "step")
+                 "--lr", "1e6", "--warmup-epochs", "1", "--warmup-lr", "1e-4", "--sched", "plateau")
     assert load_checkpoint_file(out / "checkpoint.pth")["epoch"] == 0
     best = load_checkpoint_file(out / "model_best.pth")
     assert best["epoch"] == 0 and all(torch.isfinite(t).all() for t in best["model"].values() if t.is_floating_point())
@@ -179,13 +181,13 @@ def test_resume_folder_falls_back_to_the_newest_loadable_epoch_checkpoint(tmp_pa
         save_checkpoint_atomic({"model": {"w": torch.ones(1)}, "optimizer": {}, "epoch": epoch - 1},
                                run / f"checkpoint_epoch{epoch}.pth")
     (run / "checkpoint_epoch11.pth").write_bytes(b"PK\x03\x04 cut short")  # an unreadable newer one
-    cfg = TrainConfig.from_args(parse("--resume", str(run)))
-    assert cfg.run.resume == str(run / "checkpoint_epoch10.pth")
+    cfg, point = open_resume(TrainConfig.from_args(parse("--resume", str(run))))
+    assert cfg.run.resume == str(run / "checkpoint_epoch10.pth") and point.epoch == 9
     out = capsys.readouterr().out
     assert f"--resume {run}: continuing from {run / 'checkpoint_epoch10.pth'}" in out
     assert "checkpoint.pth is missing" in out and "checkpoint_epoch11.pth is not a readable PyTorch checkpoint" in out
     save_checkpoint_atomic({"model": {"w": torch.ones(1)}, "optimizer": {}, "epoch": 11}, run / "checkpoint.pth")
-    assert TrainConfig.from_args(parse("--resume", str(run))).run.resume == str(run / "checkpoint.pth")
+    assert open_resume(TrainConfig.from_args(parse("--resume", str(run))))[0].run.resume == str(run / "checkpoint.pth")
 
 
 def test_an_image_passed_as_a_checkpoint_is_not_a_checkpoint(tmp_path):
@@ -198,9 +200,11 @@ def test_an_image_passed_as_a_checkpoint_is_not_a_checkpoint(tmp_path):
 
 def test_every_numeric_training_flag_has_a_range():
     import train_artist_multilabel
-    from training.flags import FLAG_RANGES
+    from training.config import SECTIONS
+    from training.settings import declarations
 
+    ranged = {name for section in SECTIONS.values() for _, name, decl in declarations(section) if decl.allowed}
     for script in (train_artist_style, train_artist_multilabel):
         numeric = {action.dest for action in script.get_args_parser()._actions if action.type in (int, float)}
-        assert numeric <= FLAG_RANGES.keys(), f"add {sorted(numeric - FLAG_RANGES.keys())} to FLAG_RANGES"
+        assert numeric <= ranged, f"declare a range (allowed=) for {sorted(numeric - ranged)}"
         assert len(numeric) > 30

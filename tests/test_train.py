@@ -22,6 +22,7 @@ import train_artist_style
 from artifacts.checkpoint import load_checkpoint, load_checkpoint_file, read_checkpoint
 from training.config import TrainConfig
 from training.factory import create_model
+from training.trainer import Trainer
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,12 +62,32 @@ def run_main(*argv: str):
         torch.set_num_threads(threads)
 
 
+class Stopped(Exception):
+    """The crash of :func:`train_straight_and_resumed`'s interrupted run."""
+
+
+def stop_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make an in-process training run crash once its first epoch is saved."""
+    real = Trainer.run_epoch
+
+    def run_epoch(self, net, epoch):
+        record = real(self, net, epoch)
+        if epoch == 0:
+            raise Stopped
+        return record
+
+    monkeypatch.setattr(Trainer, "run_epoch", run_epoch)
+
+
 def train_straight_and_resumed(run: Callable[..., object], common: list[str], tmp_path: Path
                                ) -> tuple[dict, dict, dict]:
-    """``run`` 2 epochs in one go (``tmp_path/straight``) and 1 epoch, then --resume for the second
-    (``tmp_path/resumed``); returns the resumed run's checkpoint after epoch 1 and both final checkpoint.pth files."""
+    """``run`` (in this process) 2 epochs in one go (``tmp_path/straight``), and 2 epochs that crash after the
+    first, then --resume for the second (``tmp_path/resumed``); returns the resumed run's checkpoint after epoch 1
+    and both final checkpoint.pth files."""
     run(*common, "--output-dir", str(tmp_path / "straight"), "--epochs", "2")
-    run(*common, "--output-dir", str(tmp_path / "resumed"), "--epochs", "1")
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Stopped):
+        stop_after_first_epoch(patch)
+        run(*common, "--output-dir", str(tmp_path / "resumed"), "--epochs", "2")
     first = load_checkpoint_file(tmp_path / "resumed" / "checkpoint.pth")
     run(*common, "--output-dir", str(tmp_path / "resumed"), "--epochs", "2", "--resume", str(tmp_path / "resumed"))
     return (first, load_checkpoint_file(tmp_path / "straight" / "checkpoint.pth"),

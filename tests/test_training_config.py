@@ -21,6 +21,7 @@ from artifacts.run_folder import (
     training_checkpoint,
 )
 from training.config import TrainConfig
+from training.loops import train_one_epoch
 from training.resume import TrainingState, epoch_seed
 from training.trainer import build_training_state
 from utils import UserError
@@ -111,12 +112,13 @@ def test_run_folder_round_trip(tmp_path):
     best = load_checkpoint_file(run / "model_best.pth")
     assert best["best_source"] == "model_ema" and torch.equal(best["model"]["bias"], net.bias.detach() + 1)
 
-    point = read_resume_point(run / "checkpoint.pth", ["a", "b"])
+    point = read_resume_point(run / "checkpoint.pth")
+    point.check_classes(["a", "b"])
     assert point.epoch == 1 and point.best == Best(75.0, "model_ema", 2) and point.args["scaled_lr"] == 0.01
     assert point.has_ema and torch.equal(point.weights(ema=True).state_dict["bias"], net.bias.detach() + 1)
     assert set(read_eval_weights(run / "checkpoint.pth", ["a", "b"])) == {"model", "model_ema"}
     with pytest.raises(UserError, match="classes of .* differ from the dataset's"):
-        read_resume_point(run / "checkpoint.pth", ["a", "c"])
+        point.check_classes(["a", "c"])
     with pytest.raises(UserError, match="differs from the dataset's classes"):
         RunFolder(run).start(["a", "c"], resuming=True, args=args, config={})
 
@@ -149,3 +151,24 @@ def test_training_state_from_config():
     with pytest.raises(UserError, match="use a timm optimizer"):
         build_training_state(torch.nn.Linear(2, 2), TrainConfig.from_args(parse("--opt", "nope")), 0.1,
                              torch.device("cpu"))
+
+
+def test_the_learning_rate_schedule_steps_at_every_optimizer_step():
+    """Issue 24: a 2-epoch warm-up over 5 optimizer steps per epoch rises at each step (not an epoch at 1e-6); the
+    training loop reports every optimizer step, accumulation included."""
+    cfg = TrainConfig.from_args(parse("--warmup-epochs", "2", "--warmup-lr", "0", "--epochs", "10",
+                                      "--cooldown-epochs", "0", "--no-model-ema"))
+    net = torch.nn.Linear(2, 2)
+    state = build_training_state(net, cfg, lr=0.1, device=torch.device("cpu"), updates_per_epoch=5)
+    rates = []
+    for update in range(1, 11):
+        state.scheduler.step_update(update)
+        rates.append(state.optimizer.param_groups[0]["lr"])
+    assert rates[:9] == pytest.approx([0.01 * step for step in range(1, 10)])  # 0 -> 0.1 over 10 steps
+    assert 0.09 < rates[9] < 0.1  # then the cosine decay
+    data = torch.utils.data.TensorDataset(torch.randn(7, 2), torch.tensor([0, 1] * 3 + [0]))
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    seen = []
+    train_one_epoch(net, torch.nn.CrossEntropyLoss(), loader, state.optimizer, torch.device("cpu"), 0,
+                    accumulation_steps=3, on_update=seen.append)
+    assert seen == [1, 2]  # 4 micro-batches in groups of 3: two optimizer steps

@@ -12,12 +12,13 @@ from torchvision.transforms import InterpolationMode
 
 import model  # noqa: F401  (registers the models)
 from artifacts.model_folder import build_config
-from data.datasets import TransformConfig, build_transform
+from data.datasets import build_transform
 from data.glance_views import make_view, to_tensor
 from data.resize import IMAGENET_MEAN, IMAGENET_STD
 from data.transforms import ResizeCenterCrop, build_inference_transform, eval_data_config, normalize_batch
 from inference.loading import build_eval_transform
 from inference.onnx_model import eval_preprocess, normalize_uint8
+from training.config import AugmentConfig
 from utils import UserError
 
 SIZES = [(256, 256), (384, 512), (512, 300), (100, 80), (257, 1000), (224, 224), (256, 293), (1203, 901), (31, 47)]
@@ -142,7 +143,7 @@ def test_validation_inference_and_onnx_preprocessing_are_one(squash):
     net = timm.create_model("lsnet_t_artist", num_classes=3, depth=(0, 1, 1, 1))
     config = build_config("lsnet_t_artist", net, 64, squash=squash)
     transform, data_config = build_eval_transform(net, 64, config)
-    validation = build_transform(False, TransformConfig(input_size=64, squash=squash))
+    validation = build_transform(False, AugmentConfig().transform(64, squash=squash))
     for image in eval_images():
         pixels = transform(image)
         mirrored = eval_preprocess(image, 64, config)

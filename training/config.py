@@ -1,140 +1,185 @@
-"""The training configuration: typed, frozen objects built once from the parsed flags by :meth:`TrainConfig.from_args`.
+"""The training settings, each declared once (:func:`training.settings.setting`), and the typed, frozen
+:class:`TrainConfig` built from them by :meth:`TrainConfig.from_args`.
 
-Model-dependent defaults (``--input-size`` from the model, ``--amp`` on for CUDA) and the ``--resume`` path (a folder
-becomes the checkpoint inside it) are resolved while building; nothing changes the configuration afterwards.
+A field's declaration is its flag, ``--config`` key, default, help and allowed range. Model-dependent defaults
+(``--input-size`` from the model, ``--amp`` on for CUDA) and the ``--eval --resume`` path (a folder becomes the
+weights inside it) are resolved while building; the checkpoint to continue is read once, by
+:func:`training.resume.open_resume`; the recipe's changes come through :meth:`TrainConfig.with_settings`.
 """
 
 import argparse
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from types import MappingProxyType
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 from timm.models import get_pretrained_cfg
 
 import utils
 from artifacts.checkpoint import MODEL_FOLDER_FILES, find_checkpoint
-from artifacts.run_folder import find_resume_checkpoint
 from data.datasets import TransformConfig
+from data.scan import usable_cpus
+from losses import DISTILLATION_TYPES, LOSSES
 from model.lsnet_artist import ARTIST_MODELS
-from training.flags import EXPLICIT, FLAG_RANGES
-from utils import UserError
+from training.settings import (
+    EXPLICIT,
+    build_section,
+    check_section,
+    declarations,
+    optional_str,
+    section_values,
+    setting,
+)
+from utils import NumberRange, UserError
 
-__all__ = ["AugmentConfig", "DistillConfig", "EmaConfig", "LossConfig", "ModelConfig", "MultiLabelConfig",
-           "OptimConfig", "RunConfig", "SamplerConfig", "TrainConfig"]
+__all__ = ["HUB_WEIGHTS", "RECIPES", "SECTIONS", "AugmentConfig", "DistillConfig", "EmaConfig", "LossConfig",
+           "ModelConfig", "MultiLabelConfig", "OptimConfig", "RunConfig", "SamplerConfig", "TrainConfig"]
 
-T = TypeVar("T")
+HUB_WEIGHTS = "hub"  # ``--pretrained`` without a path: the official weights through the Hugging Face Hub (cache)
+RECIPES = ("auto", "imagenet", "finetune")
+_COUNT, _SIZE, _SHARE = NumberRange(int, 0), NumberRange(int, 1), NumberRange(float, 0, 1)
+_POSITIVE, _NON_NEGATIVE = NumberRange(float, 0, low_open=True), NumberRange(float, 0)
+_BELOW_ONE = NumberRange(float, 0, 1, high_open=True)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The network: ``--model``, its input size and feature head, and how it is initialised."""
 
-    name: str
-    input_size: int
-    feature_dim: int | None = None
-    use_projection: bool = True
-    num_classes: int | None = None  # as asked for; the dataset decides (see training.factory.resolve_num_classes)
-    drop_path: float = 0.0
-    pretrained: str | None = None  # a local .pth of the official weights, or training.flags.HUB_WEIGHTS
-    finetune_from: str | None = None
-    finetune: bool = False  # evaluate with a plain resize (squash) instead of resize + center crop
+    name: str = setting("lsnet_t_artist", f"one of {', '.join(ARTIST_MODELS)}", name="model", metavar="NAME")
+    input_size: int | None = setting(None, "training / evaluation image size (default: the model's, 224; 448 for "
+                                           "*_448; the recipe may choose the images' own size)", allowed=_SIZE)
+    feature_dim: int | None = setting(None, "size of the style feature vector (default: the backbone's last embed "
+                                            "dim)", allowed=_SIZE)
+    use_projection: bool = setting(True, "project the pooled feature to --feature-dim (off: --feature-dim must "
+                                         "equal the backbone dim)", aliases=("--projection",))
+    num_classes: int | None = setting(None, "default: the number of classes of the dataset", allowed=_SIZE)
+    drop_path: float = setting(0.0, "stochastic depth rate", allowed=_BELOW_ONE)
+    pretrained: str | None = setting(
+        None, "initialise the backbone from the official LSNet ImageNet weights of the model's size (heads and "
+              "projection are new): alone, through the Hugging Face Hub cache; with PATH (or --pretrained-path "
+              "PATH), from that local .pth", aliases=("--pretrained-path",), nargs="?", const=HUB_WEIGHTS,
+        metavar="PATH")
+    finetune_from: str | None = setting(None, "initialise from a model checkpoint (weights only; heads reset if the "
+                                              "classes differ)", metavar="PATH")
+    finetune: bool = setting(False, "evaluate with a plain resize to --input-size instead of resize + center crop")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """Optimizer and learning-rate schedule; field names are timm's (``optimizer_kwargs`` / ``scheduler_kwargs``)."""
 
-    batch_size: int = 256
-    epochs: int = 300
-    accumulation_steps: int = 1
-    opt: str = "adamw"
-    opt_eps: float | None = 1e-8
-    opt_betas: tuple[float, ...] | None = None
-    momentum: float = 0.9
-    weight_decay: float = 0.025
-    clip_grad: float | None = 0.02
-    clip_mode: str = "agc"
-    sched: str = "cosine"
-    lr: float = 1e-3
-    lr_abs: float | None = None  # the used LR as given (wins over lr, which is for a batch of 512)
-    layer_decay: float | None = None
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    warmup_epochs: int = 5
-    cooldown_epochs: int = 10
-    decay_epochs: float = 30
-    decay_rate: float = 0.1
-    lr_noise: tuple[float, ...] | None = None
-    lr_noise_pct: float = 0.67
-    lr_noise_std: float = 1.0
+    batch_size: int | None = setting(None, "per process (default: the recipe's, from the data: the largest power "
+                                           "of two leaving 4+ batches per epoch, 8..256)", allowed=_SIZE)
+    epochs: int = setting(300, allowed=_SIZE)
+    accumulation_steps: int = setting(1, "micro-batches per optimizer step (effective batch = batch x processes x "
+                                         "this)", allowed=_SIZE)
+    opt: str = setting("adamw", "timm optimizer name")
+    opt_eps: float | None = setting(1e-8, allowed=_NON_NEGATIVE)
+    opt_betas: tuple[float, ...] | None = setting(None, allowed=_BELOW_ONE)
+    momentum: float = setting(0.9, allowed=_SHARE)
+    weight_decay: float = setting(0.025, allowed=_NON_NEGATIVE)
+    clip_grad: float | None = setting(0.02, "clipping value / norm / AGC factor (0: off)", allowed=_NON_NEGATIVE)
+    clip_mode: str = setting("agc", choices=("norm", "value", "agc"))
+    sched: str = setting("cosine", "timm scheduler name (stepped per optimizer step; plateau per epoch)")
+    recipe: str = setting("auto", "settings chosen from the data and the run (auto), the DeiT ImageNet defaults "
+                                  "(imagenet) or fine-tuning ones (finetune; auto picks it with --pretrained / "
+                                  "--finetune-from); flags you give always win", choices=RECIPES)
+    lr: float = setting(1e-3, "learning rate for an effective batch of 512 (scaled linearly to the actual one)",
+                        allowed=_POSITIVE)
+    lr_abs: float | None = setting(None, "the learning rate used as given (no scaling); wins over --lr",
+                                   allowed=_NON_NEGATIVE)
+    layer_decay: float | None = setting(None, "layer-wise LR decay (e.g. 0.75: each earlier block learns 0.75x "
+                                              "slower; fine-tuning)", allowed=NumberRange(float, 0, 1, low_open=True))
+    min_lr: float = setting(1e-5, allowed=_NON_NEGATIVE)
+    warmup_lr: float = setting(1e-6, allowed=_NON_NEGATIVE)
+    warmup_epochs: int = setting(5, allowed=_COUNT)
+    cooldown_epochs: int = setting(10, "last epochs of --epochs held at --min-lr (ignored unless smaller than "
+                                       "--epochs)", allowed=_COUNT)
+    decay_epochs: float = setting(30, "step schedule: epochs between decays", allowed=_POSITIVE)
+    decay_rate: float = setting(0.1, aliases=("--dr",), allowed=_NON_NEGATIVE)
+    lr_noise: tuple[float, ...] | None = setting(None, "noise on/off epochs as fractions", allowed=_NON_NEGATIVE)
+    lr_noise_pct: float = setting(0.67, allowed=_SHARE)
+    lr_noise_std: float = setting(1.0, allowed=_NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
     """Training augmentation, mixup / cutmix and label smoothing."""
 
-    color_jitter: float = 0.4
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    train_interpolation: str = "bicubic"
-    repeated_aug: bool = True
-    three_augment: bool = False
-    reprob: float = 0.25
-    remode: str = "pixel"
-    recount: int = 1
-    resplit: bool = False
-    smoothing: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    cutmix_minmax: tuple[float, float] | None = None
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
+    color_jitter: float = setting(0.4, allowed=_NON_NEGATIVE)
+    auto_augment: str | None = setting("rand-m9-mstd0.5-inc1", "timm auto-augment; none: off", name="aa",
+                                       type=optional_str)
+    smoothing: float = setting(0.1, "label smoothing", allowed=_BELOW_ONE)
+    train_interpolation: str = setting("bicubic")
+    repeated_aug: bool = setting(True, "repeated augmentation (3 views per image and epoch, on different processes)")
+    three_augment: bool = setting(False, "DeiT III augmentation instead of RandAugment", name="ThreeAugment")
+    reprob: float = setting(0.25, "random erasing probability", allowed=_SHARE)
+    remode: str = setting("pixel")
+    recount: int = setting(1, allowed=_SIZE)
+    resplit: bool = setting(False, "no random erasing of the first augmentation split")
+    mixup: float = setting(0.8, "mixup alpha (0: off)", allowed=_NON_NEGATIVE)
+    cutmix: float = setting(1.0, "cutmix alpha (0: off)", allowed=_NON_NEGATIVE)
+    cutmix_minmax: tuple[float, float] | None = setting(None, allowed=_SHARE)
+    mixup_prob: float = setting(1.0, allowed=_SHARE)
+    mixup_switch_prob: float = setting(0.5, allowed=_SHARE)
+    mixup_mode: str = setting("batch", choices=("batch", "pair", "elem"))
+
+    def transform(self, input_size: int, squash: bool = False) -> TransformConfig:
+        """The settings of the training and evaluation transforms at ``input_size`` (``squash``: ``--finetune``)."""
+        return TransformConfig(input_size=input_size, color_jitter=self.color_jitter, auto_augment=self.auto_augment,
+                               interpolation=self.train_interpolation, reprob=self.reprob, remode=self.remode,
+                               recount=self.recount, three_augment=self.three_augment, squash=squash)
 
 
 @dataclass(frozen=True)
 class EmaConfig:
     """Model EMA: on/off, decay, and whether it lives on the CPU (then it is not evaluated)."""
 
-    enabled: bool = True
-    decay: float = 0.99996
-    force_cpu: bool = False
+    enabled: bool = setting(True, "exponential moving average of the weights", name="model_ema")
+    decay: float = setting(0.99996, name="model_ema_decay", allowed=_SHARE)
+    force_cpu: bool = setting(False, "keep the EMA on the CPU (not evaluated)", name="model_ema_force_cpu")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Where the data and outputs are, the device, seeding, resume / eval, saving, loading and speed switches."""
 
-    data_path: str
-    output_dir: str | None = "output"
-    device: str | None = None
-    seed: int = 0
-    resume: str | None = None  # the checkpoint file (a folder is resolved to the checkpoint in it)
-    start_epoch: int = 0
-    eval_only: bool = False
-    save_every: int = 0
-    eval_every: int = 1
-    patience: int = 0
-    num_workers: int = 10
-    pin_mem: bool = True
-    amp: bool = False
-    dist_eval: bool = False
-    compile: bool = False
-    channels_last: bool = False
-    print_freq: int = 50
+    data_path: str | None = setting(None, "dataset folder with train/ and val/ (prepare_dataset.py); multi-label: "
+                                          "the folder the image paths of the annotation CSVs start from")
+    output_dir: str | None = setting("output", "where checkpoints and logs go", aliases=("--output_dir",))
+    device: str | None = setting(None, "cuda, cuda:N or cpu (default: cuda when available)")
+    seed: int = setting(0, allowed=_COUNT)
+    resume: str | None = setting(None, "checkpoint.pth (or its folder) to continue", metavar="PATH")
+    start_epoch: int = setting(0, "first epoch (resume sets it)", aliases=("--start_epoch",), allowed=_COUNT)
+    eval_only: bool = setting(False, "only evaluate the --resume checkpoint on val/", name="eval")
+    save_every: int = setting(0, "keep checkpoint_epochN.pth (0: off)", metavar="N", allowed=_COUNT)
+    eval_every: int = setting(1, "validate every N epochs (and the last)", metavar="N", allowed=_SIZE)
+    patience: int = setting(0, "stop when the validation metric has not improved for N validations (0: off)",
+                            metavar="N", allowed=_COUNT)
+    num_workers: int = setting(min(10, usable_cpus()), "data loading processes (default: the CPU cores this process "
+                                                       "may use, at most 10)", aliases=("--num_workers",),
+                               allowed=_COUNT)
+    pin_mem: bool = setting(True, "pin CPU memory for faster GPU transfer")
+    amp: bool | None = setting(None, "mixed precision: float16 + grad scaler on CUDA, bfloat16 on CPU (default: on "
+                                     "for CUDA)")
+    dist_eval: bool = setting(False, "split validation over the processes")
+    compile: bool = setting(False, "torch.compile the model")
+    channels_last: bool = setting(False, "channels-last memory format for the model and its inputs: faster "
+                                         "convolutions on most CPUs and on GPUs with --amp")
+    print_freq: int = setting(50, "steps between progress lines (when not a TTY)", allowed=_SIZE)
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """DeiT-style distillation: ``type`` none / soft / hard, the teacher, and the loss mix."""
 
-    type: str = "none"
-    teacher_model: str | None = None
-    teacher_path: str | None = None
-    alpha: float = 0.5
-    tau: float = 1.0
+    type: str = setting("none", name="distillation_type", choices=DISTILLATION_TYPES)
+    teacher_model: str | None = setting(None, "teacher architecture, e.g. lsnet_b_distill or lsnet_b_artist",
+                                        metavar="NAME")
+    teacher_path: str | None = setting(None, "teacher checkpoint (same classes)", metavar="PATH")
+    alpha: float = setting(0.5, name="distillation_alpha", allowed=_SHARE)
+    tau: float = setting(1.0, name="distillation_tau", allowed=_POSITIVE)
 
     @property
     def enabled(self) -> bool:
@@ -145,23 +190,30 @@ class DistillConfig:
 class MultiLabelConfig:
     """Multi-label training: annotation CSVs, the label separator, the decision threshold and the loss weight clip."""
 
-    train_ann: str
-    val_ann: str
-    label_delimiter: str = ","
-    threshold: float = 0.4
-    max_pos_weight: float = 10.0
-    allow_outside_root: bool = False
+    train_ann: str | None = setting(None, "training annotations (image_path,labels); its labels are the model's "
+                                          "classes", required=True, metavar="CSV")
+    val_ann: str | None = setting(None, "validation annotations", required=True, metavar="CSV")
+    label_delimiter: str = setting(",", "separator of the labels inside the labels field")
+    threshold: float = setting(0.4, "confidence at which a label counts as predicted (precision, recall, F1)",
+                               allowed=NumberRange(float, 0, 1, low_open=True, high_open=True))
+    max_pos_weight: float = setting(10.0, "upper clip of the per-label positive weight (negatives / positives) of "
+                                          "the loss", allowed=NumberRange(float, 1))
+    allow_outside_root: bool = setting(False, "use CSV rows whose image lies outside --data-path (otherwise they "
+                                              "are left out)")
 
 
 @dataclass(frozen=True)
 class LossConfig:
     """``--loss`` and its settings: ArcFace scale / margin / sub-centres, the supcon temperature."""
 
-    name: str = "ce"
-    scale: float = 30.0
-    margin: float = 0.3
-    subcenters: int = 3
-    temperature: float = 0.1
+    name: str = setting("ce", "ce: classifier cross-entropy; arcface / subcenter-arcface / supcon: a metric loss on "
+                              "the L2-normalised style vectors (the head is then a probe on the detached vectors)",
+                        name="loss", choices=LOSSES)
+    scale: float = setting(30.0, "ArcFace scale s", name="loss_scale", allowed=_POSITIVE)
+    margin: float = setting(0.3, "ArcFace additive angular margin (radians)", name="loss_margin",
+                            allowed=NumberRange(float, 0, 1.5))
+    subcenters: int = setting(3, "sub-centres per class of subcenter-arcface", allowed=_SIZE)
+    temperature: float = setting(0.1, "supcon temperature", allowed=_POSITIVE)
 
     @property
     def metric(self) -> bool:
@@ -174,33 +226,19 @@ class SamplerConfig:
     """``--sampler`` random (shuffled, with ``--repeated-aug``) or class-balanced groups of ``samples_per_class``;
     ``epoch_repeats`` passes of it per epoch."""
 
-    name: str = "random"
-    samples_per_class: int = 4
-    epoch_repeats: int = 1
+    name: str = setting("random", "class-balanced: every artist equally often, in groups of --samples-per-class "
+                                  "(replaces --repeated-aug)", name="sampler", choices=("random", "class-balanced"))
+    samples_per_class: int = setting(4, "images per artist in each group of the class-balanced sampler",
+                                     metavar="K", allowed=_SIZE)
+    epoch_repeats: int = setting(1, "passes over the training images per epoch (small data: more steps per epoch)",
+                                 metavar="N", allowed=_SIZE)
 
 
-# Config field -> flag (namespace attribute) where the names differ.
-_RENAMES: dict[type, dict[str, str]] = {
-    ModelConfig: {"name": "model"},
-    AugmentConfig: {"auto_augment": "aa", "three_augment": "ThreeAugment"},
-    EmaConfig: {"enabled": "model_ema", "decay": "model_ema_decay", "force_cpu": "model_ema_force_cpu"},
-    RunConfig: {"eval_only": "eval"},
-    DistillConfig: {"type": "distillation_type", "alpha": "distillation_alpha", "tau": "distillation_tau"},
-    LossConfig: {"name": "loss", "scale": "loss_scale", "margin": "loss_margin"},
-    SamplerConfig: {"name": "sampler"},
+# The sections of a training configuration: TrainConfig attribute -> class (multi-label only with its flags).
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "optim": OptimConfig, "augment": AugmentConfig, "ema": EmaConfig, "run": RunConfig,
+    "distill": DistillConfig, "multilabel": MultiLabelConfig, "loss": LossConfig, "sampler": SamplerConfig,
 }
-
-
-def _section(cls: type[T], values: Mapping[str, Any]) -> T:
-    """``cls`` from the flag values it has a field for (lists become tuples, so the object stays hashable)."""
-    renames = _RENAMES.get(cls, {})
-    kwargs = {}
-    for item in dataclasses.fields(cls):
-        flag = renames.get(item.name, item.name)
-        if flag in values:
-            value = values[flag]
-            kwargs[item.name] = tuple(value) if isinstance(value, list) else value
-    return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -216,86 +254,73 @@ class TrainConfig:
     multilabel: MultiLabelConfig | None = None
     loss: LossConfig = LossConfig()
     sampler: SamplerConfig = SamplerConfig()
-    flags: Mapping[str, Any] = field(default_factory=dict, repr=False)  # every flag's resolved value, by name
-    explicit: frozenset[str] = frozenset()  # the flags the user gave (command line or --config file)
+    explicit: frozenset[str] = frozenset()  # the settings the user gave (command line or --config file)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
         """Check the parsed flags and build the configuration, resolving model- and device-dependent defaults."""
-        values = {key: value for key, value in vars(args).items() if key != EXPLICIT}
+        values = {key: value for key, value in vars(args).items() if key not in (EXPLICIT, "config")}
         _check_flags(values)
-        if values["resume"]:  # fail before the dataset scan; a folder resolves to the checkpoint file in it
-            values["resume"] = _resolve_resume(values["resume"], values["eval"])
+        if values["resume"] and values["eval"]:  # fail before the dataset scan (training: see training.resume)
+            values["resume"] = str(find_checkpoint(values["resume"], MODEL_FOLDER_FILES))
         device = utils.resolve_device(values["device"])
         if values["input_size"] is None:
             values["input_size"] = int(get_pretrained_cfg(values["model"]).input_size[-1])
         if values["amp"] is None:
             values["amp"] = device.type == "cuda"
-        return cls(
-            model=_section(ModelConfig, values), optim=_section(OptimConfig, values),
-            augment=_section(AugmentConfig, values), ema=_section(EmaConfig, values), run=_section(RunConfig, values),
-            distill=_section(DistillConfig, values),
-            multilabel=_section(MultiLabelConfig, values) if "train_ann" in values else None,
-            loss=_section(LossConfig, values), sampler=_section(SamplerConfig, values),
-            flags=MappingProxyType(values), explicit=frozenset(getattr(args, EXPLICIT, ())),
-        )
+        sections = {name: build_section(section, values) for name, section in SECTIONS.items()}
+        if "train_ann" not in values:
+            sections["multilabel"] = None
+        return cls(**sections, explicit=frozenset(getattr(args, EXPLICIT, ())))
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting's value by name: the record saved as ``args.json`` and in the checkpoints."""
+        values: dict[str, Any] = {}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            if section is not None:
+                values.update(section_values(section))
+        return values
+
+    def with_settings(self, changes: Mapping[str, Any]) -> "TrainConfig":
+        """This configuration with some settings (by name) changed, range-checked like the flags."""
+        replaced = {}
+        for attr, section in SECTIONS.items():
+            current = getattr(self, attr)
+            mine = {name: value for name, value in changes.items() if name in _names(section)}
+            if mine and current is not None:
+                merged = {**section_values(current), **mine}
+                check_section(section, merged)
+                replaced[attr] = build_section(section, merged)
+        unknown = set(changes) - set().union(*(_names(section) for section in SECTIONS.values()))
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}")
+        return dataclasses.replace(self, **replaced)
 
     @property
     def transform(self) -> TransformConfig:
         """The settings of the training and evaluation transforms."""
-        aug = self.augment
-        return TransformConfig(
-            input_size=self.model.input_size, color_jitter=aug.color_jitter, auto_augment=aug.auto_augment,
-            interpolation=aug.train_interpolation, reprob=aug.reprob, remode=aug.remode, recount=aug.recount,
-            three_augment=aug.three_augment, squash=self.model.finetune,
-        )
+        return self.augment.transform(self.model.input_size, squash=self.model.finetune)
 
 
-def _resolve_resume(path: str, eval_only: bool) -> str:
-    """``--resume``: a file as given; a folder: its best weights (``--eval``) or its newest loadable training
-    checkpoint (said when it is not ``checkpoint.pth``)."""
-    if eval_only or not Path(path).is_dir():
-        return str(find_checkpoint(path, MODEL_FOLDER_FILES if eval_only else ()))
-    found, passed_over = find_resume_checkpoint(path)
-    utils.print_main(f"--resume {path}: continuing from {found}" + (f" ({passed_over})" if passed_over else ""))
-    return str(found)
+def _names(section: type) -> frozenset[str]:
+    return frozenset(name for _, name, _ in declarations(section))
 
 
 def _check_flags(values: Mapping[str, Any]) -> None:
     """One clear error for the first flag that cannot work (before any data are read)."""
-    if "train_ann" in values:
-        _check_multilabel_flags(values)
     if values["model"] not in ARTIST_MODELS:
         raise UserError(f"unknown --model {values['model']!r}; use one of {', '.join(ARTIST_MODELS)}")
     if not values["data_path"]:
-        raise UserError("--data-path is required: the folder with train/ and val/ made by prepare_dataset.py")
-    _check_ranges(values)
+        hint = ("the folder the image paths of the CSVs start from (. for the current folder)" if "train_ann" in values
+                else "the folder with train/ and val/ made by prepare_dataset.py")
+        raise UserError(f"--data-path is required: {hint}")
+    for section in SECTIONS.values():
+        check_section(section, values)
     if values["pretrained"] and values["finetune_from"]:
         raise UserError("--pretrained and --finetune-from both initialise the weights; pass only one")
     if values["eval"] and not values["resume"]:
         raise UserError("--eval needs --resume PATH: the checkpoint (or model folder) to evaluate")
-    if "loss" in values:
-        _check_embedding_flags(values)
-
-
-def _check_embedding_flags(values: Mapping[str, Any]) -> None:
-    """A metric ``--loss`` does not combine with distillation (its numbers are checked with :data:`FLAG_RANGES`)."""
-    if values["loss"] != "ce" and values["distillation_type"] != "none":
+    if values.get("loss", "ce") != "ce" and values.get("distillation_type", "none") != "none":
         raise UserError(f"--loss {values['loss']} trains the style vectors without a teacher: drop "
                         "--distillation-type (distillation works with --loss ce)")
-
-
-def _check_ranges(values: Mapping[str, Any]) -> None:
-    """Every numeric setting within its :data:`~training.flags.FLAG_RANGES` (also the values of a --config file)."""
-    for name, allowed in FLAG_RANGES.items():
-        value = values.get(name)
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            problem = None if item is None else allowed.problem(item)
-            if problem:
-                raise UserError(f"--{name.replace('_', '-')} {problem}")
-
-
-def _check_multilabel_flags(values: Mapping[str, Any]) -> None:
-    if not values["data_path"]:
-        raise UserError("--data-path is required: the folder the image paths of the CSVs start from (. for the "
-                        "current folder)")

@@ -16,8 +16,7 @@ from artifacts.checkpoint import load_checkpoint, read_checkpoint
 from losses import ArcFaceLoss, StyleEmbeddingLoss, SupConLoss
 from model import load_pretrained_backbone
 from model.lsnet_artist import ARTIST_MODELS
-from training.config import AugmentConfig, DistillConfig, LossConfig, ModelConfig, OptimConfig
-from training.flags import HUB_WEIGHTS
+from training.config import HUB_WEIGHTS, AugmentConfig, DistillConfig, LossConfig, ModelConfig, OptimConfig
 from training.layer_decay import layer_decay_groups
 from utils import UserError
 
@@ -146,11 +145,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float,
     return optimizer
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, seed: int) -> Any:
-    """timm's scheduler ``cfg.sched``, stepped per epoch; the cooldown is the last epochs of ``cfg.epochs``."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, seed: int, updates_per_epoch: int) -> Any:
+    """timm's scheduler ``cfg.sched``, stepped per optimizer step (``plateau``: per epoch, on the validation
+    metric); warm-up, decay and cooldown stay in epochs, the cooldown being the last epochs of ``cfg.epochs``."""
     kwargs = scheduler_kwargs(cfg)
     cooldown = cfg.cooldown_epochs if cfg.cooldown_epochs < cfg.epochs else 0
-    kwargs.update(num_epochs=cfg.epochs - cooldown, cooldown_epochs=0, noise_seed=seed)
+    kwargs.update(num_epochs=cfg.epochs - cooldown, cooldown_epochs=0, noise_seed=seed,
+                  step_on_epochs=cfg.sched == "plateau", updates_per_epoch=updates_per_epoch)
     try:
         return create_scheduler_v2(optimizer, **kwargs)[0]
     except ValueError as err:

@@ -50,6 +50,7 @@ def train_one_epoch(
     print_freq: int = 50,
     header: str | None = None,
     memory_format: torch.memory_format = torch.preserve_format,
+    on_update: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``data_loader``; returns the mean training ``loss``, the last ``lr`` and the ``first_loss``.
 
@@ -58,7 +59,8 @@ def train_one_epoch(
     optimizer steps once per ``accumulation_steps`` micro-batches, on the mean of their losses (a shorter last group
     is averaged over its own size); non-final micro-batches skip the DDP gradient all-reduce (``no_sync``). A
     non-finite loss on any process raises :class:`UserError` naming the epoch and step (0-based ``epoch``, shown
-    1-based). Batches are moved to ``device`` in ``memory_format``.
+    1-based). Batches are moved to ``device`` in ``memory_format``. ``on_update(n)`` is called after the epoch's
+    n-th optimizer step (the learning-rate schedule).
     """
     model.train(set_training_mode)
     num_steps, world_size = len(data_loader), utils.get_world_size()
@@ -66,7 +68,7 @@ def train_one_epoch(
     with_inputs = isinstance(criterion, DistillationLoss)
     needs_features = getattr(criterion, "needs_features", False)  # metric losses take the style vectors
     no_sync = getattr(model, "no_sync", None)
-    loss_sum, images, first_loss = 0.0, 0, math.nan
+    loss_sum, images, first_loss, updates = 0.0, 0, math.nan, 0
     optimizer.zero_grad(set_to_none=True)
     for step, (samples, targets) in enumerate(data_loader):
         samples = samples.to(device, non_blocking=True, memory_format=memory_format)
@@ -85,6 +87,9 @@ def train_one_epoch(
             _backward(loss / group_size, model, optimizer, loss_scaler, clip_grad, clip_mode, update)
         if update:
             _after_update(model, optimizer, model_ema)
+            updates += 1
+            if on_update is not None:
+                on_update(updates)
         batch = samples.shape[0] * world_size
         first_loss = loss_value if step == 0 else first_loss
         loss_sum, images = loss_sum + loss_value * batch, images + batch

@@ -1,13 +1,15 @@
 """The training recipe: settings chosen from the shape of the data and of the run, each with its reason.
 
 :func:`choose_recipe` is a pure function of a :class:`DataShape` (images, classes, images per class) and a
-:class:`RunShape` (epochs, batch, processes, pretrained or not). ``--recipe imagenet`` changes nothing (the DeiT /
-LSNet ImageNet defaults of the flags); ``finetune`` is for pretrained weights; ``auto`` picks ``finetune`` when the
-run starts from pretrained weights and sizes the from-scratch settings to the data otherwise. Flags the user gave
-always win (:func:`apply_recipe`). The recipe is stored in ``config.json`` (``recipe``), and ``--resume`` reuses it.
+:class:`RunShape` (epochs, batch, processes, pretrained or not). ``--recipe imagenet`` keeps the DeiT / LSNet
+ImageNet defaults of the flags (and DeiT's batch of 256 per process); ``finetune`` is for pretrained weights;
+``auto`` picks ``finetune`` when the run starts from pretrained weights and sizes the from-scratch settings to the
+data otherwise. Every recipe chooses ``--batch-size`` when none is given. Flags the user gave always win
+(:func:`apply_recipe`, which returns the changed typed configuration). The recipe is chosen from the scan of the
+training images, before any dataset or transform is built; it is stored in ``config.json`` (``recipe``), and
+``--resume`` reuses it.
 """
 
-import argparse
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -16,15 +18,16 @@ from types import MappingProxyType
 from typing import Any
 
 import utils
-from artifacts.checkpoint import load_checkpoint_file
-from training.config import TrainConfig
-from training.flags import EXPLICIT
+from artifacts.run_folder import ResumePoint
+from training.config import RECIPES, TrainConfig
 from utils import UserError
 
 __all__ = ["RECIPES", "Choice", "DataShape", "Recipe", "RunShape", "apply_recipe", "choose_recipe",
            "prepare_recipe", "recipe_block"]
 
-RECIPES = ("auto", "imagenet", "finetune")
+DEIT_BATCH = 256  # DeiT's batch per process: the largest the recipe chooses, and --recipe imagenet's
+MIN_BATCH = 8  # the smallest batch the recipe chooses (batch statistics of the normalisation layers)
+MIN_BATCHES = 4  # batches per epoch and process the recipe's batch leaves at least (when the data allow MIN_BATCH)
 DEIT_EMA_DECAY = 0.99996
 LARGE_DATA = 50_000  # images from which repeated augmentation pays off (DeiT's ImageNet regime), with processes > 1
 LONG_RUN = 100  # epochs from which mixup / cutmix pay off
@@ -77,7 +80,7 @@ class RunShape:
     model's default input size."""
 
     epochs: int
-    batch_size: int
+    batch_size: int | None  # None: the recipe chooses it
     world_size: int = 1
     accumulation_steps: int = 1
     pretrained: bool = False
@@ -130,9 +133,12 @@ def choose_recipe(requested: str, data: DataShape, run: RunShape) -> Recipe:
     """The recipe ``requested`` (``auto``, ``imagenet`` or ``finetune``) for this data and run."""
     if requested not in RECIPES:
         raise UserError(f"unknown --recipe {requested!r}; use one of {', '.join(RECIPES)}")
+    batch = _batch(data, run)
+    if batch:
+        run = dataclasses.replace(run, batch_size=batch["batch_size"].value)
     if requested == "imagenet":
         return Recipe("imagenet", "asked for (--recipe imagenet): the DeiT / LSNet ImageNet defaults of every flag, "
-                      "the learning rate scaled linearly from batch 512")
+                      "the learning rate scaled linearly from batch 512", MappingProxyType(batch))
     name, why = requested, "asked for (--recipe finetune)"
     if requested == "auto":
         name = "finetune" if run.pretrained else "scratch"
@@ -141,9 +147,21 @@ def choose_recipe(requested: str, data: DataShape, run: RunShape) -> Recipe:
     run = dataclasses.replace(run, pretrained=name == "finetune")  # --recipe finetune: tuned as for pretrained
     passes = _passes(data, run)
     repeats = passes["epoch_repeats"].value if passes else 1
-    choices = {**_resolution(data, run), **passes, **_schedule(data, run), **_augmentation(run),
+    choices = {**batch, **_resolution(data, run), **passes, **_schedule(data, run), **_augmentation(run),
                **_regularisation(data, run, repeats)}
     return Recipe(name, why, MappingProxyType(choices))
+
+
+def _batch(data: DataShape, run: RunShape) -> dict[str, Choice]:
+    """The batch per process when none is given: the largest power of two that leaves every process at least
+    MIN_BATCHES batches per epoch, within MIN_BATCH..DEIT_BATCH."""
+    if run.batch_size is not None:
+        return {}
+    per_process = max(data.images // (MIN_BATCHES * run.world_size), 1)
+    batch = min(DEIT_BATCH, max(MIN_BATCH, 2 ** int(math.log2(per_process))))
+    return {"batch_size": Choice(batch, f"{data.images} images on {run.world_size} process(es): the largest power "
+                                        f"of two leaving at least {MIN_BATCHES} batches per epoch and process, "
+                                        f"{MIN_BATCH}..{DEIT_BATCH} (DeiT's)")}
 
 
 def _resolution(data: DataShape, run: RunShape) -> dict[str, Choice]:
@@ -193,14 +211,13 @@ def _schedule(data: DataShape, run: RunShape) -> dict[str, Choice]:
     start = "pretrained weights" if finetune else "random weights"
     warm_share, warm_cap = (0.03, 2) if finetune else (0.05, 5)
     warmup = min(warm_cap, round(warm_share * run.epochs))
-    warmup = warmup if warmup >= 2 else 0  # the schedule steps per epoch: a 1-epoch warm-up is an epoch at 1e-6
     cooldown = run.epochs // 30
     large = data.images >= LARGE_DATA and run.world_size > 1
     return {
         "lr_abs": Choice(lr, f"AdamW from {start} at effective batch {batch}: {top:g} (x sqrt(batch / 16) below "
                              "16; linear scaling from 512 starves small batches)"),
-        "warmup_epochs": Choice(warmup, f"{warm_share:.0%} of {run.epochs} epochs, at most {warm_cap}; none below 2 "
-                                        "epochs (the first warm-up epoch runs at --warmup-lr)"),
+        "warmup_epochs": Choice(warmup, f"{warm_share:.0%} of {run.epochs} epochs (rounded), at most {warm_cap}; the "
+                                        "rate rises at every optimizer step"),
         "cooldown_epochs": Choice(cooldown, f"1/30 of {run.epochs} epochs at the minimum LR (DeiT: 10 of 300)"),
         "repeated_aug": Choice(large, "large data on several processes" if large else
                                f"{data.images} images on {run.world_size} process(es): 3 copies of each image per "
@@ -233,13 +250,8 @@ def _regularisation(data: DataShape, run: RunShape, repeats: int = 1) -> dict[st
 
 def apply_recipe(cfg: TrainConfig, recipe: Recipe) -> TrainConfig:
     """``cfg`` with the recipe's settings, except for the flags the user gave (``--lr`` given keeps ``--lr``)."""
-    values = dict(cfg.flags)
-    for name, value in recipe.settings.items():
-        if not _user_set(cfg.explicit, name):
-            values[name] = tuple(value) if isinstance(value, list) else value
-    namespace = argparse.Namespace(**values)
-    setattr(namespace, EXPLICIT, cfg.explicit)
-    return TrainConfig.from_args(namespace)
+    return cfg.with_settings({name: value for name, value in recipe.settings.items()
+                              if not _user_set(cfg.explicit, name)})
 
 
 def _user_set(explicit: frozenset[str], name: str) -> bool:
@@ -269,23 +281,25 @@ def _show(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def saved_recipe(checkpoint: str) -> Recipe | None:
+def saved_recipe(point: ResumePoint) -> Recipe | None:
     """The recipe stored in a training checkpoint's ``config`` (None for runs from before recipes)."""
-    stored = load_checkpoint_file(checkpoint).get("config", {}).get("recipe")
+    stored = point.raw.get("config", {}).get("recipe")
     return Recipe.from_dict(stored) if isinstance(stored, Mapping) else None
 
 
-def prepare_recipe(cfg: TrainConfig, data: DataShape, world_size: int,
-                   multi_label: bool = False) -> tuple[TrainConfig, Recipe]:
-    """Choose the recipe (``--resume``: the checkpoint's), print it and apply it; returns the new configuration."""
-    recipe = saved_recipe(cfg.run.resume) if cfg.run.resume else None
+def prepare_recipe(cfg: TrainConfig, data: DataShape, world_size: int, multi_label: bool = False,
+                   resume: ResumePoint | None = None) -> tuple[TrainConfig, Recipe]:
+    """Choose the recipe (``resume``: the checkpoint's), print it and apply it; returns the new configuration."""
+    recipe = saved_recipe(resume) if resume is not None else None
     run = RunShape(cfg.optim.epochs, cfg.optim.batch_size, world_size, cfg.optim.accumulation_steps,
                    pretrained=bool(cfg.model.pretrained or cfg.model.finetune_from), multi_label=multi_label,
                    input_size=cfg.model.input_size)
     if recipe is None:
-        recipe = choose_recipe(cfg.flags.get("recipe", "auto"), data, run)
-        header = f"{data.describe()}, {run.epochs} epochs, effective batch {run.effective_batch}"
+        recipe = choose_recipe(cfg.optim.recipe, data, run)
+        batch = run.batch_size or recipe.settings["batch_size"]
+        effective = batch * world_size * run.accumulation_steps
+        header = f"{data.describe()}, {run.epochs} epochs, effective batch {effective}"
     else:
-        header = f"the run resumed from {cfg.run.resume} (its recipe is kept)"
+        header = f"the run resumed from {resume.path} (its recipe is kept)"
     utils.print_main(recipe_block(recipe, cfg.explicit, header))
     return apply_recipe(cfg, recipe), recipe

@@ -14,11 +14,12 @@ from torch import nn
 import utils
 from artifacts.checkpoint import Checkpoint, guess_architecture, load_checkpoint
 from artifacts.run_folder import SCHEDULE_ARGS, ResumePoint, read_eval_weights, read_resume_point
+from training.config import TrainConfig
 from training.distributed import DistEnv
 from training.metrics import Metric
 from utils import UserError
 
-__all__ = ["TrainingState", "check_fits", "epoch_seed", "evaluate_checkpoint", "load_resume_weights",
+__all__ = ["TrainingState", "check_fits", "epoch_seed", "evaluate_checkpoint", "load_resume_weights", "open_resume",
            "seed_streams"]
 
 
@@ -39,13 +40,22 @@ def check_fits(ckpt: Checkpoint, model: nn.Module) -> None:
                         "dataset it was trained on, or --finetune-from to train new heads")
 
 
-def load_resume_weights(path: str, model: nn.Module, class_names: list[str]) -> ResumePoint:
-    """Read the ``--resume`` checkpoint, check it fits the dataset and the model, load its model weights."""
-    point = read_resume_point(path, class_names)
+def open_resume(cfg: TrainConfig) -> tuple[TrainConfig, ResumePoint | None]:
+    """The ``--resume`` checkpoint of a training run, read once (before the dataset scan, so a bad path fails
+    first): the configuration naming the file (a folder resolves to its newest loadable checkpoint) and the point.
+    ``--eval`` and new runs read nothing here."""
+    if not cfg.run.resume or cfg.run.eval_only:
+        return cfg, None
+    point = read_resume_point(cfg.run.resume, log=utils.print_main)
+    return cfg.with_settings({"resume": str(point.path)}), point
+
+
+def load_resume_weights(point: ResumePoint, model: nn.Module, class_names: list[str]) -> None:
+    """Check the ``--resume`` checkpoint fits the dataset and the model, and load its model weights."""
+    point.check_classes(class_names)
     ckpt = point.weights()
     check_fits(ckpt, model)
     load_checkpoint(ckpt, model, log=utils.print_main)
-    return point
 
 
 @dataclass

@@ -6,6 +6,7 @@ training, logging) happens here.
 """
 
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,15 @@ from torch.utils.data import Dataset
 
 import utils
 from artifacts.model_folder import build_config
-from artifacts.run_folder import Best, RunFolder, args_record, checkpoint_sizes, read_log_records, training_checkpoint
+from artifacts.run_folder import (
+    Best,
+    ResumePoint,
+    RunFolder,
+    args_record,
+    checkpoint_sizes,
+    read_log_records,
+    training_checkpoint,
+)
 from training.config import TrainConfig
 from training.distributed import DistEnv
 from training.early_stopping import EarlyStopping
@@ -29,6 +38,7 @@ from training.guard import DivergenceGuard
 from training.loaders import Loaders, build_loaders
 from training.loops import evaluate, train_one_epoch
 from training.metrics import Metric, TopKAccuracy
+from training.recipe import DEIT_BATCH
 from training.report import best_summary, write_run_report
 from training.resume import TrainingState, epoch_seed, evaluate_checkpoint, load_resume_weights, seed_streams
 from utils import UserError
@@ -54,14 +64,15 @@ class Task:
 
 
 def fit(cfg: TrainConfig, dist: DistEnv, model: nn.Module, dataset_train: Dataset | None, dataset_val: Dataset,
-        class_names: Sequence[str], task: Task) -> dict[str, Any]:
-    """Train (``--eval``: only evaluate) ``model``, writing the run folder.
+        class_names: Sequence[str], task: Task, resume: ResumePoint | None = None) -> dict[str, Any]:
+    """Train (``--eval``: only evaluate) ``model``, writing the run folder; ``resume``: the checkpoint to continue
+    (:func:`~training.resume.open_resume`).
 
     Returns ``--eval``: the metrics per weight set; otherwise the last epoch's log record plus the ``best`` result.
     """
     run = cfg.run
     loaders = build_loaders(None if run.eval_only else dataset_train, dataset_val, dist,
-                            batch_size=cfg.optim.batch_size, num_workers=run.num_workers, seed=run.seed,
+                            batch_size=cfg.optim.batch_size or DEIT_BATCH, num_workers=run.num_workers, seed=run.seed,
                             repeated_aug=cfg.augment.repeated_aug, pin_memory=run.pin_mem, dist_eval=run.dist_eval,
                             sampler=cfg.sampler)
     model.to(dist.device, memory_format=memory_format(run.channels_last))
@@ -69,7 +80,7 @@ def fit(cfg: TrainConfig, dist: DistEnv, model: nn.Module, dataset_train: Datase
     if run.eval_only:
         validate = functools.partial(_validate, cfg, dist, loaders, task)
         return evaluate_checkpoint(run.resume, model, list(class_names), validate, task.metric_factory, dist.device)
-    return Trainer(cfg, dist, model, loaders, list(class_names), task).run()
+    return Trainer(cfg, dist, model, loaders, list(class_names), task, resume).run()
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
@@ -96,15 +107,16 @@ def _validate(cfg: TrainConfig, dist: DistEnv, loaders: Loaders, task: Task, mod
 
 
 def build_training_state(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.device,
-                         criterion: nn.Module | None = None) -> TrainingState:
-    """Optimizer (also over the criterion's own parameters) and scheduler (timm), AMP scaler (CUDA float16 only)
-    and model EMA, as the configuration says."""
+                         criterion: nn.Module | None = None, updates_per_epoch: int = 1) -> TrainingState:
+    """Optimizer (also over the criterion's own parameters) and scheduler (timm, stepped per optimizer step), AMP
+    scaler (CUDA float16 only) and model EMA, as the configuration says."""
     optimizer = build_optimizer(model, cfg.optim, lr, criterion)
     scaler = NativeScaler(device="cuda") if cfg.run.amp and device.type == "cuda" else None
     ema = None
     if cfg.ema.enabled:
         ema = ModelEmaV3(model, decay=cfg.ema.decay, device=torch.device("cpu") if cfg.ema.force_cpu else None)
-    return TrainingState(optimizer, build_scheduler(optimizer, cfg.optim, cfg.run.seed), scaler, ema)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.run.seed, updates_per_epoch)
+    return TrainingState(optimizer, scheduler, scaler, ema)
 
 
 def check_finite_weights(model: nn.Module, epoch: int) -> None:
@@ -120,13 +132,16 @@ class Trainer:
     """One training run: set up from the configuration (and ``--resume``), then :meth:`run` the epochs."""
 
     def __init__(self, cfg: TrainConfig, dist: DistEnv, model: nn.Module, loaders: Loaders, class_names: list[str],
-                 task: Task):
+                 task: Task, resume: ResumePoint | None = None):
         self.cfg, self.dist, self.model, self.loaders, self.class_names, self.task = (
             cfg, dist, model, loaders, class_names, task)
-        self.resume_point = load_resume_weights(cfg.run.resume, model, class_names) if cfg.run.resume else None
+        self.resume_point = resume
+        if resume is not None:
+            load_resume_weights(resume, model, class_names)
         scaled_lr = scale_lr(cfg.optim, dist.world_size)
-        self.args = args_record(cfg.flags, num_classes=model.num_classes, rank=dist.rank, world_size=dist.world_size,
-                                gpu=dist.local_rank, distributed=dist.distributed, scaled_lr=scaled_lr)
+        self.args = args_record(cfg.settings(), num_classes=model.num_classes, rank=dist.rank,
+                                world_size=dist.world_size, gpu=dist.local_rank, distributed=dist.distributed,
+                                scaled_lr=scaled_lr)
         self.config = build_config(cfg.model.name, model, cfg.model.input_size, squash=cfg.model.finetune,
                                    **(task.extra_config or {}))
         self.folder = RunFolder(cfg.run.output_dir, enabled=dist.is_main)
@@ -135,7 +150,9 @@ class Trainer:
         snapshots = cfg.optim.epochs // cfg.run.save_every - first // cfg.run.save_every if cfg.run.save_every else 0
         self.folder.check_free_space(*checkpoint_sizes(model, cfg.ema.enabled), snapshots=max(snapshots, 0))
         self.guard = DivergenceGuard(cfg.run.output_dir, self.resume_point is not None)
-        self.state = build_training_state(model, cfg, scaled_lr, dist.device, task.criterion)
+        self.updates_per_epoch = math.ceil(len(loaders.train) / cfg.optim.accumulation_steps)
+        self.state = build_training_state(model, cfg, scaled_lr, dist.device, task.criterion,
+                                          self.updates_per_epoch)
         self.start_epoch, self.best = cfg.run.start_epoch, Best()
         if self.resume_point is not None:
             self.state.restore(self.resume_point, self.args)
@@ -151,6 +168,7 @@ class Trainer:
             return {"best": self.best.as_dict()}
         if self.start_epoch > 0:
             self.state.scheduler.step(self.start_epoch)
+            self.state.scheduler.step_update(self.start_epoch * self.updates_per_epoch)
         net = self._wrap(self.model)
         seed_streams(self.resume_point, self.dist, self.cfg.run.seed, self.start_epoch)
         self.folder.open_tensorboard()
@@ -208,6 +226,7 @@ class Trainer:
             clip_mode=cfg.optim.clip_mode, model_ema=self.state.ema, mixup_fn=self.task.mixup_fn,
             print_freq=cfg.run.print_freq, header=f"Epoch {epoch + 1}/{cfg.optim.epochs}",
             memory_format=memory_format(cfg.run.channels_last),
+            on_update=lambda n: self.state.scheduler.step_update(epoch * self.updates_per_epoch + n),
         )
         done = epoch + 1
         record = {"epoch": done, "lr": stats["lr"], "train_loss": stats["loss"]}
