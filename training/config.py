@@ -157,9 +157,9 @@ class RunConfig:
     eval_every: int = setting(1, "validate every N epochs (and the last)", metavar="N", allowed=_SIZE)
     patience: int = setting(0, "stop when the validation metric has not improved for N validations (0: off)",
                             metavar="N", allowed=_COUNT)
-    num_workers: int = setting(min(10, usable_cpus()), "data loading processes (default: the CPU cores this process "
-                                                       "may use, at most 10)", aliases=("--num_workers",),
-                               allowed=_COUNT)
+    num_workers: int = setting(help="data loading processes (default: the CPU cores this process may use, at most "
+                                    "10)", aliases=("--num_workers",), allowed=_COUNT,
+                               factory=lambda: min(10, usable_cpus()))
     pin_mem: bool = setting(True, "pin CPU memory for faster GPU transfer")
     amp: bool | None = setting(None, "mixed precision: float16 + grad scaler on CUDA, bfloat16 on CPU (default: on "
                                      "for CUDA)")

@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -43,10 +43,14 @@ class Declaration:
 
 
 def setting(default: Any = None, help: str = "", *, name: str | None = None, aliases: Sequence[str] = (),
-            allowed: NumberRange | None = None, required: bool = False, **options: Any) -> Any:
-    """A dataclass field declaring one setting: its default, help, name (default: the field's), old flag
+            allowed: NumberRange | None = None, required: bool = False, factory: Callable[[], Any] | None = None,
+            **options: Any) -> Any:
+    """A dataclass field declaring one setting: its default (``factory``: a default computed when a parser or an
+    object is made, e.g. from the cores this process may use), help, name (default: the field's), old flag
     spellings (``aliases``, with their dashes), allowed range and further argparse options."""
     declaration = Declaration(help, name, tuple(aliases), allowed, required, MappingProxyType(options))
+    if factory is not None:
+        return field(default_factory=factory, metadata={_KEY: declaration})
     return field(default=default, metadata={_KEY: declaration})
 
 
@@ -85,7 +89,8 @@ def add_section(parser: argparse.ArgumentParser, section: type, title: str) -> a
         if declaration.required:
             options["required"] = True
         flag = "--" + name.replace("_", "-")
-        group.add_argument(flag, *declaration.aliases, dest=name, default=item.default, help=declaration.help,
+        default = item.default_factory() if item.default is dataclasses.MISSING else item.default
+        group.add_argument(flag, *declaration.aliases, dest=name, default=default, help=declaration.help,
                            **options)
     return parser
 
