@@ -279,6 +279,12 @@ def test_stages_save_after_each_epoch_and_resume(tmp_path, gf):
     assert any(not torch.equal(a, b) for a, b in zip(policy_before, gf.policy.parameters(), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(encoder_before, gf.global_encoder.parameters(), strict=True))
     assert all(p.requires_grad for p in gf.parameters())  # the frozen parts get their gradients back
+    records = [json.loads(line) for line in (tmp_path / "train_log.txt").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in records] == [(1, 1), (1, 2), (2, 1)]  # one record per stage epoch
+    assert 0 <= records[0]["train_acc1"] <= 1 and records[2]["reward"] == pytest.approx(reward["history"][0])
+    assert records[1]["lr"] == pytest.approx(0)  # the cosine schedule, stepped per optimizer step, ends at 0
+    for stage in (1, 2):  # loss / accuracy (stage 2: reward) / learning-rate curves of each stage
+        assert (tmp_path / f"stage{stage}" / "report.html").read_text().count("<img") == 3
     gf.eval()
 
 
