@@ -46,6 +46,7 @@ __all__ = ["AnytimeLoss", "StageNet", "anytime_loss", "parameter_digest", "run_s
 
 # torch < 2.4 has no fused AdamW on the CPU (requirements.txt allows torch 2.1); it is about 3x faster where it exists
 FUSED_ADAMW_ON_CPU = torch.__version__ >= (2, 4)
+GUARD_ADVICE = "lower --lr (stage 2: --policy-lr) or train without --amp"
 STAGE_MODULES = {1: ("global_encoder", "local_encoder", "classifier"), 2: ("policy",), 3: ("classifier",)}
 
 
@@ -160,7 +161,8 @@ class _Stage:
         self.args = {**{k: schedule[k] for k in SCHEDULE_ARGS if k in schedule}, "scaled_lr": cfg.lr,
                      "stage": stage}
         self.record = self._resume()
-        self.guard = DivergenceGuard(self.run_dir, self.record["epoch"] > 0, part={"stage": stage})
+        self.guard = DivergenceGuard(self.run_dir, self.record["epoch"] > 0, part={"stage": stage},
+                                     advice=GUARD_ADVICE)
 
     def _resume(self) -> dict[str, Any]:
         """The stage's record, with the model and the training state restored from ``stage<N>.pth`` if it exists."""

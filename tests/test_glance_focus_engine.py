@@ -73,7 +73,8 @@ def test_guard_stops_a_diverged_stage_epoch_before_it_is_saved(tmp_path):
         # as if stage 1's first epoch had ended at loss 1e-6 (and stage 2 had logged a loss of 5 before it)
         records = [{"stage": 2, "epoch": 1, "train_loss": 5.0}, {**record, "train_loss": 1e-6}]
         (tmp_path / "train_log.txt").write_text("".join(json.dumps(r) + "\n" for r in records))
-        with pytest.raises(UserError, match=r"^epoch 2 diverged \(train loss .*over 1000 x the first epoch's 1e-06"):
+        with pytest.raises(UserError, match=r"^epoch 2 diverged \(train loss .*over 1000 x the first epoch's 1e-06.*"
+                           r"this epoch was not saved.*lower --lr \(stage 2: --policy-lr\)"):
             run_stage(model, 1, loader, StageConfig(epochs=2, lr=1e-3), tmp_path, log=logs.append)
     finally:
         torch.set_num_threads(threads)
