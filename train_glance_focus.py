@@ -5,30 +5,30 @@
 
     torchrun --standalone --nproc_per_node=2 train_glance_focus.py --data-path dataset --output-dir runs/gf
 
+    python train_glance_focus.py --config gf.yaml    # settings by flag name; flags given as well win
+
 See docs/glance-focus.md. The three stages (``--stage 1|2|3|all``) resume from ``--output-dir``.
 """
 
 import argparse
 
-from gfnet.train import calibrate, evaluate, get_args_parser, train
+from gfnet.config import GlanceFocusConfig, get_args_parser
+from gfnet.train import calibrate, evaluate, train
 from training.distributed import start_process
-from utils import UserError, cleanup_distributed, run_cli
+from utils import cleanup_distributed, run_cli
 
 
 def main(args: argparse.Namespace | None = None) -> dict:
-    args = args if args is not None else get_args_parser().parse_args()
-    if args.patch_size < 32 or args.glance_size < 32 or args.focus_steps < 1 or args.accumulation_steps < 1:
-        raise UserError("--patch-size and --glance-size must be at least 32, --focus-steps and "
-                        "--accumulation-steps at least 1")
+    cfg = GlanceFocusConfig.from_args(args if args is not None else get_args_parser().parse_args())
     try:
-        dist = start_process(args.device, args.seed)
+        dist = start_process(cfg.work.device, cfg.work.seed)
         result: dict = {}
-        if not (args.eval or args.calibrate_budget):
-            result["folder"] = train(args, dist)
-        if dist.is_main and args.calibrate_budget:  # under torchrun the main process calibrates and evaluates
-            result["budget_table"] = calibrate(args)
-        if dist.is_main and args.eval:
-            result["eval"] = evaluate(args)
+        if not (cfg.evaluation.eval or cfg.evaluation.calibrate_budget):
+            result["folder"] = train(cfg, dist)
+        if dist.is_main and cfg.evaluation.calibrate_budget:  # under torchrun the main process calibrates, evaluates
+            result["budget_table"] = calibrate(cfg)
+        if dist.is_main and cfg.evaluation.eval:
+            result["eval"] = evaluate(cfg)
         return result
     finally:
         cleanup_distributed()

@@ -20,8 +20,9 @@ from artifacts.checkpoint import save_checkpoint_atomic
 from artifacts.glance_focus_folder import init_encoders
 from data.glance_views import make_view, read_crop, to_original
 from data.images import load_image
+from gfnet.config import StageConfig
 from gfnet.dataset import build_gf_dataset
-from gfnet.stages import TrainConfig, parameter_digest, run_stage
+from gfnet.stages import parameter_digest, run_stage
 from inference.early_exit import (
     budget_curve,
     calibrate_thresholds,
@@ -263,7 +264,7 @@ def test_stages_save_after_each_epoch_and_resume(tmp_path, gf):
     samples = [((torch.randn(3, 64, 64), torch.randn(3, 64, 64)), label) for label in (0, 1)]
     loader = DataLoader(samples, batch_size=2, sampler=DistributedSampler(samples, num_replicas=1, rank=0))
     logs = []
-    cfg = TrainConfig(epochs=1, lr=1e-3)
+    cfg = StageConfig(epochs=1, lr=1e-3)
     first = run_stage(gf, 1, loader, cfg, tmp_path, log=logs.append)
     assert first["done"] and first["epoch"] == 1 and (tmp_path / "stage1.pth").is_file()
     assert first["process_digests"] == [parameter_digest(gf)]
@@ -273,11 +274,17 @@ def test_stages_save_after_each_epoch_and_resume(tmp_path, gf):
     assert any("resuming after epoch 1" in line for line in logs)
     policy_before = [p.clone() for p in gf.policy.parameters()]
     encoder_before = [p.clone() for p in gf.global_encoder.parameters()]
-    reward = run_stage(gf, 2, loader, TrainConfig(epochs=1, lr=1e-2), tmp_path, log=logs.append)
+    reward = run_stage(gf, 2, loader, StageConfig(epochs=1, lr=1e-2), tmp_path, log=logs.append)
     assert reward["done"]
     assert any(not torch.equal(a, b) for a, b in zip(policy_before, gf.policy.parameters(), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(encoder_before, gf.global_encoder.parameters(), strict=True))
     assert all(p.requires_grad for p in gf.parameters())  # the frozen parts get their gradients back
+    records = [json.loads(line) for line in (tmp_path / "train_log.txt").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in records] == [(1, 1), (1, 2), (2, 1)]  # one record per stage epoch
+    assert 0 <= records[0]["train_acc1"] <= 1 and records[2]["reward"] == pytest.approx(reward["history"][0])
+    assert records[1]["lr"] == pytest.approx(0)  # the cosine schedule, stepped per optimizer step, ends at 0
+    for stage in (1, 2):  # loss / accuracy (stage 2: reward) / learning-rate curves of each stage
+        assert (tmp_path / f"stage{stage}" / "report.html").read_text().count("<img") == 3
     gf.eval()
 
 

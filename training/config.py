@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from timm.models import get_pretrained_cfg
 
 import utils
@@ -33,7 +34,7 @@ from training.settings import (
 from utils import NumberRange, UserError
 
 __all__ = ["HUB_WEIGHTS", "RECIPES", "SECTIONS", "AugmentConfig", "DistillConfig", "EmaConfig", "LossConfig",
-           "ModelConfig", "MultiLabelConfig", "OptimConfig", "RunConfig", "SamplerConfig", "TrainConfig"]
+           "ModelConfig", "MultiLabelConfig", "OptimConfig", "RunConfig", "SamplerConfig", "TrainConfig", "resolve_amp"]
 
 HUB_WEIGHTS = "hub"  # ``--pretrained`` without a path: the official weights through the Hugging Face Hub (cache)
 RECIPES = ("auto", "imagenet", "finetune")
@@ -266,8 +267,7 @@ class TrainConfig:
         device = utils.resolve_device(values["device"])
         if values["input_size"] is None:
             values["input_size"] = int(get_pretrained_cfg(values["model"]).input_size[-1])
-        if values["amp"] is None:
-            values["amp"] = device.type == "cuda"
+        values["amp"] = resolve_amp(values["amp"], device)
         sections = {name: build_section(section, values) for name, section in SECTIONS.items()}
         if "train_ann" not in values:
             sections["multilabel"] = None
@@ -301,6 +301,11 @@ class TrainConfig:
     def transform(self) -> TransformConfig:
         """The settings of the training and evaluation transforms."""
         return self.augment.transform(self.model.input_size, squash=self.model.finetune)
+
+
+def resolve_amp(amp: bool | None, device: torch.device) -> bool:
+    """``--amp`` as given, or (not given) on for CUDA."""
+    return device.type == "cuda" if amp is None else amp
 
 
 def _names(section: type) -> frozenset[str]:

@@ -9,6 +9,7 @@ the first epoch itself, the loss of its first step (the untrained model's).
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from artifacts.run_folder import read_log_records
@@ -30,10 +31,15 @@ def last_good_epoch(done: int) -> str:
 class DivergenceGuard:
     """Checks each epoch's log record before it is saved (see the module docstring)."""
 
-    def __init__(self, output_dir: str | os.PathLike | None, resuming: bool):
+    def __init__(self, output_dir: str | os.PathLike | None, resuming: bool, part: Mapping[str, Any] | None = None,
+                 advice: str = ADVICE):
+        """``part``: the log fields of this run's records where one log holds several (``{"stage": 2}``);
+        ``advice``: what the error suggests (the flags of the script)."""
         self.reference: float | None = None
+        self.advice = advice
         if resuming and output_dir:
-            first = next((r for r in read_log_records(output_dir) if r.get("epoch") == 1), None)
+            records = [r for r in read_log_records(output_dir) if all(r.get(k) == v for k, v in (part or {}).items())]
+            first = next((r for r in records if r.get("epoch") == 1), None)
             loss = first.get("train_loss") if first else None
             self.reference = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
 
@@ -52,6 +58,6 @@ class DivergenceGuard:
             problem = ", ".join(bad) or None
         if problem:
             raise UserError(f"epoch {done} diverged ({problem}): training stopped and this epoch was not saved; "
-                            f"{last_good_epoch(done)}; {ADVICE}")
+                            f"{last_good_epoch(done)}; {self.advice}")
         if self.reference is None:
             self.reference = train_loss

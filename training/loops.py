@@ -71,7 +71,7 @@ def train_one_epoch(
     loss_sum, images, first_loss, updates = 0.0, 0, math.nan, 0
     optimizer.zero_grad(set_to_none=True)
     for step, (samples, targets) in enumerate(data_loader):
-        samples = samples.to(device, non_blocking=True, memory_format=memory_format)
+        samples = _to_device(samples, device, memory_format)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
@@ -90,12 +90,20 @@ def train_one_epoch(
             updates += 1
             if on_update is not None:
                 on_update(updates)
-        batch = samples.shape[0] * world_size
+        batch = targets.shape[0] * world_size
         first_loss = loss_value if step == 0 else first_loss
         loss_sum, images = loss_sum + loss_value * batch, images + batch
         progress.update(batch, lr=optimizer.param_groups[0]["lr"], loss=loss_value)
     progress.close()
     return {"loss": loss_sum / max(images, 1), "lr": optimizer.param_groups[0]["lr"], "first_loss": first_loss}
+
+
+def _to_device(samples: torch.Tensor | tuple[torch.Tensor, ...], device: torch.device,
+               memory_format: torch.memory_format) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A batch's inputs on ``device``: a tensor, or a tuple of them (glance-and-focus views)."""
+    if isinstance(samples, (tuple, list)):
+        return tuple(_to_device(item, device, memory_format) for item in samples)
+    return samples.to(device, non_blocking=True, memory_format=memory_format)
 
 
 def _accumulation_group(step: int, num_steps: int, accumulation_steps: int) -> tuple[int, bool]:

@@ -159,12 +159,14 @@ def _curve(ax, records: Sequence[dict[str, Any]], keys: Sequence[str], title: st
         ax.legend()
 
 
-def _curve_pngs(folder: Path, records: Sequence[dict[str, Any]], best_key: str) -> list[str]:
-    metric = [f"val_{best_key}", f"ema_val_{best_key}"] + (["val_acc5"] if best_key == "acc1" else [])
+def _curve_pngs(folder: Path, records: Sequence[dict[str, Any]], best_key: str,
+                metric_keys: Sequence[str] | None = None) -> list[str]:
+    metric = metric_keys or [f"val_{best_key}", f"ema_val_{best_key}"] + (["val_acc5"] if best_key == "acc1" else [])
+    title = best_key if metric_keys else f"validation {best_key}"
     return [
         _figure(folder / "report_loss.png", lambda f, ax: _curve(ax, records, ["train_loss", "val_loss",
                                                                                "ema_val_loss"], "loss")),
-        _figure(folder / "report_metric.png", lambda f, ax: _curve(ax, records, metric, f"validation {best_key}")),
+        _figure(folder / "report_metric.png", lambda f, ax: _curve(ax, records, metric, title)),
         _figure(folder / "report_lr.png", lambda f, ax: _curve(ax, records, ["lr"], "learning rate (end of epoch)")),
     ]
 
@@ -319,12 +321,13 @@ def _img(name: str) -> str:
 
 def write_report(folder: str | os.PathLike, records: Sequence[dict[str, Any]], class_names: Sequence[str],
                  preds: Predictions | LabelScores | None, best_key: str, summary: str,
-                 train_counts: Sequence[int] | None = None) -> Path:
+                 train_counts: Sequence[int] | None = None, metric_keys: Sequence[str] | None = None) -> Path:
     """Write ``report.html`` and its PNGs into ``folder``; ``preds``: the best weights' validation outputs;
-    ``train_counts``: training images per class (single-label: adds the long-tail view)."""
+    ``train_counts``: training images per class (single-label: adds the long-tail view); ``metric_keys``: the
+    record keys of the metric curve (default: the validation ``best_key`` of the weights and the EMA)."""
     folder = Path(folder)
     body = [f"<h1>Training report</h1><p>{html.escape(summary)}</p><h2>Curves</h2>"]
-    body += [_img(name) for name in _curve_pngs(folder, records, best_key)]
+    body += [_img(name) for name in _curve_pngs(folder, records, best_key, metric_keys)]
     if preds is not None:
         body.append("<h2>Validation of the best weights</h2>")
         section = _multi_label_section if isinstance(preds, LabelScores) else _single_label_section

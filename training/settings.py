@@ -24,7 +24,7 @@ import yaml
 from utils import NumberRange, UserError
 
 __all__ = ["EXPLICIT", "SettingsParser", "add_section", "build_section", "check_section", "declarations",
-           "optional_str", "section_values", "setting"]
+           "optional_str", "same_as", "section_values", "setting"]
 
 EXPLICIT = "explicit_flags"  # the namespace attribute holding the names of the settings the user gave
 _KEY = "setting"  # the dataclass field metadata entry of a declaration
@@ -51,6 +51,16 @@ def setting(default: Any = None, help: str = "", *, name: str | None = None, ali
     declaration = Declaration(help, name, tuple(aliases), allowed, required, MappingProxyType(options))
     if factory is not None:
         return field(default_factory=factory, metadata={_KEY: declaration})
+    return field(default=default, metadata={_KEY: declaration})
+
+
+def same_as(section: type, field_name: str, *, aliases: Sequence[str] = (), **changes: Any) -> Any:
+    """The declaration of ``section``'s field ``field_name``, reused by another section (declared once): ``aliases``
+    are added to its old spellings; ``changes`` (``default``, ``help``, ``required``) replace what differs."""
+    item = section.__dataclass_fields__[field_name]
+    declaration = item.metadata[_KEY]
+    default = changes.pop("default", item.default)
+    declaration = dataclasses.replace(declaration, aliases=declaration.aliases + tuple(aliases), **changes)
     return field(default=default, metadata={_KEY: declaration})
 
 

@@ -43,7 +43,8 @@ from training.report import best_summary, write_run_report
 from training.resume import TrainingState, epoch_seed, evaluate_checkpoint, load_resume_weights, seed_streams
 from utils import UserError
 
-__all__ = ["Task", "Trainer", "fit"]
+__all__ = ["Task", "Trainer", "amp_dtype", "check_finite_weights", "fit", "grad_scaler", "memory_format",
+           "wrap_model"]
 
 
 @dataclass
@@ -93,6 +94,20 @@ def amp_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
     return (torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else None
 
 
+def grad_scaler(amp: bool, device: torch.device) -> NativeScaler | None:
+    """``--amp`` on CUDA (float16): the loss scaler; None otherwise (bfloat16 needs none)."""
+    return NativeScaler(device="cuda") if amp and device.type == "cuda" else None
+
+
+def wrap_model(model: nn.Module, dist: DistEnv, compile_model: bool = False) -> nn.Module:
+    """DistributedDataParallel under torchrun (frozen parameters are not synchronised), ``torch.compile`` with
+    ``--compile``."""
+    if dist.distributed:
+        device = dist.device
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if compile_model else model
+
+
 def _validate(cfg: TrainConfig, dist: DistEnv, loaders: Loaders, task: Task, model: nn.Module, metric: Metric,
               header: str = "Val") -> dict[str, float]:
     eval_criterion = task.eval_criterion if task.eval_criterion is not None else nn.CrossEntropyLoss()
@@ -111,7 +126,7 @@ def build_training_state(model: nn.Module, cfg: TrainConfig, lr: float, device: 
     """Optimizer (also over the criterion's own parameters) and scheduler (timm, stepped per optimizer step), AMP
     scaler (CUDA float16 only) and model EMA, as the configuration says."""
     optimizer = build_optimizer(model, cfg.optim, lr, criterion)
-    scaler = NativeScaler(device="cuda") if cfg.run.amp and device.type == "cuda" else None
+    scaler = grad_scaler(cfg.run.amp, device)
     ema = None
     if cfg.ema.enabled:
         ema = ModelEmaV3(model, decay=cfg.ema.decay, device=torch.device("cpu") if cfg.ema.force_cpu else None)
@@ -169,7 +184,7 @@ class Trainer:
         if self.start_epoch > 0:
             self.state.scheduler.step(self.start_epoch)
             self.state.scheduler.step_update(self.start_epoch * self.updates_per_epoch)
-        net = self._wrap(self.model)
+        net = wrap_model(self.model, self.dist, self.cfg.run.compile)
         seed_streams(self.resume_point, self.dist, self.cfg.run.seed, self.start_epoch)
         self.folder.open_tensorboard()
         utils.print_main(f"training {self.cfg.model.name} on {len(self.loaders.train.dataset)} images, "
@@ -206,13 +221,6 @@ class Trainer:
         if self.cfg.multilabel is not None or targets is None:
             return None
         return np.bincount(np.asarray(targets, dtype=np.int64), minlength=len(self.class_names)).tolist()
-
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        """DistributedDataParallel under torchrun, ``torch.compile`` with ``--compile``."""
-        if self.dist.distributed:
-            device = self.dist.device
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        return torch.compile(model) if self.cfg.run.compile else model
 
     def run_epoch(self, net: nn.Module, epoch: int) -> dict[str, Any]:
         """Train one epoch (0-based), validate when due, step the schedule, save; returns the log record."""
