@@ -18,7 +18,7 @@ import serve
 from artifacts.model_folder import read_model_spec
 from data import write_class_mapping
 from deploy.engine import cache_key, entry_dir
-from inference.threads import SPINNING_KEY, compute_threads, onnx_thread_settings
+from inference.threads import MAX_LANES, SPINNING_KEY, compute_threads, onnx_lanes, onnx_thread_settings
 from predictor import ArtistModel, OnnxModel, load_model_bundle
 from retrieval.gallery import model_identity
 from service.engine import file_version
@@ -147,8 +147,10 @@ def test_threads_follow_the_affinity(monkeypatch):
                             env={**env, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0 and result.stdout.split() == ["1"], result.stderr
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert compute_threads() == 3 and onnx_thread_settings(2) == (3, {SPINNING_KEY: "0"})
-    assert onnx_thread_settings(0)[1] == {SPINNING_KEY: "1"}
+    assert compute_threads() == 3 and onnx_lanes(2) == 3 and onnx_thread_settings(2) == (1, {SPINNING_KEY: "0"})
+    assert onnx_lanes(0) == 1 and onnx_thread_settings(0) == (3, {SPINNING_KEY: "1"})
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # at most MAX_LANES lanes, the cores shared among them
+    assert onnx_lanes(1) == MAX_LANES == 4 and onnx_thread_settings(1)[0] == 2
 
 
 def test_lsnet_engine_sets_the_scripts_default(monkeypatch):
