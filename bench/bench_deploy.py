@@ -7,14 +7,14 @@
 Prints, in one run: the machine (CPU, usable cores, ISA flags, clock) and its fp32 ceiling (cores x fp32 FMA/cycle x
 GHz over the model's multiply-adds per image, ``perf.flop_count``); the model alone at batch 32 with each engine
 (PyTorch eager fused fp32, with ``OMP_WAIT_POLICY=PASSIVE``, bf16 autocast where the CPU has bf16; onnxruntime fp32
-with and without spinning, int8 where the CPU has VNNI), each in a fresh process, idle and beside one busy process
-(``python -c "while True: pass"``); ``inference_artist.py`` end to end over a folder of JPEGs (256-512 px) with
-``--engine torch`` and ``auto``, idle and busy (images/s of the whole run, and without start-up: the difference to a
-32-image run); ``serve.py`` under 8 concurrent clients against the same predictor alone with batches of 32. Every
-figure is images/s; "share" is the busy figure over the idle one. The model is randomly initialised (weights do not
-change the speed); ``--trained`` and ``--images`` add the top-1 agreement of bf16 and int8 with fp32 on a trained
-model and your images (the only agreement worth a decision: random logits are near ties).
-"""
+spinning on all cores and on one lane per core, int8 where the CPU has VNNI), each in a fresh process, idle and
+beside one busy process (``python -c "while True: pass"``); ``inference_artist.py`` end to end over a folder of
+JPEGs (256-512 px) with ``--engine torch`` and ``auto``, idle and busy (images/s of the whole run, and without
+start-up: the difference to a 32-image run); ``serve.py`` under 8 concurrent clients against the same predictor
+alone with batches of 32. Every figure is images/s; "share" is the busy figure over the idle one. The model is
+randomly initialised (weights do not change the speed); ``--trained`` and ``--images`` add the top-1 agreement of
+bf16 and int8 with fp32 on a trained model and your images (the only agreement worth a decision: random logits are
+near ties)."""
 
 import argparse
 import json
