@@ -7,9 +7,11 @@ evaluation preprocessing) on numpy arrays: the same resize + center crop (:func:
 ``(x / 255 - mean) / std`` in float32 with the same operations as :func:`data.transforms.normalize_batch`.
 """
 
+import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -142,11 +144,11 @@ class OnnxModel(BatchedModel):
             return name, None, err.reason
         return name, self.transform(image), None
 
-    def _lane(self, items: list[tuple[ImageInput, str]],
-              run: bool) -> tuple[list[str], np.ndarray | tuple[np.ndarray, np.ndarray] | None, list[SkippedImage]]:
-        """One batch on one lane: decoded, preprocessed and (with ``run``) through the session; ``(names of the
-        readable images, uint8 batch or session outputs or None, the unreadable ones)``."""
-        decoded = [self._decode(item) for item in items]
+    def _lane(self, items: list[tuple[ImageInput, str]], run: bool, pool: ThreadPoolExecutor | None = None
+              ) -> tuple[list[str], np.ndarray | tuple[np.ndarray, np.ndarray] | None, list[SkippedImage]]:
+        """One batch on one lane: decoded (on ``pool``'s threads when given), preprocessed and (with ``run``) through
+        the session; ``(names of the readable images, uint8 batch or session outputs or None, the unreadable ones)``."""
+        decoded = list(pool.map(self._decode, items)) if pool else [self._decode(item) for item in items]
         names = [name for name, array, _ in decoded if array is not None]
         batch = np.stack([array for _, array, _ in decoded if array is not None]) if names else None
         if run and batch is not None:
@@ -156,14 +158,17 @@ class OnnxModel(BatchedModel):
     def _lanes(self, images: Sequence[ImageInput], names: Sequence[str], batch_size: int, num_workers: int,
                skipped: list[SkippedImage] | None, progress: bool, run: bool) -> Iterator[tuple[list[str], Any]]:
         """``(names, uint8 batch or session outputs)`` per batch of readable images, in order. With ``num_workers``
-        the batches run on :attr:`lanes` threads at once (:mod:`inference.threads`), else one after the other here;
-        unreadable images go to ``skipped`` (warned about on stderr) or, without it, raise
+        the batches run on :attr:`lanes` threads at once (:mod:`inference.threads`); a model of one lane has each
+        batch decoded by ``num_workers`` threads instead, in turns with the session (its threads use every core).
+        Unreadable images go to ``skipped`` (warned about on stderr) or, without it, raise
         :class:`data.images.ImageLoadError`."""
         chunks = (list(zip(images[start:start + batch_size], names[start:start + batch_size], strict=True))
                   for start in range(0, len(images), batch_size))
         workers = self.lanes if num_workers > 0 else 0
-        with tqdm(total=len(images), desc="onnx", unit="img", disable=not progress, file=sys.stderr) as bar:
-            for batch_names, batch, batch_skipped in ordered_map(lambda chunk: self._lane(chunk, run), chunks,
+        pool = ThreadPoolExecutor(num_workers, thread_name_prefix="decode") if workers == 1 else None
+        with tqdm(total=len(images), desc="onnx", unit="img", disable=not progress, file=sys.stderr) as bar, \
+                pool or contextlib.nullcontext():
+            for batch_names, batch, batch_skipped in ordered_map(lambda chunk: self._lane(chunk, run, pool), chunks,
                                                                  workers):
                 for item in batch_skipped:
                     if skipped is None:

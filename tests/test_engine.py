@@ -181,6 +181,10 @@ def test_lanes_give_the_serial_results_in_order_and_a_broken_file_is_one_line(en
     assert np.array_equal(laned.features, serial.features) and laned.classifications == serial.classifications
     assert [s.path for s in laned.skipped] == [str(paths[3])]
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: skipping {paths[3]} (")
+    one_lane = load_model_bundle(folder, engine="onnx")  # the API default: one lane, each batch decoded by threads
+    pooled = one_lane.run_paths(paths, "both", batch_size=2, num_workers=2)
+    assert one_lane.lanes == 1 and pooled.names == serial.names and pooled.skipped == laned.skipped
+    np.testing.assert_allclose(pooled.features, serial.features, rtol=1e-5, atol=1e-6)
     with pytest.raises(ImageLoadError, match="broken.jpg"):
         model.run_paths(paths, batch_size=2, num_workers=2, skip_unreadable=False)
 
