@@ -39,7 +39,7 @@ from inference.flags import ENGINES
 from inference.glance_focus import FocusOptions, is_glance_focus_folder
 from inference.onnx_model import OnnxModel
 from inference.results import BatchedModel
-from inference.threads import onnx_thread_settings
+from inference.threads import onnx_lanes, onnx_thread_settings
 from utils import UserError, resolve_device
 
 CACHE_ENV = "LSNET_CACHE"
@@ -106,9 +106,11 @@ def _open_entry(entry: Path, spec: ModelSpec, decode_threads: int | None) -> Onn
     """The cached engine, checked against its ``reference.json``; :class:`ValueError` when it is unusable. It
     reports the PyTorch model's checkpoint and data config, so galleries and versions agree across engines."""
     threads, session_config = onnx_thread_settings(decode_threads) if decode_threads is not None else (None, None)
+    lanes = onnx_lanes(decode_threads) if decode_threads is not None else 1
     try:
         stored = json.loads((entry / ENGINE_FILE).read_text())
-        model = OnnxModel(entry / ONNX_FILE, spec.class_names, read_config(entry), None, threads, session_config)
+        model = OnnxModel(entry / ONNX_FILE, spec.class_names, read_config(entry), None, threads, session_config,
+                          lanes)
         inputs, expected = read_reference(entry / REFERENCE_FILE)
         outputs = model.session.run(list(expected), {INPUT_NAME: inputs})
     except Exception as err:  # noqa: BLE001  (a missing or damaged file, whatever onnxruntime raises on it)

@@ -11,7 +11,9 @@
 - :mod:`inference.batching`: :func:`run_batched` (decoding workers, batches, skipped files, progress).
 - :mod:`inference.compiled`: a ``torch.compile``-d model that pads partial batches so it compiles once.
 - :mod:`inference.flags`: the command-line flags every inference script shares.
-- :mod:`inference.threads`: the thread policy (cores from affinity and cgroup quota, onnxruntime spinning); torch-free.
+- :mod:`inference.threads`: the thread policy (cores from affinity and cgroup quota, onnxruntime lanes and spinning);
+  torch-free.
+- :mod:`inference.pipeline`: :func:`ordered_map` (work items on a few threads, results in order: the ONNX lanes).
   Which engine runs a model (``--engine``) is :mod:`deploy.engine`'s choice: it exports to ONNX, above this package.
 
 What inference writes to disk is :mod:`artifacts.outputs`'s business; what it reads is :mod:`artifacts.model_folder`'s.

@@ -18,7 +18,7 @@ from inference.artist_model import ArtistModel
 from inference.glance_focus import FocusOptions, is_glance_focus_folder, load_glance_focus_model
 from inference.onnx_model import load_onnx_model
 from inference.results import BatchedModel
-from inference.threads import compute_threads, onnx_thread_settings
+from inference.threads import compute_threads, onnx_lanes, onnx_thread_settings
 from utils import UserError, resolve_device
 
 
@@ -85,7 +85,8 @@ def load_model_bundle(
     location = resolve_hub_path(checkpoint)
     if (location / ONNX_FILE).is_file():
         threads = onnx_thread_settings(decode_threads) if decode_threads is not None else (None, None)
-        return load_onnx_model(location, class_csv, input_size, require_class_names, *threads)
+        lanes = onnx_lanes(decode_threads) if decode_threads is not None else 1
+        return load_onnx_model(location, class_csv, input_size, require_class_names, *threads, lanes)
     if is_glance_focus_folder(location):
         return load_glance_focus_model(location, device, focus)
     if focus is not None and focus != FocusOptions():

@@ -7,6 +7,7 @@ evaluation preprocessing) on numpy arrays: the same resize + center crop (:func:
 ``(x / 255 - mean) / std`` in float32 with the same operations as :func:`data.transforms.normalize_batch`.
 """
 
+import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -23,6 +24,7 @@ from data.class_mapping import CLASS_MAPPING_FILE, read_class_mapping
 from data.images import ImageLoadError, load_image, to_rgb
 from data.resize import IMAGENET_MEAN, IMAGENET_STD, eval_resize_crop
 from errors import UserError, import_optional
+from inference.pipeline import ordered_map
 from inference.results import BatchedModel, ImageInput, SkippedImage
 
 STYLE_OUTPUTS = {"pooled": "features", "texture": "texture"}  # graph output of each style vector (deploy/export_onnx)
@@ -38,11 +40,16 @@ def eval_preprocess(image: Image.Image, input_size: int, config: dict[str, Any])
 
 def normalize_uint8(batch: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """A uint8 batch (N, C, H, W) as float32 ``(x / 255 - mean) / std``, as :func:`data.transforms.normalize_batch`
-    computes it."""
-    shape = (1, -1, 1, 1)
+    computes it (the same operations in the same order: equal bits), image by image in place (in the cache)."""
+    shape = (-1, 1, 1)
     mean_a = np.asarray(mean, np.float32).reshape(shape)
     std_a = np.asarray(std, np.float32).reshape(shape)
-    return (batch.astype(np.float32) / np.float32(255) - mean_a) / std_a
+    out = np.empty(batch.shape, np.float32)
+    for image, normalized in zip(batch, out, strict=True):
+        np.divide(image, np.float32(255), out=normalized, dtype=np.float32)
+        normalized -= mean_a
+        normalized /= std_a
+    return out
 
 
 def _open_session(path: Path, threads: int | None, session_config: dict[str, str] | None = None) -> Any:
@@ -63,12 +70,14 @@ def _open_session(path: Path, threads: int | None, session_config: dict[str, str
 
 class OnnxModel(BatchedModel):
     """An exported model folder run with onnxruntime on the CPU. Build it with :func:`load_onnx_model` (or
-    :func:`inference.loading.load_model_bundle`, which detects ``model.onnx``)."""
+    :func:`inference.loading.load_model_bundle`, which detects ``model.onnx``). ``threads``, ``session_config`` and
+    ``lanes`` (batches run at once by runs with workers) come from :mod:`inference.threads`."""
 
     def __init__(self, path: Path, class_names: list[str] | None, config: dict[str, Any],
                  input_size: int | None = None, threads: int | None = None,
-                 session_config: dict[str, str] | None = None):
+                 session_config: dict[str, str] | None = None, lanes: int = 1):
         self.checkpoint = path
+        self.lanes = lanes
         self.class_names = class_names
         self.config = config
         self.model_name = config.get("model")
@@ -111,14 +120,21 @@ class OnnxModel(BatchedModel):
     def run_model(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(logits, style vectors)`` of a uint8 batch from :meth:`transform` (normalised here); the first batch's
         outputs must be finite."""
+        return self._check_finite(self._session_run(batch))
+
+    def _session_run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(logits, style vectors)`` of a uint8 batch; safe to call from several threads at once."""
         inputs = normalize_uint8(batch, self.data_config["mean"], self.data_config["std"])
         logits, features = self.session.run(["logits", STYLE_OUTPUTS[self.descriptor]], {self._input.name: inputs})
+        return logits, features
+
+    def _check_finite(self, outputs: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         if not self._outputs_checked:
-            if not (np.isfinite(logits).all() and np.isfinite(features).all()):
+            if not all(np.isfinite(output).all() for output in outputs):
                 raise UserError(f"{self.checkpoint} gives NaN or infinite outputs on the first batch; export the "
                                 "model again from a checkpoint whose training did not diverge")
             self._outputs_checked = True
-        return logits, features
+        return outputs
 
     def _decode(self, item: tuple[ImageInput, str]) -> tuple[str, np.ndarray | None, str | None]:
         image, name = item
@@ -128,48 +144,68 @@ class OnnxModel(BatchedModel):
             return name, None, err.reason
         return name, self.transform(image), None
 
+    def _lane(self, items: list[tuple[ImageInput, str]], run: bool, pool: ThreadPoolExecutor | None = None
+              ) -> tuple[list[str], np.ndarray | tuple[np.ndarray, np.ndarray] | None, list[SkippedImage]]:
+        """One batch on one lane: decoded (on ``pool``'s threads when given), preprocessed and (with ``run``) through
+        the session; ``(names of the readable images, uint8 batch or session outputs or None, the unreadable ones)``."""
+        decoded = list(pool.map(self._decode, items)) if pool else [self._decode(item) for item in items]
+        names = [name for name, array, _ in decoded if array is not None]
+        batch = np.stack([array for _, array, _ in decoded if array is not None]) if names else None
+        if run and batch is not None:
+            batch = self._session_run(batch)
+        return names, batch, [SkippedImage(name, reason) for name, array, reason in decoded if array is None]
+
+    def _lanes(self, images: Sequence[ImageInput], names: Sequence[str], batch_size: int, num_workers: int,
+               skipped: list[SkippedImage] | None, progress: bool, run: bool) -> Iterator[tuple[list[str], Any]]:
+        """``(names, uint8 batch or session outputs)`` per batch of readable images, in order. With ``num_workers``
+        the batches run on :attr:`lanes` threads at once (:mod:`inference.threads`); a model of one lane has each
+        batch decoded by ``num_workers`` threads instead, in turns with the session (its threads use every core).
+        Unreadable images go to ``skipped`` (warned about on stderr) or, without it, raise
+        :class:`data.images.ImageLoadError`."""
+        chunks = (list(zip(images[start:start + batch_size], names[start:start + batch_size], strict=True))
+                  for start in range(0, len(images), batch_size))
+        workers = self.lanes if num_workers > 0 else 0
+        pool = ThreadPoolExecutor(num_workers, thread_name_prefix="decode") if workers == 1 else None
+        with tqdm(total=len(images), desc="onnx", unit="img", disable=not progress, file=sys.stderr) as bar, \
+                pool or contextlib.nullcontext():
+            for batch_names, batch, batch_skipped in ordered_map(lambda chunk: self._lane(chunk, run, pool), chunks,
+                                                                 workers):
+                for item in batch_skipped:
+                    if skipped is None:
+                        raise ImageLoadError(item.path, item.reason)
+                    skipped.append(item)
+                    tqdm.write(f"warning: skipping {item.path} ({item.reason})", file=sys.stderr)
+                if batch is not None:
+                    yield batch_names, self._check_finite(batch) if run else batch
+                bar.update(len(batch_names) + len(batch_skipped))
+
     def decoded_batches(self, images: Sequence[ImageInput], names: Sequence[str], batch_size: int, num_workers: int,
                         skipped: list[SkippedImage] | None,
                         progress: bool = False) -> Iterator[tuple[list[str], np.ndarray]]:
-        """``(names, uint8 batch)`` of the readable images, decoded by ``num_workers`` threads; unreadable ones go to
-        ``skipped`` (warned about on stderr) or, without it, raise :class:`data.images.ImageLoadError`."""
-        pool = ThreadPoolExecutor(num_workers, thread_name_prefix="decode") if num_workers > 0 else None
-        with tqdm(total=len(images), desc="onnx", unit="img", disable=not progress, file=sys.stderr) as bar:
-            for start in range(0, len(images), batch_size):
-                items = list(zip(images[start:start + batch_size], names[start:start + batch_size], strict=True))
-                decoded = list(pool.map(self._decode, items) if pool else map(self._decode, items))
-                for name, _, reason in (d for d in decoded if d[1] is None):
-                    if skipped is None:
-                        raise ImageLoadError(name, reason)
-                    skipped.append(SkippedImage(name, reason))
-                    tqdm.write(f"warning: skipping {name} ({reason})", file=sys.stderr)
-                kept = [(name, array) for name, array, _ in decoded if array is not None]
-                if kept:
-                    yield [name for name, _ in kept], np.stack([array for _, array in kept])
-                bar.update(len(items))
-        if pool:
-            pool.shutdown()
+        """``(names, uint8 batch)`` of the readable images (see :meth:`_lanes`)."""
+        yield from self._lanes(images, names, batch_size, num_workers, skipped, progress, run=False)
 
     def logits_batches(self, images: Sequence[ImageInput], names: Sequence[str], *, batch_size: int = 32,
                        num_workers: int = 0, skipped: list[SkippedImage] | None = None,
                        progress: bool = False) -> Iterator[tuple[list[str], np.ndarray]]:
-        for batch_names, batch in self.decoded_batches(images, names, batch_size, num_workers, skipped, progress):
-            yield batch_names, self.run_model(batch)[0]
+        for batch_names, (logits, _) in self._lanes(images, names, batch_size, num_workers, skipped, progress, True):
+            yield batch_names, logits
 
     def _batches(self, images: Sequence[ImageInput], names: Sequence[str], mode: str, batch_size: int,
                  num_workers: int, skipped: list[SkippedImage] | None,
                  progress: bool) -> Iterator[tuple[list[str], np.ndarray | None, np.ndarray | None]]:
-        for batch_names, batch in self.decoded_batches(images, names, batch_size, num_workers, skipped, progress):
-            logits, features = self.run_model(batch)
+        for batch_names, (logits, features) in self._lanes(images, names, batch_size, num_workers, skipped,
+                                                           progress, True):
             probs = None if mode == "cluster" else self.probabilities(logits)
             yield batch_names, (None if mode == "classify" else features.astype(np.float32)), probs
 
 
 def load_onnx_model(folder: str | os.PathLike, class_csv: str | os.PathLike | None = None,
                     input_size: int | None = None, require_class_names: bool = False,
-                    threads: int | None = None, session_config: dict[str, str] | None = None) -> OnnxModel:
+                    threads: int | None = None, session_config: dict[str, str] | None = None,
+                    lanes: int = 1) -> OnnxModel:
     """An exported model folder (``model.onnx`` + ``config.json`` + ``class_mapping.csv``) ready for inference;
-    ``threads`` and ``session_config`` set up its onnxruntime session (:mod:`inference.threads`)."""
+    ``threads``, ``session_config`` and ``lanes`` set up its onnxruntime session (:mod:`inference.threads`)."""
     folder = Path(folder)
     path = folder / ONNX_FILE
     if not path.is_file():
@@ -181,4 +217,4 @@ def load_onnx_model(folder: str | os.PathLike, class_csv: str | os.PathLike | No
     if class_names is None and require_class_names:
         raise UserError(f"classification needs the class names of {path}; pass --class-csv with its "
                         f"{CLASS_MAPPING_FILE}")
-    return OnnxModel(path, class_names, config, input_size, threads, session_config)
+    return OnnxModel(path, class_names, config, input_size, threads, session_config, lanes)

@@ -162,6 +162,7 @@ class BatchedModel:
     config: dict[str, Any]
     checkpoint: Any  # the weights file (or exported model) it was loaded from
     descriptor: str = "pooled"
+    lanes: int = 1  # batches it can run at once from different threads (onnxruntime: inference.threads.onnx_lanes)
 
     @property
     def descriptors(self) -> tuple[str, ...]:

@@ -24,20 +24,27 @@ class _Item:
 
 
 class DynamicBatcher:
-    """Collects images submitted by concurrent requests into batches and runs them on one model thread.
+    """Collects images submitted by concurrent requests into batches and runs them on ``lanes`` model threads.
 
-    A batch starts with the first waiting image and takes every image submitted within ``max_wait_s`` after it, up
-    to ``max_batch`` images; its images are grouped by ``key`` (e.g. the computation and top-k asked for) and each
-    group is one ``run`` call. The model thread runs one group at a time, so the model is never called concurrently.
+    A batch starts with the first waiting image once a model thread is free and takes every image submitted within
+    ``max_wait_s`` after it, up to ``max_batch`` images; its images are grouped by ``key`` (e.g. the computation and
+    top-k asked for) and each group is one ``run`` call. Each model thread runs one group at a time, so the model is
+    called by at most ``lanes`` threads at once: one for a PyTorch model, one per core for onnxruntime
+    (:attr:`predictor.BatchedModel.lanes`), whose batches then overlap each other's preprocessing and the requests'
+    decoding instead of taking turns with them.
     """
 
-    def __init__(self, run: BatchRunner, max_batch: int, max_wait_s: float, observe: BatchObserver | None = None):
+    def __init__(self, run: BatchRunner, max_batch: int, max_wait_s: float, observe: BatchObserver | None = None,
+                 lanes: int = 1):
         self._run = run
         self._observe = observe
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.lanes = max(1, lanes)
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
+        self._free: asyncio.Semaphore | None = None  # model threads without a batch
+        self._running: set[asyncio.Task] = set()  # batches on the model threads
         self._executor: ThreadPoolExecutor | None = None
         self.batches = 0  # model calls so far
         self.images = 0  # images run so far
@@ -52,7 +59,7 @@ class DynamicBatcher:
         return 0 if self._queue is None else self._queue.qsize()
 
     def call_blocking(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the model thread between batches and return its result; called from another thread (never
+        """Run ``fn`` on a model thread between its batches and return its result; called from another thread (never
         the event loop's), so that other work on the model (e.g. embedding gallery references) takes its turn."""
         if not self.running or self._executor is None:
             raise RuntimeError("the batcher is not running")
@@ -61,14 +68,15 @@ class DynamicBatcher:
     async def start(self) -> None:
         """Start the batching task on the running event loop."""
         self._queue = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._free = asyncio.Semaphore(self.lanes)
+        self._executor = ThreadPoolExecutor(self.lanes, thread_name_prefix="model")
         self._task = asyncio.create_task(self._serve(), name="batcher")
 
     async def stop(self) -> None:
-        """Stop batching; images still waiting are cancelled."""
+        """Stop batching; batches on the model threads are answered, images still waiting are cancelled."""
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.gather(self._task, *self._running, return_exceptions=True)
         while self._queue is not None and not self._queue.empty():
             self._queue.get_nowait().future.cancel()
         if self._executor is not None:
@@ -85,11 +93,20 @@ class DynamicBatcher:
         return list(await asyncio.gather(*(item.future for item in items)))
 
     async def _serve(self) -> None:
-        assert self._queue is not None
+        assert self._queue is not None and self._free is not None
         while True:
+            await self._free.acquire()
             batch = [await self._queue.get()]
             await self._fill(batch)
-            await self._run_batch(batch)
+            task = asyncio.create_task(self._run_batch(batch))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        """A model thread is free again."""
+        self._running.discard(task)
+        assert self._free is not None
+        self._free.release()
 
     async def _fill(self, batch: list[_Item]) -> None:
         """Add the images submitted until ``max_wait_s`` after the first one, up to ``max_batch``."""

@@ -46,7 +46,8 @@ class Engine:
         self.settings = settings
         self.multi_label = bool(model.config.get("multi_label"))
         self.version = file_version(model.checkpoint)
-        self.batcher = DynamicBatcher(self._run, settings.max_batch, settings.max_wait_ms / 1000, observe)
+        self.batcher = DynamicBatcher(self._run, settings.max_batch, settings.max_wait_ms / 1000, observe,
+                                      model.lanes)
         self.users = 0
         self._pool: ThreadPoolExecutor | None = None
 
@@ -78,8 +79,9 @@ class Engine:
         """One model call for a batch: per image ``{"classification": [...], ...extras}``
         (``("classify", top_k, threshold)``; a glance-and-focus model adds ``glance_focus``) or a feature row."""
         mode, top_k, threshold = key  # type: ignore[misc]
-        # Threads resize the images in turns with a CPU model; a GPU model resizes them itself (no worker processes).
-        workers = self.settings.decode_threads if self.model.runs_on_cpu else 0
+        # Threads resize the images in turns with a CPU model of one lane; a model of several lanes resizes them on
+        # this model thread, beside the other lanes' batches; a GPU model resizes them itself (no worker processes).
+        workers = self.settings.decode_threads if self.model.runs_on_cpu and self.model.lanes == 1 else 0
         result = self.model.run_paths(images, mode, top_k=top_k, threshold=threshold, batch_size=len(images),
                                       num_workers=workers, skip_unreadable=False)
         if mode != "classify":

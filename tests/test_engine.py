@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import imagegen as gen
@@ -16,9 +18,10 @@ from test_serve import get, post, running, upload
 import inference_artist
 import serve
 from artifacts.model_folder import read_model_spec
-from data import write_class_mapping
+from data import ImageLoadError, write_class_mapping
 from deploy.engine import cache_key, entry_dir
-from inference.threads import SPINNING_KEY, compute_threads, onnx_thread_settings
+from inference.pipeline import ordered_map
+from inference.threads import MAX_LANES, SPINNING_KEY, compute_threads, onnx_lanes, onnx_thread_settings
 from predictor import ArtistModel, OnnxModel, load_model_bundle
 from retrieval.gallery import model_identity
 from service.engine import file_version
@@ -147,8 +150,10 @@ def test_threads_follow_the_affinity(monkeypatch):
                             env={**env, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0 and result.stdout.split() == ["1"], result.stderr
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert compute_threads() == 3 and onnx_thread_settings(2) == (3, {SPINNING_KEY: "0"})
-    assert onnx_thread_settings(0)[1] == {SPINNING_KEY: "1"}
+    assert compute_threads() == 3 and onnx_lanes(2) == 3 and onnx_thread_settings(2) == (1, {SPINNING_KEY: "0"})
+    assert onnx_lanes(0) == 1 and onnx_thread_settings(0) == (3, {SPINNING_KEY: "1"})
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # at most MAX_LANES lanes, the cores shared among them
+    assert onnx_lanes(1) == MAX_LANES == 4 and onnx_thread_settings(1)[0] == 2
 
 
 def test_lsnet_engine_sets_the_scripts_default(monkeypatch):
@@ -157,3 +162,64 @@ def test_lsnet_engine_sets_the_scripts_default(monkeypatch):
     monkeypatch.setenv("LSNET_ENGINE", "tensorrt")
     with pytest.raises(UserError, match="LSNET_ENGINE='tensorrt' is not an engine"):
         serve.get_args_parser()
+
+
+def test_lanes_give_the_serial_results_in_order_and_a_broken_file_is_one_line(env, tmp_path, capsys, monkeypatch):
+    """Batches on two lanes at once: the same names, order and outputs as one batch after the other; a truncated
+    JPEG among them is skipped with one warning line and loses no other image (or raises without skipping)."""
+    folder, images = env
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    model = load_model_bundle(folder, engine="onnx", decode_threads=2)
+    assert isinstance(model, OnnxModel) and model.lanes == 2
+    paths = sorted(images.iterdir())
+    paths.insert(3, gen.truncated_jpeg(tmp_path / "broken.jpg"))
+    capsys.readouterr()
+    laned = model.run_paths(paths, "both", batch_size=2, num_workers=2)
+    warnings = capsys.readouterr().err.splitlines()
+    serial = model.run_paths(paths, "both", batch_size=2, num_workers=0)
+    assert laned.names == serial.names == [str(p) for p in paths if p.name != "broken.jpg"]
+    assert np.array_equal(laned.features, serial.features) and laned.classifications == serial.classifications
+    assert [s.path for s in laned.skipped] == [str(paths[3])]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: skipping {paths[3]} (")
+    one_lane = load_model_bundle(folder, engine="onnx")  # the API default: one lane, each batch decoded by threads
+    pooled = one_lane.run_paths(paths, "both", batch_size=2, num_workers=2)
+    assert one_lane.lanes == 1 and pooled.names == serial.names and pooled.skipped == laned.skipped
+    np.testing.assert_allclose(pooled.features, serial.features, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ImageLoadError, match="broken.jpg"):
+        model.run_paths(paths, batch_size=2, num_workers=2, skip_unreadable=False)
+
+
+def test_ordered_map_keeps_the_order_bounds_the_work_in_flight_and_stops_at_an_error():
+    started: list[int] = []
+
+    def work(item: int) -> int:
+        started.append(item)
+        time.sleep(0.02 * (item % 3 == 0))  # early items finish last
+        if item == 5:
+            raise ValueError("item 5")
+        return item * item
+
+    results = ordered_map(work, range(5), workers=3)
+    assert list(results) == [i * i for i in range(5)]
+    started.clear()
+    got = []
+    with pytest.raises(ValueError, match="item 5"):
+        for value in ordered_map(work, iter(range(100)), workers=3):
+            got.append(value)
+    assert got == [i * i for i in range(5)] and max(started) <= 5 + 3  # at most workers + 1 items ahead
+
+
+def test_the_onnx_service_answers_concurrent_clients_on_two_lanes(env, pytorch, monkeypatch):
+    """8 clients at once, one image each, on a model of two lanes: each gets its own image's answer."""
+    folder, images = env
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    args = serve.get_args_parser().parse_args(["--checkpoint", str(folder), "--port", "0", "--log-level", "warning",
+                                               "--engine", "onnx", "--max-wait-ms", "5"])
+    paths = [images / f"img{i % 5}.png" for i in range(16)]
+    with running(*serve.prepare(args)) as url, ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda p: post(f"{url}/v1/classify?top_k=2", [upload(p)]), paths))
+        health = get(f"{url}/healthz").json()
+    reference = pytorch.classify(paths, top_k=2)
+    assert [r.status for r in responses] == [200] * len(paths) and health["images"] == len(paths)
+    assert [r.json()["results"][0]["classification"][0]["class_id"] for r in responses] == [
+        r[0]["class_id"] for r in reference]

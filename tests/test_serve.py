@@ -1,6 +1,7 @@
 """serve.py and the service package on a real uvicorn: every endpoint, answers equal to the scripts', batching, the
 limits, every kind of bad upload, the API key and CORS."""
 
+import asyncio
 import io
 import json
 import os
@@ -30,6 +31,7 @@ from model import create_glance_focus
 from predictor import ArtistModel, load_model_bundle
 from retrieval.gallery import load_gallery
 from service import Settings, create_app
+from service.batcher import DynamicBatcher
 from service.server import bind, build_server
 from tools import build_gallery, search_similar
 from utils import UserError
@@ -456,3 +458,34 @@ def test_a_gallery_of_another_model_is_refused_at_start(gallery_dir, tmp_path):
                                                "--port", "0", "--device", "cpu"])
     with pytest.raises(UserError, match="built with another model"):
         serve.prepare(args)
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_the_batcher_runs_up_to_lanes_batches_at_once(lanes):
+    """Two requests, the second sent while the first's batch runs: with two lanes both batches are on the model at
+    once (each waits for the other), with one they take turns; each request gets its own results."""
+    both_running = threading.Barrier(2, timeout=1)
+    concurrent = []
+
+    def run(key, batch):
+        try:
+            both_running.wait()
+            concurrent.append(True)
+        except threading.BrokenBarrierError:
+            concurrent.append(False)
+        return [(key, image.size) for image in batch]
+
+    async def scenario():
+        batcher = DynamicBatcher(run, max_batch=8, max_wait_s=0.0, lanes=lanes)
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit("a", [Image.new("RGB", (3, 2))]))
+        while batcher.queued:
+            await asyncio.sleep(0.001)
+        second = await batcher.submit("b", [Image.new("RGB", (5, 4)), Image.new("RGB", (7, 6))])
+        results = await first, second
+        await batcher.stop()
+        return results, batcher.batches
+
+    results, batches = asyncio.run(scenario())
+    assert results == ([("a", (3, 2))], [("b", (5, 4)), ("b", (7, 6))]) and batches == 2
+    assert concurrent == ([True, True] if lanes == 2 else [False, False])
