@@ -18,6 +18,7 @@ from scale_common import measure
 from scale_search import DIM, QUERIES, exact_top10, write_features
 
 from retrieval.gallery import load_gallery
+from retrieval.milvus_gallery import disconnect
 from retrieval.store import build_from_features, open_gallery
 
 
@@ -89,8 +90,12 @@ def run_milvus(count: int, artists: int, exact_limit: int) -> list[dict]:
         truth = exact_top10([np.load(folder / "features.npy", mmap_mode="r")], queries)
         rows = build_and_search(folder / "features.npy", names, folder / "gallery", exact_limit, queries, truth,
                                 "Faiss folder", size)
-        rows += build_and_search(folder / "features.npy", names, f"{folder / 'bench.db'}#bench", exact_limit,
-                                 queries, truth, "Milvus Lite", size)
+        location = f"{folder / 'bench.db'}#bench"
+        try:
+            rows += build_and_search(folder / "features.npy", names, location, exact_limit, queries, truth,
+                                     "Milvus Lite", size)
+        finally:
+            disconnect(location)  # its server writes into the file at exit otherwise, recreating the removed folder
     return rows
 
 
