@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from scale_common import measure
+from scale_common import measure, rss_gib
 from scale_search import DIM, QUERIES, exact_top10, write_features
 
 from retrieval.gallery import load_gallery
@@ -60,13 +60,16 @@ def build_and_search(features: Path, names: list[str], location: str | Path, exa
                      queries: np.ndarray, truth: np.ndarray, label: str, size: str) -> list[dict]:
     """Rows for building the gallery at ``location`` from ``features`` and searching it ``QUERIES`` times."""
     artists = [n.split("/")[0] for n in names]
+    before = rss_gib("VmRSS")
     with measure() as step:
         gallery = build_from_features(features, artists, names, {"descriptor": "texture"}, location, exact_limit)
+    held = rss_gib("VmRSS")
     params = gallery.index_parameters()
     del gallery
     rows = [{"path": f"milvus: {label} build", "size": size, "seconds": step.seconds,
              "peak_gib": step.peak_gib + children_peak_gib(),
-             "note": ", ".join(f"{k} {params[k]}" for k in ("type", "nlist", "nprobe") if k in params)}]
+             "note": ", ".join(f"{k} {params[k]}" for k in ("type", "nlist", "nprobe") if k in params)
+             + f"; resident {before:.2f} GiB before, {held:.2f} GiB after"}]
     with measure() as step:
         gallery = load_gallery(location) if isinstance(location, Path) else open_gallery(location)
         gallery.nearest(queries[:1], 10)  # a folder builds its index here, Milvus loads the collection
