@@ -14,10 +14,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from scale_common import measure
+from scale_common import measure, rss_gib
 from scale_search import DIM, QUERIES, exact_top10, write_features
 
 from retrieval.gallery import load_gallery
+from retrieval.milvus_gallery import disconnect
 from retrieval.store import build_from_features, open_gallery
 
 
@@ -59,13 +60,16 @@ def build_and_search(features: Path, names: list[str], location: str | Path, exa
                      queries: np.ndarray, truth: np.ndarray, label: str, size: str) -> list[dict]:
     """Rows for building the gallery at ``location`` from ``features`` and searching it ``QUERIES`` times."""
     artists = [n.split("/")[0] for n in names]
+    before = rss_gib("VmRSS")
     with measure() as step:
         gallery = build_from_features(features, artists, names, {"descriptor": "texture"}, location, exact_limit)
+    held = rss_gib("VmRSS")
     params = gallery.index_parameters()
     del gallery
     rows = [{"path": f"milvus: {label} build", "size": size, "seconds": step.seconds,
              "peak_gib": step.peak_gib + children_peak_gib(),
-             "note": ", ".join(f"{k} {params[k]}" for k in ("type", "nlist", "nprobe") if k in params)}]
+             "note": ", ".join(f"{k} {params[k]}" for k in ("type", "nlist", "nprobe") if k in params)
+             + f"; resident {before:.2f} GiB before, {held:.2f} GiB after"}]
     with measure() as step:
         gallery = load_gallery(location) if isinstance(location, Path) else open_gallery(location)
         gallery.nearest(queries[:1], 10)  # a folder builds its index here, Milvus loads the collection
@@ -89,8 +93,12 @@ def run_milvus(count: int, artists: int, exact_limit: int) -> list[dict]:
         truth = exact_top10([np.load(folder / "features.npy", mmap_mode="r")], queries)
         rows = build_and_search(folder / "features.npy", names, folder / "gallery", exact_limit, queries, truth,
                                 "Faiss folder", size)
-        rows += build_and_search(folder / "features.npy", names, f"{folder / 'bench.db'}#bench", exact_limit,
-                                 queries, truth, "Milvus Lite", size)
+        location = f"{folder / 'bench.db'}#bench"
+        try:
+            rows += build_and_search(folder / "features.npy", names, location, exact_limit, queries, truth,
+                                     "Milvus Lite", size)
+        finally:
+            disconnect(location)  # its server writes into the file at exit otherwise, recreating the removed folder
     return rows
 
 

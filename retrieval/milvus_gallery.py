@@ -82,6 +82,21 @@ def connect(location: str) -> tuple[MilvusClient, str]:
     return _clients[uri], name
 
 
+def disconnect(location: str) -> None:
+    """Close this process's client of the location's Milvus; for a Milvus Lite file also stop its embedded server,
+    which writes what it still holds in memory into the file (else it does so when the process exits, recreating a
+    file removed since)."""
+    uri, _ = split_location(location)
+    client = _clients.pop(uri, None)
+    if client is None:
+        return
+    client.close()
+    if not is_server(uri):
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(uri)
+
+
 def artist_key(artist: str) -> int:
     """The primary key of an artist's row: the first 8 bytes of its name's SHA-256 as a signed integer."""
     return int.from_bytes(hashlib.sha256(artist.encode("utf-8")).digest()[:8], "big", signed=True)

@@ -1,6 +1,7 @@
 """Galleries in Milvus against a real Milvus Lite (embedded, started here in a temporary file): the same answers as a
 folder gallery, add/remove/calibrate round trips, copies both ways, the service, and the one-line errors."""
 
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -28,9 +29,7 @@ def milvus_db(tmp_path_factory) -> str:
     """One Milvus Lite file for the module (each test uses its own collections); its server is closed after."""
     path = str(tmp_path_factory.mktemp("milvus") / "galleries.db")
     yield path
-    client = milvus_gallery._clients.pop(path, None)
-    if client is not None:
-        client.close()
+    milvus_gallery.disconnect(path)
 
 
 def clustered(rng: np.random.Generator, centers: np.ndarray, labels: np.ndarray, spread: float = 0.7) -> np.ndarray:
@@ -120,6 +119,22 @@ def test_add_remove_and_calibrate_round_trip(world, milvus_db, tmp_path):
     assert added not in open_gallery(location).artist_names
     with pytest.raises(UserError, match="not in the gallery; did you mean 'artist"):
         open_gallery(location).removed("artist \"1\"")
+
+
+def test_disconnect_writes_a_milvus_lite_file_so_that_removing_it_is_final(world, tmp_path):
+    """Disconnecting stops the file's embedded server: reopening reads what was written, and a file removed after
+    disconnecting is not written again when the process stops its servers at exit (as the benchmark's was)."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    folder_gallery(world, tmp_path / "gallery")
+    lite = tmp_path / "own" / "file.db"
+    copy_gallery(tmp_path / "gallery", f"{lite}#refs")
+    milvus_gallery.disconnect(f"{lite}#refs")
+    assert open_gallery(f"{lite}#refs").size == len(world["vectors"])  # a new server reads the flushed file
+    milvus_gallery.disconnect(str(lite))
+    shutil.rmtree(lite.parent)
+    server_manager_instance.release_server(str(lite))  # what the process does at exit
+    assert not lite.parent.exists()
 
 
 def test_copies_folder_to_milvus_and_back_are_equal(world, milvus_db, tmp_path, capsys):
