@@ -59,9 +59,11 @@ def same_as(section: type, field_name: str, *, aliases: Sequence[str] = (), **ch
     are added to its old spellings; ``changes`` (``default``, ``help``, ``required``) replace what differs."""
     item = section.__dataclass_fields__[field_name]
     declaration = item.metadata[_KEY]
-    default = changes.pop("default", item.default)
-    declaration = dataclasses.replace(declaration, aliases=declaration.aliases + tuple(aliases), **changes)
-    return field(default=default, metadata={_KEY: declaration})
+    declaration = dataclasses.replace(declaration, aliases=declaration.aliases + tuple(aliases),
+                                      **{key: value for key, value in changes.items() if key != "default"})
+    if "default" in changes or item.default is not dataclasses.MISSING:
+        return field(default=changes.get("default", item.default), metadata={_KEY: declaration})
+    return field(default_factory=item.default_factory, metadata={_KEY: declaration})
 
 
 def optional_str(value: str) -> str | None:
