@@ -24,7 +24,8 @@ class TransformConfig:
     """What the training and evaluation transforms depend on (``--input-size``, the augmentation flags...).
 
     ``auto_augment``: a timm policy string or None (off); ``three_augment``: DeiT-III ThreeAugment instead of it;
-    ``squash``: evaluate with a plain resize to ``input_size`` (``--finetune``) instead of resize + center crop.
+    ``squash``: evaluate with a plain resize to ``input_size`` (``--finetune``) instead of resize + center crop;
+    ``crop_scale``: the smallest area share of the training's random resized crop.
     """
 
     input_size: int
@@ -36,6 +37,7 @@ class TransformConfig:
     recount: int = 1
     three_augment: bool = False
     squash: bool = False
+    crop_scale: float = 0.08
 
 
 class RobustImageFolder(datasets.ImageFolder):
@@ -200,6 +202,7 @@ def build_transform(is_train: bool, cfg: TransformConfig) -> Callable:
         transform = create_transform(
             input_size=cfg.input_size,
             is_training=True,
+            scale=(cfg.crop_scale, 1.0),
             color_jitter=cfg.color_jitter,
             auto_augment=cfg.auto_augment,
             interpolation=cfg.interpolation,

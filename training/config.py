@@ -77,6 +77,7 @@ class AugmentConfig:
     """Training augmentation, mixup / cutmix and label smoothing."""
 
     color_jitter: float = 0.4
+    crop_scale: float = 0.08
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     train_interpolation: str = "bicubic"
     repeated_aug: bool = True
@@ -247,7 +248,7 @@ class TrainConfig:
         return TransformConfig(
             input_size=self.model.input_size, color_jitter=aug.color_jitter, auto_augment=aug.auto_augment,
             interpolation=aug.train_interpolation, reprob=aug.reprob, remode=aug.remode, recount=aug.recount,
-            three_augment=aug.three_augment, squash=self.model.finetune,
+            three_augment=aug.three_augment, squash=self.model.finetune, crop_scale=aug.crop_scale,
         )
 
 

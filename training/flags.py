@@ -43,6 +43,7 @@ FLAG_RANGES: dict[str, NumberRange] = {
     "layer_decay": NumberRange(float, 0, 1, low_open=True), "patience": _COUNT, "loss_scale": _POSITIVE,
     "loss_margin": NumberRange(float, 0, 1.5), "subcenters": _SIZE, "temperature": _POSITIVE,
     "samples_per_class": _SIZE,
+    "crop_scale": NumberRange(float, 0, 1, low_open=True),
     "threshold": NumberRange(float, 0, 1, low_open=True, high_open=True), "max_pos_weight": NumberRange(float, 1),
 }
 
@@ -174,6 +175,9 @@ def _add_optimisation_args(group: argparse._ArgumentGroup) -> None:
 
 def _add_augmentation_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--color-jitter", type=float, default=0.4)
+    group.add_argument("--crop-scale", type=float, default=0.08, metavar="SHARE",
+                       help="smallest share of the image area a training crop keeps (random resized crop up to the "
+                            "whole image); small crops, upscaled, change the size of strokes, dots and spacing")
     group.add_argument("--aa", type=_optional_str, default="rand-m9-mstd0.5-inc1", help="timm auto-augment; none: off")
     group.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     group.add_argument("--train-interpolation", default="bicubic")
