@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import train_artist_multilabel
 import train_artist_style
@@ -20,6 +21,7 @@ from artifacts.run_folder import (
     read_resume_point,
     training_checkpoint,
 )
+from data import build_transform
 from training.config import TrainConfig
 from training.resume import TrainingState, epoch_seed
 from training.trainer import build_training_state
@@ -149,3 +151,17 @@ def test_training_state_from_config():
     with pytest.raises(UserError, match="use a timm optimizer"):
         build_training_state(torch.nn.Linear(2, 2), TrainConfig.from_args(parse("--opt", "nope")), 0.1,
                              torch.device("cpu"))
+
+
+def test_crop_scale_bounds_the_training_crops():
+    """--crop-scale (issue 26): the training's random resized crops keep at least that share of the image area
+    (timm's 0.08 by default); out of (0, 1] is one clear error."""
+    assert TrainConfig.from_args(parse()).augment.crop_scale == 0.08
+    cfg = TrainConfig.from_args(parse("--crop-scale", "0.5", "--input-size", "64"))
+    crop = build_transform(True, cfg.transform).transforms[0]
+    torch.manual_seed(0)
+    shares = [math.prod(crop.get_params(Image.new("RGB", (96, 96)), crop.scale, crop.ratio)[2:]) / 96 ** 2
+              for _ in range(200)]
+    assert 0.5 <= min(shares) < 0.6 and max(shares) > 0.9
+    with pytest.raises(UserError, match="--crop-scale"):
+        TrainConfig.from_args(parse("--crop-scale", "0"))

@@ -32,7 +32,6 @@ MIN_INPUT = 64  # the smallest input size the recipe trains small images at
 MIN_STEPS = 400  # optimizer steps a short run on little data gets at least (by passes per epoch)
 MAX_REPEATS = 8  # passes over the training images per epoch at most
 MIN_REPEAT_EPOCHS = 10  # shorter runs check the pipeline: one pass per epoch
-STYLE_CROP = 0.5  # the smallest area share of a training crop in short runs from scratch (timm's default: 0.08)
 
 
 @dataclass(frozen=True)
@@ -142,7 +141,7 @@ def choose_recipe(requested: str, data: DataShape, run: RunShape) -> Recipe:
     run = dataclasses.replace(run, pretrained=name == "finetune")  # --recipe finetune: tuned as for pretrained
     passes = _passes(data, run)
     repeats = passes["epoch_repeats"].value if passes else 1
-    choices = {**_resolution(data, run), **passes, **_schedule(data, run), **_augmentation(run), **_crop(run),
+    choices = {**_resolution(data, run), **passes, **_schedule(data, run), **_augmentation(run),
                **_regularisation(data, run, repeats)}
     return Recipe(name, why, MappingProxyType(choices))
 
@@ -184,18 +183,6 @@ def _augmentation(run: RunShape) -> dict[str, Choice]:
               "jitter change the palette, quantisation and blur that tell artists apart (on from "
               f"{LONG_RUN} epochs with the flags' defaults)")
     return {"aa": Choice(None, reason), "color_jitter": Choice(0.0, reason)}
-
-
-def _crop(run: RunShape) -> dict[str, Choice]:
-    """Training crops of at least half the image in short single-label runs from scratch: a small crop, upscaled to
-    the input size, magnifies the strokes, dots and their spacing, which are the style (measured on the medium
-    worlds of bench/bench_recipe.py)."""
-    if run.pretrained or run.multi_label or run.epochs >= LONG_RUN:
-        return {}
-    reason = (f"{run.epochs} epochs from random weights: crops of 8% of the image, upscaled, magnify strokes, dots "
-              f"and spacing up to 3.5x, and their size is the style; at least {STYLE_CROP:.0%} of the area (at most "
-              f"{STYLE_CROP ** -0.5:.1f}x)")
-    return {"crop_scale": Choice(STYLE_CROP, reason)}
 
 
 def _schedule(data: DataShape, run: RunShape) -> dict[str, Choice]:
