@@ -26,7 +26,8 @@ class TransformConfig:
     defaults are declared once, in :class:`training.config.AugmentConfig`, which builds this object).
 
     ``auto_augment``: a timm policy string or None (off); ``three_augment``: DeiT-III ThreeAugment instead of it;
-    ``squash``: evaluate with a plain resize to ``input_size`` (``--finetune``) instead of resize + center crop.
+    ``squash``: evaluate with a plain resize to ``input_size`` (``--finetune``) instead of resize + center crop;
+    ``crop_scale``: the smallest area share of the training's random resized crop.
     """
 
     input_size: int
@@ -38,6 +39,7 @@ class TransformConfig:
     recount: int
     three_augment: bool
     squash: bool
+    crop_scale: float
 
 
 class RobustImageFolder(datasets.ImageFolder):
@@ -229,6 +231,7 @@ def build_transform(is_train: bool, cfg: TransformConfig) -> Callable:
         transform = create_transform(
             input_size=cfg.input_size,
             is_training=True,
+            scale=(cfg.crop_scale, 1.0),
             color_jitter=cfg.color_jitter,
             auto_augment=cfg.auto_augment,
             interpolation=cfg.interpolation,

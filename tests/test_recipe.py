@@ -46,14 +46,15 @@ def test_small_short_run_from_scratch():
 
 
 def test_the_recipe_chooses_the_batch_only_when_none_is_given():
-    """Issue 24: 131 training images with no --batch-size train at 32 (4+ batches per epoch), not DeiT's 256."""
+    """Issue 24: 131 training images with no --batch-size train at 32 (3+ batches per epoch), not DeiT's 256."""
     newcomer = DataShape(images=131, classes=12, smallest=4, largest=21)
-    for data, world_size, expected in ((newcomer, 1, 32), (newcomer, 2, 16), (SMALL, 1, 32),
+    for data, world_size, expected in ((newcomer, 1, 32), (newcomer, 2, 16), (SMALL, 1, 64),
+                                       (DataShape(126, 12, 4, 21), 1, 32),
                                        (DataShape(10, 2, 5, 5), 1, 8), (DataShape(10**6, 1000, 5, 5000), 4, 256)):
         choice = choose_recipe("auto", data, RunShape(epochs=30, batch_size=None, world_size=world_size))
         assert choice.choices["batch_size"].value == expected and "batches per epoch" in choice.choices[
             "batch_size"].reason
-    assert choose_recipe("imagenet", SMALL, RunShape(epochs=30, batch_size=None)).settings == {"batch_size": 32}
+    assert choose_recipe("imagenet", SMALL, RunShape(epochs=30, batch_size=None)).settings == {"batch_size": 64}
     assert "batch_size" not in choose_recipe("auto", newcomer, RunShape(epochs=30, batch_size=64)).settings
     chosen = apply_recipe(config(), choose_recipe("auto", newcomer, RunShape(epochs=30, batch_size=None)))
     assert chosen.optim.batch_size == 32 and config().optim.batch_size is None

@@ -2,10 +2,12 @@
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import train_artist_multilabel
 import train_artist_style
@@ -20,6 +22,7 @@ from artifacts.run_folder import (
     read_resume_point,
     training_checkpoint,
 )
+from data import build_transform
 from training.config import TrainConfig
 from training.loops import train_one_epoch
 from training.resume import TrainingState, epoch_seed
@@ -172,3 +175,17 @@ def test_the_learning_rate_schedule_steps_at_every_optimizer_step():
     train_one_epoch(net, torch.nn.CrossEntropyLoss(), loader, state.optimizer, torch.device("cpu"), 0,
                     accumulation_steps=3, on_update=seen.append)
     assert seen == [1, 2]  # 4 micro-batches in groups of 3: two optimizer steps
+
+
+def test_crop_scale_bounds_the_training_crops():
+    """--crop-scale (issue 26): the training's random resized crops keep at least that share of the image area
+    (timm's 0.08 by default); out of (0, 1] is one clear error."""
+    assert TrainConfig.from_args(parse()).augment.crop_scale == 0.08
+    cfg = TrainConfig.from_args(parse("--crop-scale", "0.5", "--input-size", "64"))
+    crop = build_transform(True, cfg.transform).transforms[0]
+    random.seed(0)  # timm's crop draws from Python's random
+    shares = [math.prod(crop.get_params(Image.new("RGB", (96, 96)), crop.scale, crop.ratio)[2:]) / 96 ** 2
+              for _ in range(200)]
+    assert 0.49 <= min(shares) < 0.6 and max(shares) > 0.9  # 0.49: crop sides are whole pixels
+    with pytest.raises(UserError, match="--crop-scale"):
+        TrainConfig.from_args(parse("--crop-scale", "0"))

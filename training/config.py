@@ -71,7 +71,7 @@ class OptimConfig:
     """Optimizer and learning-rate schedule; field names are timm's (``optimizer_kwargs`` / ``scheduler_kwargs``)."""
 
     batch_size: int | None = setting(None, "per process (default: the recipe's, from the data: the largest power "
-                                           "of two leaving 4+ batches per epoch, 8..256)", allowed=_SIZE)
+                                           "of two leaving 3+ batches per epoch, 8..256)", allowed=_SIZE)
     epochs: int = setting(300, allowed=_SIZE)
     accumulation_steps: int = setting(1, "micro-batches per optimizer step (effective batch = batch x processes x "
                                          "this)", allowed=_SIZE)
@@ -109,6 +109,10 @@ class AugmentConfig:
     """Training augmentation, mixup / cutmix and label smoothing."""
 
     color_jitter: float = setting(0.4, allowed=_NON_NEGATIVE)
+    crop_scale: float = setting(0.08, "smallest share of the image area a training crop keeps (random resized crop "
+                                      "up to the whole image); small crops, upscaled, change the size of strokes, "
+                                      "dots and spacing", allowed=NumberRange(float, 0, 1, low_open=True),
+                                metavar="SHARE")
     auto_augment: str | None = setting("rand-m9-mstd0.5-inc1", "timm auto-augment; none: off", name="aa",
                                        type=optional_str)
     smoothing: float = setting(0.1, "label smoothing", allowed=_BELOW_ONE)
@@ -130,7 +134,8 @@ class AugmentConfig:
         """The settings of the training and evaluation transforms at ``input_size`` (``squash``: ``--finetune``)."""
         return TransformConfig(input_size=input_size, color_jitter=self.color_jitter, auto_augment=self.auto_augment,
                                interpolation=self.train_interpolation, reprob=self.reprob, remode=self.remode,
-                               recount=self.recount, three_augment=self.three_augment, squash=squash)
+                               recount=self.recount, three_augment=self.three_augment, squash=squash,
+                               crop_scale=self.crop_scale)
 
 
 @dataclass(frozen=True)
