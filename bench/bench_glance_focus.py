@@ -20,6 +20,7 @@ about 70 and 40 minutes.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -33,9 +34,10 @@ import torch
 
 from artifacts.config_file import read_config
 from data.class_mapping import CLASS_MAPPING_FILE, read_class_mapping
+from gfnet.config import GlanceFocusConfig
+from gfnet.config import get_args_parser as gf_args_parser
 from gfnet.evaluate import write_curve
 from gfnet.train import eval_loader, evaluate, plain_references
-from gfnet.train import get_args_parser as gf_args_parser
 from utils import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]  # the scripts run from here
@@ -144,18 +146,20 @@ def train_gf(steps: Steps, world: str, data: Path, side: int, init: Path, args: 
 
 def measure(data: Path, side: int, gf: dict, plains: list[dict], args: argparse.Namespace) -> dict:
     """``--eval`` of the GF folder and both plain models on the same val images; the curve redrawn with both."""
-    ns = gf_args_parser().parse_args([str(flag) for flag in (
+    cfg = GlanceFocusConfig.from_args(gf_args_parser().parse_args([str(flag) for flag in (
         "--data-path", data, "--output-dir", gf["folder"], "--glance-size", args.glance_size, "--patch-size",
         args.patch_size, "--focus-resolution", side, "--batch-size", args.gf_batch_size, "--workers", 0, "--device",
-        "cpu", "--eval", "--exit-threshold", 0.9)])
+        "cpu", "--eval", "--exit-threshold", 0.9)]))
     classes = read_class_mapping(Path(gf["folder"]) / CLASS_MAPPING_FILE)
     start = time.perf_counter()
-    result = evaluate(ns)
-    loader = eval_loader(ns, "val", classes)
+    result = evaluate(cfg)
+    loader = eval_loader(cfg, "val", classes)
     refs = {}
     for plain in plains:
-        ns.reference, ns.reference_sizes = str(plain["folder"]), [plain["size"] if plain["size"] != side else 0]
-        for name, ref in plain_references(ns, loader, classes, torch.device("cpu")).items():
+        sizes = (plain["size"] if plain["size"] != side else 0,)
+        with_reference = dataclasses.replace(cfg, evaluation=dataclasses.replace(
+            cfg.evaluation, reference=str(plain["folder"]), reference_sizes=sizes))
+        for name, ref in plain_references(with_reference, loader, classes, torch.device("cpu")).items():
             refs[f"{name} (trained at {plain['size']} px)"] = {**ref, "train_seconds": plain["seconds"],
                                                                "epochs": plain["epochs"]}
     write_curve(Path(gf["folder"]) / "eval", result["anytime_learned"], result["step_gflops"], result["curve"], refs)
