@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.images import ImageLoadError, load_image, to_rgb
-from inference.results import ImageInput, SkippedImage
+from inference.results import ImageInput, SkippedImage, report_skipped
 
 
 class _ImageDataset(Dataset):
@@ -99,11 +99,7 @@ def run_batched(
                              pin_memory=device.type == "cuda")
     with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
         for batch_names, batch, batch_skipped in batches:
-            for item in batch_skipped:
-                if skipped is None:
-                    raise ImageLoadError(item.path, item.reason)
-                skipped.append(item)
-                tqdm.write(f"warning: skipping {item.path} ({item.reason})", file=sys.stderr)
+            report_skipped(batch_skipped, skipped, lambda line: tqdm.write(line, file=sys.stderr))
             if batch is not None:
                 with torch.inference_mode():
                     output = compute(batch.to(device, non_blocking=True))

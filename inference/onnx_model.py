@@ -25,7 +25,7 @@ from data.images import ImageLoadError, load_image, to_rgb
 from data.resize import IMAGENET_MEAN, IMAGENET_STD, eval_resize_crop
 from errors import UserError, import_optional
 from inference.pipeline import ordered_map
-from inference.results import BatchedModel, ImageInput, SkippedImage
+from inference.results import BatchedModel, ImageInput, SkippedImage, report_skipped
 
 STYLE_OUTPUTS = {"pooled": "features", "texture": "texture"}  # graph output of each style vector (deploy/export_onnx)
 
@@ -170,11 +170,7 @@ class OnnxModel(BatchedModel):
                 pool or contextlib.nullcontext():
             for batch_names, batch, batch_skipped in ordered_map(lambda chunk: self._lane(chunk, run, pool), chunks,
                                                                  workers):
-                for item in batch_skipped:
-                    if skipped is None:
-                        raise ImageLoadError(item.path, item.reason)
-                    skipped.append(item)
-                    tqdm.write(f"warning: skipping {item.path} ({item.reason})", file=sys.stderr)
+                report_skipped(batch_skipped, skipped, lambda line: tqdm.write(line, file=sys.stderr))
                 if batch is not None:
                     yield batch_names, self._check_finite(batch) if run else batch
                 bar.update(len(batch_names) + len(batch_skipped))

@@ -9,7 +9,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from artifacts.work_folder import file_identity
-from data.images import is_image_file
+from data.images import ImageLoadError, is_image_file
 from data.scan import walk_files
 from errors import UserError
 
@@ -35,6 +35,17 @@ class SkippedImage:
 
     path: str
     reason: str
+
+
+def report_skipped(batch_skipped: Sequence[SkippedImage], skipped: list[SkippedImage] | None,
+                   warn: Callable[[str], None]) -> None:
+    """A batch's unreadable images: added to ``skipped`` with one ``warn`` line each, or, without a list to collect
+    them, :class:`data.images.ImageLoadError` for the first."""
+    for item in batch_skipped:
+        if skipped is None:
+            raise ImageLoadError(item.path, item.reason)
+        skipped.append(item)
+        warn(f"warning: skipping {item.path} ({item.reason})")
 
 
 @dataclass
