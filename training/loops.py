@@ -65,10 +65,8 @@ def train_one_epoch(
     model.train(set_training_mode)
     num_steps, world_size = len(data_loader), utils.get_world_size()
     progress = utils.Progress(num_steps, header or f"Epoch {epoch + 1}", print_freq)
-    with_inputs = isinstance(criterion, DistillationLoss)
-    needs_features = getattr(criterion, "needs_features", False)  # metric losses take the style vectors
     no_sync = getattr(model, "no_sync", None)
-    loss_sum, images, first_loss, updates = 0.0, 0, math.nan, 0
+    loss_sum, images, first_loss = 0.0, 0, math.nan
     optimizer.zero_grad(set_to_none=True)
     for step, (samples, targets) in enumerate(data_loader):
         samples = _to_device(samples, device, memory_format)
@@ -77,9 +75,7 @@ def train_one_epoch(
             samples, targets = mixup_fn(samples, targets)
         group_size, update = _accumulation_group(step, num_steps, accumulation_steps)
         with nullcontext() if update or no_sync is None else no_sync():
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                outputs = model(samples, return_features=True) if needs_features else model(samples)
-                loss = criterion(samples, outputs, targets) if with_inputs else criterion(outputs, targets)
+            loss = _forward_loss(model, criterion, samples, targets, device, amp_dtype)
             loss_value = _global_mean(loss)
             if not math.isfinite(loss_value):
                 progress.close()
@@ -87,15 +83,26 @@ def train_one_epoch(
             _backward(loss / group_size, model, optimizer, loss_scaler, clip_grad, clip_mode, update)
         if update:
             _after_update(model, optimizer, model_ema)
-            updates += 1
             if on_update is not None:
-                on_update(updates)
+                on_update(step // accumulation_steps + 1)  # groups of accumulation_steps: the n-th optimizer step
         batch = targets.shape[0] * world_size
         first_loss = loss_value if step == 0 else first_loss
         loss_sum, images = loss_sum + loss_value * batch, images + batch
         progress.update(batch, lr=optimizer.param_groups[0]["lr"], loss=loss_value)
     progress.close()
     return {"loss": loss_sum / max(images, 1), "lr": optimizer.param_groups[0]["lr"], "first_loss": first_loss}
+
+
+def _forward_loss(model: nn.Module, criterion: nn.Module, samples: torch.Tensor | tuple[torch.Tensor, ...],
+                  targets: torch.Tensor, device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """The training loss of one micro-batch (a :class:`~losses.DistillationLoss` also gets the inputs; a criterion
+    with ``needs_features`` gets the style vectors instead of the logits)."""
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        needs_features = getattr(criterion, "needs_features", False)  # metric losses take the style vectors
+        outputs = model(samples, return_features=True) if needs_features else model(samples)
+        if isinstance(criterion, DistillationLoss):
+            return criterion(samples, outputs, targets)
+        return criterion(outputs, targets)
 
 
 def _to_device(samples: torch.Tensor | tuple[torch.Tensor, ...], device: torch.device,
