@@ -16,11 +16,11 @@ from test_multilabel_train import make_mixed_set
 import model  # noqa: F401  (registers the LSNet models)
 import train_artist_multilabel
 import train_artist_style
-from artifacts.run_folder import Best
+from artifacts.run_folder import Best, ResumePoint
 from training.config import TrainConfig
 from training.early_stopping import EarlyStopping
 from training.factory import build_optimizer, scale_lr
-from training.recipe import DataShape, Recipe, RunShape, apply_recipe, choose_recipe, recipe_block
+from training.recipe import DataShape, Recipe, RunShape, apply_recipe, choose_recipe, prepare_recipe, recipe_block
 from training.report import MAX_MATRIX_CLASSES, PER_CLASS_FILE, Predictions, tail_summary, write_report
 
 FAST = ["--device", "cpu", "--model", "lsnet_t_artist", "--input-size", "64", "--feature-dim", "32",
@@ -62,6 +62,16 @@ def test_the_recipe_chooses_the_batch_only_when_none_is_given():
         .batch_size == 4
     # the other choices follow the chosen batch: the LR of batch 32 (x sqrt(16 / 16) capped), steps of batch 32
     assert choose_recipe("auto", newcomer, RunShape(30, None)).settings["lr_abs"] == pytest.approx(4e-3)
+
+
+def test_a_run_from_before_batch_choices_resumes_at_its_own_batch(tmp_path):
+    """A checkpoint whose recipe chose no batch (older runs) continues at the batch in its args, not at None."""
+    old_recipe = {"name": "scratch", "why": "auto", "settings": {"lr_abs": {"value": 0.004, "reason": "r"}}}
+    point = ResumePoint(tmp_path / "checkpoint.pth", {"config": {"recipe": old_recipe}, "args": {"batch_size": 64}})
+    cfg, recipe = prepare_recipe(config(), SMALL, 1, resume=point)
+    assert cfg.optim.batch_size == 64 and cfg.optim.lr_abs == 0.004 and "batch_size" not in recipe.settings
+    older = ResumePoint(tmp_path / "checkpoint.pth", {"config": {"recipe": old_recipe}, "args": {}})
+    assert prepare_recipe(config(), SMALL, 1, resume=older)[0].optim.batch_size == 256
 
 
 def test_small_images_are_trained_at_about_their_own_size():

@@ -2,9 +2,9 @@
 
 :func:`choose_recipe` is a pure function of a :class:`DataShape` (images, classes, images per class) and a
 :class:`RunShape` (epochs, batch, processes, pretrained or not). ``--recipe imagenet`` keeps the DeiT / LSNet
-ImageNet defaults of the flags (and DeiT's batch of 256 per process); ``finetune`` is for pretrained weights;
-``auto`` picks ``finetune`` when the run starts from pretrained weights and sizes the from-scratch settings to the
-data otherwise. Every recipe chooses ``--batch-size`` when none is given. Flags the user gave always win
+ImageNet defaults of the flags (its batch, like every recipe's, follows the data); ``finetune`` is for pretrained
+weights; ``auto`` picks ``finetune`` when the run starts from pretrained weights and sizes the from-scratch settings
+to the data otherwise. Every recipe chooses ``--batch-size`` when none is given. Flags the user gave always win
 (:func:`apply_recipe`, which returns the changed typed configuration). The recipe is chosen from the scan of the
 training images, before any dataset or transform is built; it is stored in ``config.json`` (``recipe``), and
 ``--resume`` reuses it.
@@ -303,4 +303,8 @@ def prepare_recipe(cfg: TrainConfig, data: DataShape, world_size: int, multi_lab
     else:
         header = f"the run resumed from {resume.path} (its recipe is kept)"
     utils.print_main(recipe_block(recipe, cfg.explicit, header))
-    return apply_recipe(cfg, recipe), recipe
+    cfg = apply_recipe(cfg, recipe)
+    if cfg.optim.batch_size is None:  # a run from before the recipe chose batches: its own batch (or the old default)
+        saved = resume.raw.get("args", {}).get("batch_size") if resume is not None else None
+        cfg = cfg.with_settings({"batch_size": saved or DEIT_BATCH})
+    return cfg, recipe
