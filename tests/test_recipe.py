@@ -58,6 +58,7 @@ def test_the_recipe_chooses_the_batch_only_when_none_is_given():
     assert "batch_size" not in choose_recipe("auto", newcomer, RunShape(epochs=30, batch_size=64)).settings
     chosen = apply_recipe(config(), choose_recipe("auto", newcomer, RunShape(epochs=30, batch_size=None)))
     assert chosen.optim.batch_size == 32 and config().optim.batch_size is None
+    assert config("--eval", "--resume", __file__).optim.batch_size == 256  # --eval: no recipe, DeiT's batch
     assert apply_recipe(config("--batch-size", "4"), choose_recipe("auto", newcomer, RunShape(30, None))).optim \
         .batch_size == 4
     # the other choices follow the chosen batch: the LR of batch 32 (x sqrt(16 / 16) capped), steps of batch 32

@@ -33,11 +33,12 @@ from training.settings import (
 )
 from utils import NumberRange, UserError
 
-__all__ = ["HUB_WEIGHTS", "RECIPES", "SECTIONS", "AugmentConfig", "DistillConfig", "EmaConfig", "LossConfig",
-           "ModelConfig", "MultiLabelConfig", "OptimConfig", "RunConfig", "SamplerConfig", "TrainConfig", "resolve_amp"]
+__all__ = ["DEIT_BATCH", "HUB_WEIGHTS", "RECIPES", "SECTIONS", "AugmentConfig", "DistillConfig", "EmaConfig",
+           "LossConfig", "ModelConfig", "MultiLabelConfig", "OptimConfig", "RunConfig", "SamplerConfig", "TrainConfig", "resolve_amp"]
 
 HUB_WEIGHTS = "hub"  # ``--pretrained`` without a path: the official weights through the Hugging Face Hub (cache)
 RECIPES = ("auto", "imagenet", "finetune")
+DEIT_BATCH = 256  # DeiT's batch per process: the largest the recipe chooses, and --eval's when none is given
 _COUNT, _SIZE, _SHARE = NumberRange(int, 0), NumberRange(int, 1), NumberRange(float, 0, 1)
 _POSITIVE, _NON_NEGATIVE = NumberRange(float, 0, low_open=True), NumberRange(float, 0)
 _BELOW_ONE = NumberRange(float, 0, 1, high_open=True)
@@ -269,6 +270,8 @@ class TrainConfig:
         _check_flags(values)
         if values["resume"] and values["eval"]:  # fail before the dataset scan (training: see training.resume)
             values["resume"] = str(find_checkpoint(values["resume"], MODEL_FOLDER_FILES))
+        if values["eval"] and values["batch_size"] is None:  # no recipe runs for --eval
+            values["batch_size"] = DEIT_BATCH
         device = utils.resolve_device(values["device"])
         if values["input_size"] is None:
             values["input_size"] = int(get_pretrained_cfg(values["model"]).input_size[-1])

@@ -19,13 +19,12 @@ from typing import Any
 
 import utils
 from artifacts.run_folder import ResumePoint
-from training.config import RECIPES, TrainConfig
+from training.config import DEIT_BATCH, RECIPES, TrainConfig
 from utils import UserError
 
 __all__ = ["RECIPES", "Choice", "DataShape", "Recipe", "RunShape", "apply_recipe", "choose_recipe",
            "prepare_recipe", "recipe_block"]
 
-DEIT_BATCH = 256  # DeiT's batch per process: the largest the recipe chooses, and --recipe imagenet's
 MIN_BATCH = 8  # the smallest batch the recipe chooses (batch statistics of the normalisation layers)
 MIN_BATCHES = 3  # batches per epoch and process the recipe's batch leaves at least (when the data allow MIN_BATCH):
 # 126 images train at 32, the batch bench_recipe.py --medium measured best (16 saw 2.5x fewer images in 30 epochs)

@@ -38,7 +38,6 @@ from training.guard import DivergenceGuard
 from training.loaders import Loaders, build_loaders
 from training.loops import evaluate, train_one_epoch
 from training.metrics import Metric, TopKAccuracy
-from training.recipe import DEIT_BATCH
 from training.report import best_summary, write_run_report
 from training.resume import TrainingState, epoch_seed, evaluate_checkpoint, load_resume_weights, seed_streams
 from utils import UserError
@@ -73,7 +72,7 @@ def fit(cfg: TrainConfig, dist: DistEnv, model: nn.Module, dataset_train: Datase
     """
     run = cfg.run
     loaders = build_loaders(None if run.eval_only else dataset_train, dataset_val, dist,
-                            batch_size=cfg.optim.batch_size or DEIT_BATCH, num_workers=run.num_workers, seed=run.seed,
+                            batch_size=cfg.optim.batch_size, num_workers=run.num_workers, seed=run.seed,
                             repeated_aug=cfg.augment.repeated_aug, pin_memory=run.pin_mem, dist_eval=run.dist_eval,
                             sampler=cfg.sampler)
     model.to(dist.device, memory_format=memory_format(run.channels_last))
