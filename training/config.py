@@ -34,7 +34,8 @@ from training.settings import (
 from utils import NumberRange, UserError
 
 __all__ = ["DEIT_BATCH", "HUB_WEIGHTS", "RECIPES", "SECTIONS", "AugmentConfig", "DistillConfig", "EmaConfig",
-           "LossConfig", "ModelConfig", "MultiLabelConfig", "OptimConfig", "RunConfig", "SamplerConfig", "TrainConfig", "resolve_amp"]
+           "LossConfig", "ModelConfig", "MultiLabelConfig", "OptimConfig", "RunConfig", "SamplerConfig", "TrainConfig",
+           "resolve_amp"]
 
 HUB_WEIGHTS = "hub"  # ``--pretrained`` without a path: the official weights through the Hugging Face Hub (cache)
 RECIPES = ("auto", "imagenet", "finetune")
