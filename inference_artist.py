@@ -13,7 +13,8 @@ to the outputs an uninterrupted run writes (:mod:`artifacts.work_folder`). Under
 GPU, or several on CPUs) each process runs its shard of the sorted image list and the main process writes the same
 outputs from all of them (:mod:`inference.sharding`, docs/scale-out.md).
 
-The work is done by :mod:`predictor` (``load_model_bundle`` and ``ArtistModel``), which services import directly;
+The work is done by the model :func:`deploy.engine.load_model_bundle` returns (``predictor.load_model_bundle``, which
+services import); the script imports torch-free modules only, so a run on a cached ONNX engine starts without PyTorch;
 the files and their guarantees (written as a set, no bare NaN in JSON) are :mod:`artifacts.outputs`'s.
 
 With ``--gallery`` (from ``tools/build_gallery.py``) images are also identified by cosine similarity of their
@@ -50,11 +51,12 @@ from artifacts.outputs import (
 )
 from artifacts.work_folder import Part, WorkFolder, list_identity, work_folder_for
 from data import ImageLoadError
-from errors import import_optional
-from inference.results import JoinedPaths, directory_images
+from deploy.engine import load_model_bundle
+from errors import NumberRange, UserError, import_optional, run_cli
+from inference.flags import add_runtime_args, engine_options
+from inference.glance_focus import FocusOptions
+from inference.results import DESCRIPTORS, MODES, BatchedModel, JoinedPaths, directory_images
 from inference.sharding import Shards
-from predictor import DESCRIPTORS, MODES, ArtistModel, FocusOptions, add_runtime_args, engine_options, load_model_bundle
-from utils import NumberRange, UserError, run_cli
 
 if TYPE_CHECKING:
     from retrieval.gallery import BaseGallery
@@ -141,7 +143,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return add_runtime_args(parser)
 
 
-def load_matcher(args: argparse.Namespace, artist_model: ArtistModel) -> GalleryMatcher | None:
+def load_matcher(args: argparse.Namespace, artist_model: BatchedModel) -> GalleryMatcher | None:
     """``--gallery`` checked against the model (a gallery built with another model is refused), or None."""
     if not args.gallery:
         return None
@@ -154,14 +156,14 @@ def load_matcher(args: argparse.Namespace, artist_model: ArtistModel) -> Gallery
     return GalleryMatcher(gallery, args.unknown_threshold, args.gallery, galleries.gallery_identity(args.gallery))
 
 
-def effective_mode(mode: str, matcher: GalleryMatcher | None, artist_model: ArtistModel) -> str:
+def effective_mode(mode: str, matcher: GalleryMatcher | None, artist_model: BatchedModel) -> str:
     """A gallery needs the style vectors: classify becomes both (cluster for a model without class names)."""
     if matcher is None or mode != "classify":
         return mode
     return "both" if artist_model.class_names is not None else "cluster"
 
 
-def _metadata(artist_model: ArtistModel, mode: str, input_path: Path) -> dict[str, Any]:
+def _metadata(artist_model: BatchedModel, mode: str, input_path: Path) -> dict[str, Any]:
     metadata = {"model": artist_model.model_name, "checkpoint": str(artist_model.checkpoint), "mode": mode,
                 "input": str(input_path), "input_size": artist_model.input_size}
     if mode != "classify":
@@ -171,7 +173,7 @@ def _metadata(artist_model: ArtistModel, mode: str, input_path: Path) -> dict[st
     return metadata
 
 
-def run_single(artist_model: ArtistModel, args: argparse.Namespace, output_dir: Path,
+def run_single(artist_model: BatchedModel, args: argparse.Namespace, output_dir: Path,
                matcher: GalleryMatcher | None = None) -> dict[str, Any]:
     """Classify / extract one image; write ``<stem>_result.json`` and print the result."""
     image = Path(args.input)
@@ -202,7 +204,7 @@ def run_single(artist_model: ArtistModel, args: argparse.Namespace, output_dir: 
     return record
 
 
-def run_identity(artist_model: ArtistModel, args: argparse.Namespace, mode: str, names: list[str],
+def run_identity(artist_model: BatchedModel, args: argparse.Namespace, mode: str, names: list[str],
                  matcher: GalleryMatcher | None) -> dict[str, Any]:
     """What a directory run's outputs depend on: a ``--resume`` must find the same (model, images, flags)."""
     gallery = None
@@ -215,7 +217,7 @@ def run_identity(artist_model: ArtistModel, args: argparse.Namespace, mode: str,
             "--budget": args.budget}
 
 
-def stream_part(artist_model: ArtistModel, args: argparse.Namespace, mode: str, names: list[str], part: Part,
+def stream_part(artist_model: BatchedModel, args: argparse.Namespace, mode: str, names: list[str], part: Part,
                 matcher: GalleryMatcher | None, shown_as: dict[str, Path]) -> None:
     """Run the images of ``part`` not done yet, appending each batch's results to it."""
     files = (PART_NAMES, PART_SKIPPED, PART_RESULTS) + ((PART_FEATURES,) if mode != "classify" else ()) + (
@@ -235,7 +237,7 @@ def stream_part(artist_model: ArtistModel, args: argparse.Namespace, mode: str, 
             writer.append(len(batch.names) + len(batch.skipped), len(batch.names), data, counters)
 
 
-def run_batch(artist_model: ArtistModel, args: argparse.Namespace, output_dir: Path,
+def run_batch(artist_model: BatchedModel, args: argparse.Namespace, output_dir: Path,
               matcher: GalleryMatcher | None, shards: Shards) -> dict[str, Any] | None:
     """Run a directory, streaming the results into the work folder ``<output>.partial`` (``--resume`` continues
     an interrupted run there), then write ``batch_results.json`` and, with features, ``features.npy`` +

@@ -17,9 +17,8 @@ This module is the public facade; the code lives in the :mod:`inference` package
 in :mod:`artifacts` (the model folder it reads, the output files the scripts write).
 """
 
-from artifacts.checkpoint import MODEL_FOLDER_FILES
 from artifacts.config_file import CONFIG_FILE
-from artifacts.model_folder import ModelSource, resolve_model_source
+from artifacts.model_source import MODEL_FOLDER_FILES, ModelSource, resolve_model_source
 from deploy.engine import load_model_bundle
 from inference.artist_model import ArtistModel
 from inference.batching import run_batched

@@ -1,9 +1,7 @@
 """Shared helpers (no project imports but :mod:`errors`): user-facing errors, devices, distributed set-up, random
 state, progress."""
 
-import argparse
 import datetime
-import math
 import os
 import random
 import sys
@@ -17,74 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from errors import UserError  # the one error type, defined without torch; re-exported for every script
-
-
-def run_cli(main: Callable[[], object]) -> None:
-    """Run a script's ``main`` and turn :class:`UserError`, running out of memory and Ctrl-C into a one-line
-    message and exit code; a closed standard output (``script | head``) ends the script quietly."""
-    try:
-        main()
-        sys.stdout.flush()  # here, not at exit: a reader that went away is handled below
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except MemoryError as err:
-        print(f"error: not enough memory: {str(err) or 'an allocation failed'}; lower the batch size, the number of "
-              "images or vectors, or the input size (see the script's --help), or free memory", file=sys.stderr)
-        sys.exit(2)
-    except BrokenPipeError:
-        # Whatever is still buffered cannot be written: point stdout at devnull so the exit does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a command stopped by a closed pipe
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-
+# defined without torch (a cached ONNX run imports errors, not utils); re-exported for the scripts
+from errors import NumberRange as NumberRange
+from errors import UserError
+from errors import run_cli as run_cli
 
 # --------------------------------------------------------------------------------------------- flags
-
-
-@dataclass(frozen=True)
-class NumberRange:
-    """A numeric flag's allowed values: an argparse ``type`` (``type=NumberRange(int, 1)``) that also checks values
-    from elsewhere (:meth:`problem`). ``low_open`` / ``high_open`` exclude the bound; NaN and infinity are refused."""
-
-    kind: type = float
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def problem(self, value: Any) -> str | None:
-        """Why ``value`` is not allowed ("must be at least 1, got 0"), or None."""
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or (self.kind is int and not isinstance(value, int)):
-            return f"must be {'an integer' if self.kind is int else 'a number'}, got {value!r}"
-        if not math.isfinite(value):
-            return f"must be a finite number, got {value}"
-        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
-        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
-        return f"must be {self.describe()}, got {value}" if below or above else None
-
-    def describe(self) -> str:
-        """``at least 1``, ``above 0``, ``in [0, 1)``..."""
-        if self.low is not None and self.high is not None:
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        if self.low is not None:
-            return f"{'above' if self.low_open else 'at least'} {self.low:g}"
-        return f"{'below' if self.high_open else 'at most'} {self.high:g}"
-
-    def __call__(self, text: str) -> int | float:
-        try:
-            value = self.kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if self.kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        problem = self.problem(value)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return value
 
 
 def spreadsheet_safe(text: str) -> str:

@@ -11,7 +11,7 @@ import errno
 import os
 import pickle
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,16 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from artifacts.config_file import SAFETENSORS_FILE
-from artifacts.hub import resolve_hub_path
+from artifacts.model_source import find_checkpoint
 from model import checkpoint_filter_fn
 from model.lsnet import CLASSIFIER_PREFIXES, HEAD_PREFIXES, MODEL_ARGS
 from model.lsnet_artist import ARTIST_MODEL_ARGS
 from utils import UserError
-
-CHECKPOINT_FILE = "checkpoint.pth"  # the latest full training state
-BEST_FILE = "model_best.pth"  # the best weights; published model folders call it best_checkpoint.pth
-MODEL_FOLDER_FILES = (BEST_FILE, "best_checkpoint.pth", CHECKPOINT_FILE, SAFETENSORS_FILE)
 
 
 @dataclass
@@ -134,21 +129,6 @@ def checkpoint_from_dict(obj: dict[str, Any], path: str | os.PathLike, prefer_em
         raise UserError(f"{path} holds no model weights (keys: {', '.join(list(obj)[:8])})")
     extra = {k: v for k, v in obj.items() if not isinstance(v, torch.Tensor) and k not in ("model", "model_ema")}
     return Checkpoint(path=path, state_dict=tensors, extra=extra)
-
-
-def find_checkpoint(path: str | os.PathLike, names: Sequence[str] = MODEL_FOLDER_FILES) -> Path:
-    """``path`` itself when it is a file, else the first of ``names`` inside the folder ``path`` (a local path or an
-    ``hf-hub:`` id)."""
-    path = resolve_hub_path(path)
-    if path.is_dir():
-        found = next((path / name for name in names if (path / name).is_file()), None)
-        if found is None:
-            raise UserError(f"{path} is a folder without a checkpoint; expected one of {', '.join(names)}, "
-                            "or pass the checkpoint file itself")
-        return found
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}; check the path (a .pth file or a model folder)")
-    return path
 
 
 def read_checkpoint(path: str | os.PathLike, prefer_ema: bool = False) -> Checkpoint:

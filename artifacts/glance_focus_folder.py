@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
-from artifacts.checkpoint import BEST_FILE, guess_architecture, load_checkpoint, read_checkpoint, save_checkpoint_atomic
+from artifacts.checkpoint import guess_architecture, load_checkpoint, read_checkpoint, save_checkpoint_atomic
 from artifacts.config_file import read_config, write_config
-from artifacts.model_folder import build_config, resolve_model_source
+from artifacts.model_folder import build_config
+from artifacts.model_source import BEST_FILE, resolve_model_source
 from data.class_mapping import CLASS_MAPPING_FILE, read_class_mapping, write_class_mapping
 from model.glance_focus import BACKBONE_ARGS, GF_MODELS, GlanceFocus, create_glance_focus
 from model.lsnet import HEAD_PREFIXES

@@ -8,38 +8,20 @@ the ``config.json`` schema: :func:`build_config` makes it, :func:`write_config` 
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import timm
 from torch import nn
 
-from artifacts.checkpoint import (
-    BEST_FILE,
-    MODEL_FOLDER_FILES,
-    Checkpoint,
-    find_checkpoint,
-    guess_architecture,
-    load_checkpoint,
-    read_checkpoint,
-)
-from artifacts.config_file import CONFIG_FILE, read_config
-from artifacts.hub import resolve_hub_path
+from artifacts.checkpoint import Checkpoint, guess_architecture, load_checkpoint, read_checkpoint
+from artifacts.config_file import CONFIG_FILE
+from artifacts.model_source import BEST_FILE, ModelSource, resolve_model_source
 from data.class_mapping import CLASS_MAPPING_FILE, compare_class_mappings, read_class_mapping
 from data.transforms import eval_data_config
 from model.lsnet_artist import ARTIST_MODELS
 from utils import UserError
-
-
-@dataclass
-class ModelSource:
-    """Where a model's pieces are: the checkpoint file, its class mapping and its ``config.json`` (if any)."""
-
-    checkpoint: Path
-    class_csv: Path | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    folder: Path | None = None
 
 
 def build_config(model_name: str, model: nn.Module, input_size: int, squash: bool = False,
@@ -74,28 +56,6 @@ def build_export_config(model_name: str, model: nn.Module, input_size: int, sour
     config.update({key: source_config[key] for key in _CARRIED_KEYS if key in source_config})
     config.update(format=file_format, checkpoint=weights_file, **fields)
     return config
-
-
-def resolve_model_source(checkpoint: str | os.PathLike, class_csv: str | os.PathLike | None = None) -> ModelSource:
-    """Resolve a checkpoint file or a model folder (checkpoint + ``class_mapping.csv`` + optional ``config.json``).
-
-    A folder supplies its ``config.json`` and, unless ``class_csv`` is given, its class mapping; a file uses
-    only ``class_csv``.
-    """
-    path = resolve_hub_path(checkpoint)
-    if path.is_file():
-        return ModelSource(path, Path(class_csv) if class_csv else None)
-    if not path.is_dir():
-        raise UserError(f"checkpoint not found: {path}; pass a .pth file or a model folder holding one")
-    config = read_config(path / CONFIG_FILE)
-    if config.get("format") == "onnx":
-        raise UserError(f"{path} is an exported ONNX folder: it runs with onnxruntime (inference_artist.py, "
-                        "load_model_bundle) but holds no PyTorch weights; use the folder it was exported from")
-    preferred = [config["checkpoint"]] if isinstance(config.get("checkpoint"), str) else []
-    found = find_checkpoint(path, [*preferred, *MODEL_FOLDER_FILES])
-    if class_csv is None and (path / CLASS_MAPPING_FILE).is_file():
-        class_csv = path / CLASS_MAPPING_FILE
-    return ModelSource(found, Path(class_csv) if class_csv else None, config, path)
 
 
 # --------------------------------------------------------------------------------------------- the model a folder holds

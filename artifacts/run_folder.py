@@ -20,8 +20,6 @@ from typing import Any
 from torch import nn
 
 from artifacts.checkpoint import (
-    BEST_FILE,
-    CHECKPOINT_FILE,
     Checkpoint,
     checkpoint_from_dict,
     load_checkpoint_file,
@@ -29,6 +27,7 @@ from artifacts.checkpoint import (
     write_error,
 )
 from artifacts.config_file import write_config, write_json_atomic
+from artifacts.model_source import BEST_FILE, CHECKPOINT_FILE
 from data.class_mapping import CLASS_MAPPING_FILE, compare_class_mappings, read_class_mapping, write_class_mapping
 from utils import UserError
 

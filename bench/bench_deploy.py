@@ -33,12 +33,13 @@ import torch
 from PIL import Image
 
 from artifacts.config_file import ONNX_FILE
-from artifacts.model_folder import read_model_spec
+from artifacts.model_source import resolve_model_source
 from data.resize import IMAGENET_MEAN, IMAGENET_STD
 from data.scan import usable_cpus
 from deploy.engine import CACHE_ENV, cache_key, entry_dir
-from deploy.export_onnx import INPUT_NAME, probe_inputs
+from deploy.export_onnx import probe_inputs
 from deploy.quantize import calibration_batch, quantize_int8
+from deploy.reference import INPUT_NAME
 from inference.flags import default_engine
 from perf.flop_count import count_flops
 from predictor import ArtistModel, OnnxModel, list_images, load_model_bundle
@@ -227,7 +228,7 @@ def service_rows(folder: Path, images: Path, quick: bool) -> list[str]:
 
 def cached_onnx_file(folder: Path) -> Path:
     """The ``model.onnx`` of ``folder``'s entry in the engine cache."""
-    return entry_dir(cache_key(read_model_spec(folder), None)) / ONNX_FILE
+    return entry_dir(cache_key(resolve_model_source(folder), {})) / ONNX_FILE
 
 
 def agreement_rows(trained: Path, images: Path) -> list[str]:

@@ -6,9 +6,7 @@ texture style vector, ``LSNet.forward_texture``), a dynamic batch axis and, with
 width (the attention biases are resized in the graph).
 """
 
-import base64
 import copy
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from artifacts.config_file import write_json_atomic
+from deploy.reference import INPUT_NAME, OUTPUT_NAMES
 from model.lsnet import TEXTURE_STAGES, Attention, relative_offset_index, texture_statistics
 from model.ska import SKA
 from utils import UserError
 
-INPUT_NAME, OUTPUT_NAMES = "input", ("logits", "features", "texture")
-FP32_RTOL = 1e-4  # max |onnx - torch| / max |torch| per output
 PROBE_COUNT = 2
 
 
@@ -142,22 +138,3 @@ def compare(label: str, session: Any, wrapper: ExportedOutputs, inputs: np.ndarr
     k = min(5, reference[0].shape[1])
     same = np.argsort(-ours[0], axis=1)[:, :k] == np.argsort(-reference[0], axis=1)[:, :k]
     return Comparison(label, max_abs, max_rel, float(same.all(axis=1).mean()))
-
-
-def write_reference(path: Path, inputs: np.ndarray, session: Any) -> None:
-    """``reference.json``: the probe inputs (base64 float32, NCHW) and onnxruntime's outputs for them."""
-    outputs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: inputs})
-    write_json_atomic(path, {
-        "description": "probe inputs (already normalised) and the expected outputs; a runtime matches within rel 1e-4",
-        "input_name": INPUT_NAME, "input_shape": list(inputs.shape), "input_dtype": "float32",
-        "input_base64": base64.b64encode(inputs.astype("<f4").tobytes()).decode("ascii"),
-        "outputs": {name: value.tolist() for name, value in zip(OUTPUT_NAMES, outputs, strict=True)},
-        "tolerance": {"max_rel": FP32_RTOL},
-    })
-
-
-def read_reference(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The probe inputs and expected outputs of a ``reference.json``."""
-    ref = json.loads(path.read_text(encoding="utf-8"))
-    inputs = np.frombuffer(base64.b64decode(ref["input_base64"]), "<f4").reshape(ref["input_shape"])
-    return inputs, {name: np.asarray(value, np.float32) for name, value in ref["outputs"].items()}

@@ -15,19 +15,9 @@ from artifacts.config_file import CONFIG_FILE, ONNX_FILE, REFERENCE_FILE
 from artifacts.model_folder import ModelSpec, build_export_config
 from artifacts.outputs import prepare_output_dir
 from data.class_mapping import CLASS_MAPPING_FILE
-from deploy.export_onnx import (
-    FP32_RTOL,
-    INPUT_NAME,
-    OUTPUT_NAMES,
-    PROBE_COUNT,
-    Comparison,
-    compare,
-    export_onnx,
-    export_ready,
-    probe_inputs,
-    write_reference,
-)
+from deploy.export_onnx import PROBE_COUNT, Comparison, compare, export_onnx, export_ready, probe_inputs
 from deploy.quantize import calibration_batch, compare_int8, quantize_int8
+from deploy.reference import FP32_RTOL, INPUT_NAME, OUTPUT_NAMES, write_reference
 from inference.onnx_model import load_onnx_model
 from utils import UserError
 

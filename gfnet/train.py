@@ -16,7 +16,7 @@ from artifacts.glance_focus_folder import (
     save_model_folder,
     update_gf_config,
 )
-from artifacts.model_folder import resolve_model_source
+from artifacts.model_source import resolve_model_source
 from artifacts.run_folder import ARGS_FILE, args_record
 from data.class_mapping import read_class_mapping
 from data.datasets import dataset_classes

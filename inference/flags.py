@@ -5,7 +5,7 @@ import os
 from typing import Any
 
 from data.scan import default_workers
-from utils import NumberRange, UserError
+from errors import NumberRange, UserError
 
 # What runs the model (deploy.engine.load_model_bundle): auto = onnxruntime on a cached export on the CPU when it can,
 # else PyTorch; torch; onnx.

@@ -11,6 +11,8 @@ Failures: a process that stops (an error, Ctrl-C, or SIGTERM, which torchrun sen
 the batches it finished and says which shard it ran; the main process, waiting, fails with one line naming a shard
 whose progress stopped for :data:`STALL_SECONDS`. The same command with ``--resume`` continues every shard where it
 stopped (each process its own part; one process continues all of them).
+
+A one-process run joins no process group and imports no torch here (a cached ONNX run starts without PyTorch).
 """
 
 import contextlib
@@ -20,13 +22,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from artifacts.work_folder import RUN_FILE, Part, WorkFolder
 from data.scan import usable_cpus
-from utils import DistEnv, UserError, cleanup_distributed, init_distributed
+from errors import UserError
+
+if TYPE_CHECKING:
+    from utils import DistEnv
 
 STALL_SECONDS = 600.0  # the main process gives up on a shard whose progress stood still this long
 POLL_SECONDS = 0.5
@@ -40,40 +43,51 @@ def _stop(signum: int, frame: Any) -> None:
 class Shards:
     """This process's place in a (possibly) sharded run; a one-process run is one shard of everything."""
 
-    def __init__(self, dist: DistEnv | None = None):
-        self.dist = dist or DistEnv()  # default: one process
+    def __init__(self, dist: "DistEnv | None" = None, device: Any = None):
+        self.dist = dist  # None: one process, no process group
+        self._device = device
 
     @classmethod
     def join(cls, device_name: str | None) -> "Shards":
         """Join the ``torchrun`` process group (when there is one) on this process's device (``--device``)."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls(None, device_name)  # the device is resolved by what runs the model
+        import torch
+
+        from utils import init_distributed
+
         dist = init_distributed(device_name)
-        if dist.distributed:
-            signal.signal(signal.SIGTERM, _stop)
-            if dist.device.type == "cpu":  # torchrun sets one thread per process; use this process's share
-                local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
-                torch.set_num_threads(max(1, usable_cpus() // local))
+        signal.signal(signal.SIGTERM, _stop)
+        if dist.device.type == "cpu":  # torchrun sets one thread per process; use this process's share
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+            torch.set_num_threads(max(1, usable_cpus() // local))
         return cls(dist)
 
     @property
-    def device(self) -> torch.device:
-        """This process's device: ``--device`` (default: CUDA when available), ``cuda:LOCAL_RANK`` under torchrun."""
-        return self.dist.device
+    def device(self) -> Any:
+        """This process's device: ``cuda:LOCAL_RANK`` (or the CPU) under torchrun, else ``--device`` as given (None:
+        CUDA when available)."""
+        return self.dist.device if self.dist is not None else self._device
 
     def main_first(self, load: Callable[[], T]) -> T:
         """``load()`` in the main process first, then in the others (a model's engine cache is filled once)."""
         if self.is_main:
             result = load()
         if self.distributed:
-            torch.distributed.barrier()
+            self.dist.barrier()
         return result if self.is_main else load()
 
     @property
     def distributed(self) -> bool:
-        return self.dist.distributed
+        return self.dist is not None and self.dist.distributed
 
     @property
     def is_main(self) -> bool:
-        return self.dist.is_main
+        return self.dist is None or self.dist.is_main
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size if self.dist is not None else 1
 
     def start(self, path: os.PathLike, identity: dict[str, Any], count: int, batch_size: int, resume: bool,
               notes: dict[str, Any] | None = None) -> WorkFolder:
@@ -81,9 +95,10 @@ class Shards:
         ``batch_size`` (the batches of a one-process run, so the outputs are the same to the bit), then opened by
         the others."""
         if self.is_main:
-            work = WorkFolder.start(path, identity, count, resume, notes, self.dist.world_size, batch_size)
+            work = WorkFolder.start(path, identity, count, resume, notes, self.world_size, batch_size)
         try:
-            self.dist.barrier()
+            if self.distributed:
+                self.dist.barrier()
         except RuntimeError as err:  # another process stopped: its own error says why
             raise UserError(f"rank {self.dist.rank}: the other processes stopped before the run started ({err}); see "
                             "the first error of the run") from None
@@ -99,13 +114,13 @@ class Shards:
 
     def mine(self, work: WorkFolder) -> list[Part]:
         """The unfinished parts this process runs: its own in a sharded run, all of them in one process."""
-        parts = [work.parts[self.dist.rank]] if self.dist.distributed else work.parts
+        parts = [work.parts[self.dist.rank]] if self.distributed else work.parts
         return [part for part in parts if not part.complete]
 
     @contextlib.contextmanager
     def running(self, work: WorkFolder) -> Iterator[None]:
         """Errors and interruptions of this process's parts as one line (naming its shard in a sharded run)."""
-        part = work.parts[self.dist.rank] if self.dist.distributed else None
+        part = work.parts[self.dist.rank] if self.distributed else None
         try:
             yield
         except UserError as err:
@@ -121,7 +136,7 @@ class Shards:
     def gather(self, work: WorkFolder) -> bool:
         """Whether this process assembles the outputs: the main process, once every part is complete (it waits for
         them); False on the others, which are done."""
-        if not self.dist.distributed:
+        if not self.distributed:
             return True
         if self.is_main:
             wait_for_parts(work)
@@ -129,7 +144,10 @@ class Shards:
 
     def close(self) -> None:
         """Leave the process group."""
-        cleanup_distributed()
+        if self.distributed:
+            from utils import cleanup_distributed
+
+            cleanup_distributed()
 
 
 def shard_name(work: WorkFolder, part: Part) -> str:

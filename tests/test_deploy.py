@@ -26,7 +26,7 @@ from artifacts.checkpoint import load_checkpoint
 from artifacts.config_file import ONNX_FILE, REFERENCE_FILE, SAFETENSORS_FILE
 from artifacts.model_folder import read_model_spec
 from data import write_class_mapping
-from deploy.export_onnx import read_reference
+from deploy.reference import read_reference
 from inference.onnx_model import OnnxModel
 from predictor import load_model_bundle
 from utils import UserError

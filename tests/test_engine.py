@@ -17,7 +17,7 @@ from test_serve import get, post, running, upload
 
 import inference_artist
 import serve
-from artifacts.model_folder import read_model_spec
+from artifacts.model_source import resolve_model_source
 from data import ImageLoadError, write_class_mapping
 from deploy.engine import cache_key, entry_dir
 from inference.pipeline import ordered_map
@@ -59,7 +59,7 @@ def pytorch(env) -> ArtistModel:
 
 
 def onnx_entry(folder: Path) -> Path:
-    return entry_dir(cache_key(read_model_spec(folder), None))
+    return entry_dir(cache_key(resolve_model_source(folder), {}))
 
 
 def test_auto_exports_once_then_reuses_the_cache_and_matches_pytorch(env, pytorch, capsys, tmp_path):
@@ -94,8 +94,29 @@ def test_the_cache_entry_changes_with_the_checkpoint(env, tmp_path):
     folder, _ = env
     retrained = write_folder(tmp_path / "model", seed=1)
     assert onnx_entry(retrained) != onnx_entry(folder) and not onnx_entry(retrained).exists()
-    assert onnx_entry(folder) == entry_dir(cache_key(read_model_spec(folder), None))  # stable
+    assert onnx_entry(folder) == entry_dir(cache_key(resolve_model_source(folder), {}))  # stable
 
+
+
+def test_a_cached_run_starts_without_torch(env, tmp_path):
+    """inference_artist.py on a cached engine imports neither torch nor timm (the cache key is made from the files)
+    and gives the PyTorch engine's classes; another class_mapping.csv is another key."""
+    folder, images = env
+    load_model_bundle(folder, engine="auto")  # cached (the first test exported it when run alone)
+    script = ("import runpy, sys; sys.argv = ['inference_artist.py', *sys.argv[1:]]\n"
+              "runpy.run_path('inference_artist.py', run_name='__main__')\n"
+              "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script, "--checkpoint", str(folder), "--input", str(images),
+                           "--output", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "[]" and "exporting" not in done.stderr
+    results = json.loads((tmp_path / "out" / "batch_results.json").read_text())["results"]
+    reference = load_model_bundle(folder, engine="torch").classify(sorted(images.iterdir()), top_k=1)
+    assert [results[p.name]["classification"][0]["class_id"] for p in sorted(images.iterdir())] == [
+        r[0]["class_id"] for r in reference]
+    renamed = tmp_path / "renamed.csv"
+    write_class_mapping(renamed, [name.upper() for name in CLASSES])
+    assert entry_dir(cache_key(resolve_model_source(folder, renamed), {})) != onnx_entry(folder)
 
 def test_the_service_runs_on_the_cached_onnx_engine(env, pytorch, capsys):
     folder, images = env

@@ -12,7 +12,8 @@ import torch
 from timm.utils import reparameterize_model
 
 import model  # noqa: F401  (registers the models)
-from artifacts.checkpoint import find_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint_atomic
+from artifacts.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint_atomic
+from artifacts.model_source import find_checkpoint
 from model.lsnet import Attention, relative_offset_index
 from utils import UserError
 

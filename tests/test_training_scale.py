@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import training.metrics
-from artifacts.checkpoint import BEST_FILE, save_checkpoint_atomic
+from artifacts.checkpoint import save_checkpoint_atomic
+from artifacts.model_source import BEST_FILE
 from training.metrics import MultiLabelMetrics
 from training.report import REPORT_FILE, Predictions, most_confused, per_class_accuracy, write_report, write_run_report
 from utils import UserError

@@ -17,7 +17,7 @@ import torch
 from timm.models import get_pretrained_cfg
 
 import utils
-from artifacts.checkpoint import MODEL_FOLDER_FILES, find_checkpoint
+from artifacts.model_source import MODEL_FOLDER_FILES, find_checkpoint
 from data.datasets import TransformConfig
 from data.scan import usable_cpus
 from losses import DISTILLATION_TYPES, LOSSES

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from artifacts.checkpoint import BEST_FILE, load_checkpoint
+from artifacts.checkpoint import load_checkpoint
+from artifacts.model_source import BEST_FILE
 from data.images import ImageLoadError, load_image
 from training.metrics import LABEL_SCORE_BYTES, average_precision, require_memory
 from utils import UserError
