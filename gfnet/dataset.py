@@ -30,9 +30,11 @@ class GlanceFocusTransform:
 
 
 def build_gf_dataset(data_path: str | os.PathLike, split: str, classes: list[str], glance_size: int,
-                     focus_resolution: int, verbose: bool = False) -> RobustImageFolder:
-    """``data_path/split`` read with :class:`GlanceFocusTransform` (training augmentation on ``train``)."""
-    transform = GlanceFocusTransform(glance_size, focus_resolution, train=split == "train")
+                     focus_resolution: int, verbose: bool = False, train: bool | None = None) -> RobustImageFolder:
+    """``data_path/split`` read with :class:`GlanceFocusTransform`: training views when ``train`` (default: for the
+    ``train`` split), evaluation views otherwise."""
+    train = split == "train" if train is None else train
+    transform = GlanceFocusTransform(glance_size, focus_resolution, train=train)
     return RobustImageFolder(Path(data_path) / split, classes=classes, transform=transform, allow_empty=True,
                              verbose=verbose)
 

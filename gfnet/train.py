@@ -34,10 +34,12 @@ from .stages import run_stage
 __all__ = ["train", "calibrate", "evaluate", "eval_loader", "plain_references"]
 
 
-def _dataset(cfg: GlanceFocusConfig, split: str, classes: list[str]):
-    """``--data-path/split`` as glance-and-focus views; an empty or missing split is a one-line error."""
+def _dataset(cfg: GlanceFocusConfig, split: str, classes: list[str], train: bool):
+    """``--data-path/split`` as glance-and-focus views (training views when ``train``); an empty or missing split is
+    a one-line error."""
     data_path = cfg.work.data_path
-    dataset = build_gf_dataset(data_path, split, classes, cfg.views.glance_size, cfg.views.focus_resolution)
+    dataset = build_gf_dataset(data_path, split, classes, cfg.views.glance_size, cfg.views.focus_resolution,
+                               train=train)
     if len(dataset) == 0:
         raise UserError(f"{Path(data_path) / split} holds no images; run prepare_dataset.py first")
     return dataset
@@ -45,8 +47,7 @@ def _dataset(cfg: GlanceFocusConfig, split: str, classes: list[str]):
 
 def eval_loader(cfg: GlanceFocusConfig, split: str, classes: list[str]) -> DataLoader:
     """``split`` in evaluation views (the centred window, no flip), in order."""
-    dataset = _dataset(cfg, split, classes)
-    dataset.transform.train = False
+    dataset = _dataset(cfg, split, classes, train=False)
     return DataLoader(dataset, batch_size=cfg.stages.batch_size, num_workers=cfg.work.num_workers,
                       collate_fn=collate_views)
 
@@ -54,7 +55,7 @@ def eval_loader(cfg: GlanceFocusConfig, split: str, classes: list[str]) -> DataL
 def _train_loader(cfg: GlanceFocusConfig, classes: list[str], dist: DistEnv) -> DataLoader:
     """This process's shard of ``train/`` in training views: a DistributedSampler reshuffled every epoch (as the
     main trainer's loaders without repeated augmentation), its workers seeded by the loader's own generator."""
-    dataset, batch_size = _dataset(cfg, "train", classes), cfg.stages.batch_size
+    dataset, batch_size = _dataset(cfg, "train", classes, train=True), cfg.stages.batch_size
     sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                  seed=cfg.work.seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.work.num_workers,

@@ -18,7 +18,7 @@ import tests.imagegen as gen
 import train_glance_focus
 from artifacts.checkpoint import save_checkpoint_atomic
 from artifacts.glance_focus_folder import init_encoders
-from data.glance_views import make_view, read_crop, to_original
+from data.glance_views import make_view, read_crop, to_original, to_tensor
 from data.images import load_image
 from gfnet.config import StageConfig
 from gfnet.dataset import build_gf_dataset
@@ -89,6 +89,20 @@ def test_views_of_non_square_exif_rotated_image_map_back(tmp_path):
     assert to_original(torch.tensor([[0, 0, 40, 40]]), window) == [[0, 10, 20, 30]]
     native = make_view(Image.new("RGB", (30, 50)), glance_size=8, focus_resolution=0)
     assert native.focus.size == (30, 50) and native.scale == 1.0
+
+
+def test_evaluation_views_of_the_train_split_are_centred_and_unflipped(tmp_path):
+    """eval_loader's views of any split (train included) are the centred window, the same on every read; the train
+    split's training views are random windows."""
+    gen.noise_image(tmp_path / "train" / "a" / "wide.png", (96, 32), seed=0)
+    evaluation = build_gf_dataset(tmp_path, "train", ["a"], 16, 32, train=False)
+    torch.manual_seed(0)
+    reads = [evaluation[0][0] for _ in range(4)]
+    assert all(torch.equal(r[1], reads[0][1]) for r in reads)
+    centre = to_tensor(make_view(load_image(tmp_path / "train" / "a" / "wide.png"), 16, 32, "center").focus)
+    assert torch.equal(reads[0][1], centre)
+    training = build_gf_dataset(tmp_path, "train", ["a"], 16, 32)
+    assert len({training[0][0][1].sum().item() for _ in range(8)}) > 1
 
 
 def test_gru_gives_anytime_logits_and_styles(gf):
