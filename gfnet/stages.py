@@ -189,7 +189,7 @@ class _Stage:
         stats = train_one_epoch(net, criterion, self.loader, self.state.optimizer, cfg.device, epoch,
                                 loss_scaler=self.state.scaler, amp_dtype=amp_dtype(cfg.amp, cfg.device),
                                 accumulation_steps=cfg.stages.accumulation_steps, print_freq=cfg.work.print_freq,
-                                header=header, on_update=on_update)
+                                header=header, on_update=on_update, advice=GUARD_ADVICE)
         return {"stage": stage, "epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["loss"],
                 "train_acc1": criterion.accuracy(cfg.device), "first_loss": stats["first_loss"]}
 

@@ -2,6 +2,7 @@
 
 import copy
 import random
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import utils
 from artifacts.checkpoint import load_checkpoint_file, save_checkpoint_atomic
 from artifacts.run_folder import tensorboard_tag
+from gfnet.stages import GUARD_ADVICE
 from losses import DistillationLoss, build_classification_criterion
 from training.loops import evaluate, train_one_epoch
 from training.metrics import TopKAccuracy
@@ -73,13 +75,16 @@ def test_non_finite_loss_names_epoch_and_step():
     before = copy.deepcopy(net.state_dict())
     loader = DataLoader(tensor_data(), batch_size=4)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    with pytest.raises(UserError, match=r"loss is nan at epoch 3, step 2/4"):
+    with pytest.raises(UserError, match=r"loss is nan at epoch 3, step 2/4.*; lower --lr, raise --warmup-epochs"):
         train_one_epoch(net, NanAtSecondStep(), loader, optimizer, torch.device("cpu"), 2,
                                accumulation_steps=2)
     # The first micro-batch's gradient was never applied: the step comes after the second.
     for name, value in net.state_dict().items():
         if value.is_floating_point() and "running" not in name:
             assert torch.equal(value, before[name]), name
+    with pytest.raises(UserError, match=r"loss is nan at epoch 1, step 2/4.*; " + re.escape(GUARD_ADVICE) + "$"):
+        train_one_epoch(net, NanAtSecondStep(), loader, optimizer, torch.device("cpu"), 0,
+                        advice=GUARD_ADVICE)  # glance-and-focus has no --warmup-epochs or --clip-grad
 
 
 def test_topk_accuracy_and_evaluate():

@@ -51,6 +51,7 @@ def train_one_epoch(
     header: str | None = None,
     memory_format: torch.memory_format = torch.preserve_format,
     on_update: Callable[[int], None] | None = None,
+    advice: str = ADVICE,
 ) -> dict[str, float]:
     """One pass over ``data_loader``; returns the mean training ``loss``, the last ``lr`` and the ``first_loss``.
 
@@ -60,7 +61,8 @@ def train_one_epoch(
     is averaged over its own size); non-final micro-batches skip the DDP gradient all-reduce (``no_sync``). A
     non-finite loss on any process raises :class:`UserError` naming the epoch and step (0-based ``epoch``, shown
     1-based). Batches are moved to ``device`` in ``memory_format``. ``on_update(n)`` is called after the epoch's
-    n-th optimizer step (the learning-rate schedule).
+    n-th optimizer step (the learning-rate schedule). ``advice``: what the non-finite loss error suggests (the
+    flags of the calling script).
     """
     model.train(set_training_mode)
     num_steps, world_size = len(data_loader), utils.get_world_size()
@@ -79,7 +81,7 @@ def train_one_epoch(
             loss_value = _global_mean(loss)
             if not math.isfinite(loss_value):
                 progress.close()
-                raise _non_finite_loss(loss_value, epoch, step, num_steps)
+                raise _non_finite_loss(loss_value, epoch, step, num_steps, advice)
             _backward(loss / group_size, model, optimizer, loss_scaler, clip_grad, clip_mode, update)
         if update:
             _after_update(model, optimizer, model_ema)
@@ -120,9 +122,9 @@ def _accumulation_group(step: int, num_steps: int, accumulation_steps: int) -> t
     return group_size, step == group_start + group_size - 1
 
 
-def _non_finite_loss(value: float, epoch: int, step: int, num_steps: int) -> UserError:
+def _non_finite_loss(value: float, epoch: int, step: int, num_steps: int, advice: str) -> UserError:
     return UserError(f"loss is {value} at epoch {epoch + 1}, step {step + 1}/{num_steps}: training stopped and this "
-                     f"epoch was not saved; {last_good_epoch(epoch + 1)}; {ADVICE}")
+                     f"epoch was not saved; {last_good_epoch(epoch + 1)}; {advice}")
 
 
 def _backward(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
