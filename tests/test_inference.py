@@ -48,6 +48,16 @@ def make_model(name: str = "lsnet_t_artist", num_classes: int = len(CLASSES), fe
     return net.eval()
 
 
+def write_model_folder(folder: Path) -> Path:
+    """A training-style model folder of :func:`make_model`: ``model_best.pth``, ``class_mapping.csv``, ``config.json``
+    at :data:`SIZE` px."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": make_model().state_dict()}, folder / "model_best.pth")
+    write_class_mapping(folder / "class_mapping.csv", CLASSES)
+    (folder / "config.json").write_text(json.dumps({"model": "lsnet_t_artist", "input_size": SIZE}))
+    return folder
+
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

@@ -16,13 +16,11 @@ from pathlib import Path
 
 import imagegen as gen
 import pytest
-import torch
-from test_inference import CLASSES, SIZE, make_model
+from test_inference import write_model_folder
 
 import inference_artist
 from artifacts.outputs import BATCH_RESULTS_FILE, FEATURES_FILE, NAMES_FILE
 from artifacts.work_folder import PROGRESS_FILE, Part, WorkFolder, shard_ranges, work_folder_for
-from data import write_class_mapping
 from inference.sharding import wait_for_parts
 from retrieval.gallery import load_gallery
 from tools import build_gallery
@@ -52,11 +50,7 @@ def torchrun(script, *flags, wait=True):
 def world(tmp_path_factory):
     """A model folder, 10 images (2 unreadable, 1 a pipe for now) and reference images of 2 artists."""
     tmp = tmp_path_factory.mktemp("sharding")
-    run_dir = tmp / "run"
-    run_dir.mkdir()
-    torch.save({"model": make_model().state_dict()}, run_dir / "model_best.pth")
-    write_class_mapping(run_dir / "class_mapping.csv", CLASSES)
-    (run_dir / "config.json").write_text(json.dumps({"model": "lsnet_t_artist", "input_size": SIZE}))
+    run_dir = write_model_folder(tmp / "run")
     for i in range(10):
         name = f"img{i:02d}.{'jpg' if f'img{i:02d}.jpg' in BROKEN else 'png'}"
         if name in BROKEN:

@@ -8,8 +8,7 @@ import shutil
 import imagegen as gen
 import numpy as np
 import pytest
-import torch
-from test_inference import CLASSES, SIZE, make_model
+from test_inference import write_model_folder
 
 import artifacts.outputs as outputs_module
 import artifacts.work_folder as work_folder
@@ -25,7 +24,6 @@ from artifacts.outputs import (
     write_features,
 )
 from artifacts.work_folder import PROGRESS_FILE, Part, WorkFolder, work_folder_for
-from data import write_class_mapping
 from inference.results import BatchedModel
 from predictor import load_model_bundle
 from tools import build_gallery as tool_build_gallery
@@ -62,11 +60,7 @@ def load_once():
 def world(tmp_path_factory):
     """A model folder, 10 images (2 unreadable), a 2-artist gallery and the outputs of an uninterrupted run."""
     tmp = tmp_path_factory.mktemp("streaming")
-    run_dir = tmp / "run"
-    run_dir.mkdir()
-    torch.save({"model": make_model().state_dict()}, run_dir / "model_best.pth")
-    write_class_mapping(run_dir / "class_mapping.csv", CLASSES)
-    (run_dir / "config.json").write_text(json.dumps({"model": "lsnet_t_artist", "input_size": SIZE}))
+    run_dir = write_model_folder(tmp / "run")
     images = tmp / "images"
     for i in range(10):
         name = f"img{i:02d}.{'jpg' if f'img{i:02d}.jpg' in BROKEN else 'png'}"
