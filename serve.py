@@ -42,7 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--max-batch", type=int, default=32, help="most images in one model call (default: 32)")
     parser.add_argument("--max-wait-ms", type=float, default=10.0,
-                        help="how long a batch waits for more images after its first (default: 10)")
+                        help="how long a batch waits for more images after its first (default: 10); a model of "
+                             "several lanes (onnxruntime on a CPU) does not wait: its batches share the waiting images")
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MB (default: 20)")
     parser.add_argument("--max-files", type=int, default=16, help="most images in one request (default: 16)")
     parser.add_argument("--max-pixels", type=int, default=None,

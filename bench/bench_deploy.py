@@ -2,6 +2,7 @@
 
     python bench/bench_deploy.py               # lsnet_t_artist at 224, 1,000 JPEGs: about 10 minutes on 2 cores
     python bench/bench_deploy.py --quick       # 200 JPEGs, shorter timings: about 3 minutes
+    python bench/bench_deploy.py --service-only   # serve.py against the predictor alone: about 1 minute
     python bench/bench_deploy.py --trained demo_run/model --images demo_run/data/val   # + bf16/int8 agreement
 
 Prints, in one run: the machine (CPU, usable cores, ISA flags, clock) and its fp32 ceiling (cores x fp32 FMA/cycle x
@@ -10,11 +11,11 @@ GHz over the model's multiply-adds per image, ``perf.flop_count``); the model al
 spinning on all cores and on one lane per core, int8 where the CPU has VNNI), each in a fresh process, idle and
 beside one busy process (``python -c "while True: pass"``); ``inference_artist.py`` end to end over a folder of
 JPEGs (256-512 px) with ``--engine torch`` and ``auto``, idle and busy (images/s of the whole run, and without
-start-up: the difference to a 32-image run); ``serve.py`` under 8 concurrent clients against the same predictor
-alone with batches of 32. Every figure is images/s; "share" is the busy figure over the idle one. The model is
-randomly initialised (weights do not change the speed); ``--trained`` and ``--images`` add the top-1 agreement of
-bf16 and int8 with fp32 on a trained model and your images (the only agreement worth a decision: random logits are
-near ties)."""
+start-up: the difference to a 32-image run); ``serve.py`` under 8 concurrent clients (one image per request, and 4)
+against the same predictor alone with batches of 32. Every figure is images/s; "share" is the busy figure over the
+idle one. The model is randomly initialised (weights do not change the speed); ``--trained`` and ``--images`` add the
+top-1 agreement of bf16 and int8 with fp32 on a trained model and your images (the only agreement worth a decision:
+random logits are near ties)."""
 
 import argparse
 import json
@@ -48,6 +49,7 @@ from utils import UserError, run_cli
 ROOT = Path(__file__).resolve().parents[1]
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 BATCH = 32
+SERVICE_FILES = 4  # images per request in the service's second row (8 clients x 4 = one batch of 32)
 # Engine variants timed on the model alone: (label, engine, extra environment, CPU flags one of which it needs).
 VARIANTS = (("PyTorch eager fused fp32", "torch", {}, ()),
             ("PyTorch eager fused fp32, OMP_WAIT_POLICY=PASSIVE", "torch", {"OMP_WAIT_POLICY": "PASSIVE"}, ()),
@@ -60,6 +62,9 @@ VARIANTS = (("PyTorch eager fused fp32", "torch", {}, ()),
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="200 JPEGs and shorter timings (about 3 minutes)")
+    parser.add_argument("--service-only", action="store_true",
+                        help="only the service rows: serve.py under 8 clients against the predictor alone, on 256 "
+                             "JPEGs (about 1 minute)")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--images", type=Path, default=None, help="with --trained: images to measure agreement on")
     parser.add_argument("--trained", type=Path, default=None, help="a trained model folder (bf16/int8 agreement)")
@@ -202,15 +207,21 @@ def end_to_end_table(folder: Path, tmp: Path, count: int, top: float) -> list[st
 
 
 def service_rows(folder: Path, images: Path, quick: bool) -> list[str]:
-    """serve.py (the default engine) under 8 clients vs the same predictor alone, batches of 32."""
+    """serve.py (the default engine) under 8 clients, with one image and with 4 images per request, vs the same
+    predictor alone, batches of 32."""
     from bench_serve import load, start_server  # a sibling script (bench/ is on the path when this one runs)
 
     jpegs = [path.read_bytes() for path in sorted(images.iterdir())[:64]]
     settings = argparse.Namespace(clients=8, requests=64 if quick else 256, max_batch=BATCH, max_wait_ms=10.0,
                                   torch_threads=None, time_limit_s=300.0, engine=default_engine())
     process, url = start_server(folder, settings)
+    served = {}
     try:
-        elapsed, latencies, failed = load(url, jpegs, settings)
+        for per in (1, SERVICE_FILES):  # the same images in all
+            run = argparse.Namespace(**{**vars(settings), "requests": settings.requests // per,
+                                        "images_per_request": per})
+            elapsed, latencies, failed = load(url, jpegs, run)
+            served[per] = (len(latencies) * per / elapsed, failed)
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -220,10 +231,10 @@ def service_rows(folder: Path, images: Path, quick: bool) -> list[str]:
     start = time.perf_counter()
     model.run_paths(paths, batch_size=BATCH, num_workers=2)
     alone = len(paths) / (time.perf_counter() - start)
-    served = len(latencies) / elapsed
-    return [f"| serve.py ({type(model).__name__}), 8 clients, one image per request | {served:.1f} | "
-            f"{served / alone:.2f} | {failed} failed |",
-            f"| the same predictor alone, batches of {BATCH}, 2 decode threads | {alone:.1f} | 1.00 | |"]
+    rows = [f"| serve.py ({type(model).__name__}), 8 clients, {'one image' if per == 1 else f'{per} images'} per "
+            f"request | {speed:.1f} | {speed / alone:.2f} | {failed} failed |"
+            for per, (speed, failed) in served.items()]
+    return rows + [f"| the same predictor alone, batches of {BATCH}, 2 decode threads | {alone:.1f} | 1.00 | |"]
 
 
 def cached_onnx_file(folder: Path) -> Path:
@@ -280,10 +291,14 @@ def main(args: argparse.Namespace | None = None) -> str:
         macs = float(count_flops(net, (torch.zeros(1, 3, args.input_size, args.input_size),)).total())
         top = ceiling(info, macs)
         load_model_bundle(folder, engine="onnx")  # exported into the cache once
-        calibration = probe_inputs(8 if args.quick else BATCH, args.input_size, IMAGENET_MEAN, IMAGENET_STD)
-        quantize_int8(cached_onnx_file(folder), folder / "int8.onnx", calibration, INPUT_NAME)
-        lines = header(info, macs, top) + model_table(info, folder, args, top) + [""]
-        lines += end_to_end_table(folder, tmp, 200 if args.quick else 1000, top) + [""]
+        lines = header(info, macs, top)
+        if args.service_only:
+            make_jpegs(tmp / "jpegs", 256)
+        else:
+            calibration = probe_inputs(8 if args.quick else BATCH, args.input_size, IMAGENET_MEAN, IMAGENET_STD)
+            quantize_int8(cached_onnx_file(folder), folder / "int8.onnx", calibration, INPUT_NAME)
+            lines += model_table(info, folder, args, top) + [""]
+            lines += end_to_end_table(folder, tmp, 200 if args.quick else 1000, top) + [""]
         lines += ["| service | images/s | vs alone | |", "| --- | ---: | ---: | --- |"]
         lines += service_rows(folder, tmp / "jpegs", args.quick)
         if args.trained is not None:

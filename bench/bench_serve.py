@@ -4,8 +4,9 @@
     python bench/bench_serve.py --checkpoint demo_run/model --clients 16 --requests 400
     python bench/bench_serve.py --enroll-images 4                 # also: classify while a client enrolls artists
 
-Starts ``serve.py`` on a free 127.0.0.1 port, sends ``--requests`` one-image requests from ``--clients`` threads
-(bounded: every request has a timeout and the whole run ``--time-limit-s``), and reports requests/s, p50/p95
+Starts ``serve.py`` on a free 127.0.0.1 port, sends ``--requests`` requests of ``--images-per-request`` images (one
+by default) from ``--clients`` threads (bounded: every request has a timeout and the whole run ``--time-limit-s``),
+and reports images/s, p50/p95
 latency and failed requests; then, with the server stopped, the same images through the predictor directly (one
 image per call, and batches of ``--max-batch``) for comparison. With ``--enroll-images K`` the server gets a gallery
 (``--gallery-artists`` artists of K generated works, tools/build_gallery.py) and the classify load runs twice: alone,
@@ -46,7 +47,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="model folder (default: a randomly initialised lsnet_t_artist with 10 classes)")
     parser.add_argument("--input-size", type=int, default=224, help="input size of the default model (default: 224)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
-    parser.add_argument("--requests", type=int, default=200, help="requests in all, one image each (default: 200)")
+    parser.add_argument("--requests", type=int, default=200, help="requests in all (default: 200)")
+    parser.add_argument("--images-per-request", type=int, default=1,
+                        help="images in each request (multipart field files, at most serve.py's --max-files; "
+                             "default: 1)")
     parser.add_argument("--image-size", type=int, default=256, help="side of the generated JPEGs (default: 256)")
     parser.add_argument("--max-batch", type=int, default=32, help="serve.py --max-batch (default: 32)")
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="serve.py --max-wait-ms (default: 10)")
@@ -131,7 +135,8 @@ def start_server(checkpoint: Path, args: argparse.Namespace, gallery: Path | Non
 
 
 def load(url: str, jpegs: list[bytes], args: argparse.Namespace) -> tuple[float, list[float], int]:
-    """Elapsed seconds, per-request latencies (successful ones) and the number of failed requests."""
+    """Elapsed seconds, per-request latencies (successful ones) and the number of failed requests; each request
+    carries ``args.images_per_request`` images."""
     http = urllib3.PoolManager(maxsize=args.clients, retries=False, timeout=60)
     lock, sent, latencies, failures = threading.Lock(), [0], [], [0]
     deadline = time.monotonic() + args.time_limit_s
@@ -145,7 +150,8 @@ def load(url: str, jpegs: list[bytes], args: argparse.Namespace) -> tuple[float,
                 sent[0] += 1
             start = time.perf_counter()
             try:
-                fields = [("files", (f"img{index}.jpg", jpegs[index % len(jpegs)], "image/jpeg"))]
+                fields = [("files", (f"img{index}_{i}.jpg", jpegs[(index + i) % len(jpegs)], "image/jpeg"))
+                          for i in range(args.images_per_request)]
                 ok = http.request("POST", f"{url}/v1/classify", fields=fields).status == 200
             except urllib3.exceptions.HTTPError:
                 ok = False
@@ -167,19 +173,19 @@ def load(url: str, jpegs: list[bytes], args: argparse.Namespace) -> tuple[float,
 def direct(checkpoint: Path, jpegs: list[bytes], args: argparse.Namespace) -> tuple[float, float]:
     """Images/s through the predictor in this process: one image per call, and batches of --max-batch."""
     artist_model = load_model_bundle(checkpoint, device="cpu", engine=args.engine, decode_threads=2)
-    files = [io.BytesIO(jpegs[i % len(jpegs)]) for i in range(args.requests)]
+    files = [io.BytesIO(jpegs[i % len(jpegs)]) for i in range(args.requests * args.images_per_request)]
     artist_model.classify(files[:4])  # warm-up
     for f in files:
         f.seek(0)
     start = time.perf_counter()
     for f in files:
         artist_model.classify(f)
-    single = args.requests / (time.perf_counter() - start)
+    single = len(files) / (time.perf_counter() - start)
     for f in files:
         f.seek(0)
     start = time.perf_counter()
     artist_model.run_paths(files, top_k=5, batch_size=args.max_batch, num_workers=2)
-    return single, args.requests / (time.perf_counter() - start)
+    return single, len(files) / (time.perf_counter() - start)
 
 
 def enroll_while(url: str, jpegs: list[bytes], per_artist: int, stop: threading.Event) -> list[float]:
@@ -203,7 +209,8 @@ def measure_service(checkpoint: Path, jpegs: list[bytes], args: argparse.Namespa
     gallery = make_gallery(checkpoint, tmp, jpegs, args) if args.enroll_images else None
     process, url = start_server(checkpoint, args, gallery)
     try:
-        rows = [service_row("service over HTTP", *load(url, jpegs, args))]
+        per = args.images_per_request
+        rows = [service_row("service over HTTP", per, *load(url, jpegs, args))]
         if args.enroll_images:
             stop = threading.Event()
             with ThreadPoolExecutor(1) as pool:
@@ -215,21 +222,23 @@ def measure_service(checkpoint: Path, jpegs: list[bytes], args: argparse.Namespa
                 times = enrolls.result()
             rows.append(service_row(f"service over HTTP while another client enrolls artists of "
                                     f"{args.enroll_images} images ({len(times)} enrolled, p50 "
-                                    f"{np.percentile(times, 50) * 1000:.0f} ms each)", *during))
+                                    f"{np.percentile(times, 50) * 1000:.0f} ms each)", per, *during))
     finally:
         process.terminate()
         process.wait(timeout=30)
     return rows
 
 
-def service_row(name: str, elapsed: float, latencies: list[float], failed: int) -> str:
+def service_row(name: str, images_per_request: int, elapsed: float, latencies: list[float], failed: int) -> str:
+    """A report row: images/s of the successful requests, their p50/p95 latency, the failed requests."""
     p50, p95 = (np.percentile(latencies, [50, 95]) * 1000) if latencies else (float("nan"),) * 2
-    return f"| {name} | {len(latencies) / elapsed:.1f} | {p50:.0f} | {p95:.0f} | {failed} |"
+    return f"| {name} | {len(latencies) * images_per_request / elapsed:.1f} | {p50:.0f} | {p95:.0f} | {failed} |"
 
 
 def main(args: argparse.Namespace) -> str:
-    if args.clients < 1 or args.requests < 1 or args.enroll_images < 0:
-        raise UserError("--clients and --requests must be at least 1, --enroll-images at least 0")
+    if min(args.clients, args.requests, args.images_per_request) < 1 or args.enroll_images < 0:
+        raise UserError("--clients, --requests and --images-per-request must be at least 1, --enroll-images at "
+                        "least 0")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -238,13 +247,14 @@ def main(args: argparse.Namespace) -> str:
         rows = measure_service(checkpoint, jpegs, args, Path(tmp))
         single, batched = direct(checkpoint, jpegs, args)
     report = "\n".join([
-        f"# serve.py load check ({args.clients} clients, {args.requests} one-image requests, "
+        f"# serve.py load check ({args.clients} clients, {args.requests} requests of {args.images_per_request} "
+        f"image(s), "
         f"{args.image_size} px JPEGs, --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g})",
         "",
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end, torch threads "
         f"{torch.get_num_threads()}; the direct runs follow the service's, with the server stopped.",
         "",
-        "| | requests (images)/s | p50 ms | p95 ms | failed |",
+        "| | images/s | p50 ms (request) | p95 ms (request) | failed requests |",
         "| --- | ---: | ---: | ---: | ---: |",
         *rows,
         f"| predictor directly, one image per call | {single:.1f} | | | |",

@@ -11,8 +11,10 @@ from utils import UserError
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port``; a port in use or an unknown host is a UserError."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][:3]
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets of that proto; without it an
+        # answer's body waits for the client's delayed ACK of its headers (40 ms a request on Linux)
+        sock = socket.socket(family, kind, proto)
     except OSError as err:
         raise UserError(f"cannot use the address {host}:{port} ({err}); pass another --host") from None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
