@@ -86,7 +86,7 @@ def hand_tuned(lr: str) -> list[str]:
 BEFORE_26 = ["--input-size", "224", "--aa", "rand-m9-mstd0.5-inc1", "--color-jitter", "0.4", "--epoch-repeats", "1"]
 # candidates measured for the long tail and kept as flags only (docs/training.md)
 MEDIUM_VARIANTS = {"recipe now (auto)": [], "crops of at least half the image": ["--crop-scale", "0.5"],
-                   "before issue 26": BEFORE_26}
+                   "class-balanced sampler": ["--sampler", "class-balanced"], "before issue 26": BEFORE_26}
 
 VARIANTS = {
     "default (auto)": [],
