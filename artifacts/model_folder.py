@@ -15,7 +15,6 @@ from typing import Any
 import timm
 from torch import nn
 
-from analysis.prototypes import PrototypeBlend
 from artifacts.checkpoint import (
     BEST_FILE,
     MODEL_FOLDER_FILES,
@@ -27,7 +26,6 @@ from artifacts.checkpoint import (
 )
 from artifacts.config_file import CONFIG_FILE, read_config
 from artifacts.hub import resolve_hub_path
-from artifacts.style_prototypes import PROTOTYPE_KEY, read_prototypes
 from data.class_mapping import CLASS_MAPPING_FILE, compare_class_mappings, read_class_mapping
 from data.transforms import eval_data_config
 from model.lsnet_artist import ARTIST_MODELS
@@ -63,7 +61,7 @@ def build_config(model_name: str, model: nn.Module, input_size: int, squash: boo
 
 # Keys of a source folder's config.json that describe how the model was trained and is evaluated: an exported
 # folder keeps them (its preprocessing and output activation must stay those of the source).
-_CARRIED_KEYS = ("crop_pct", "crop_mode", "mean", "std", "interpolation", "multi_label", PROTOTYPE_KEY)
+_CARRIED_KEYS = ("crop_pct", "crop_mode", "mean", "std", "interpolation", "multi_label")
 
 
 def build_export_config(model_name: str, model: nn.Module, input_size: int, source_config: dict[str, Any],
@@ -114,7 +112,6 @@ class ModelSpec:
     num_classes: int | None
     feature_dim: int | None
     input_size: int | None  # the training size recorded with the checkpoint, else config.json's
-    blend: PrototypeBlend | None = None  # the folder's style prototypes (training's end, read_prototypes)
 
     def build(self) -> nn.Module:
         """The network with the checkpoint's weights loaded strictly (every key and shape must match)."""
@@ -214,5 +211,4 @@ def read_model_spec(
         "--feature-dim": feature_dim,
         CONFIG_FILE: config.get("feature_dim"),
     })
-    return ModelSpec(name, ckpt, class_names, config, num_classes, feature_dim, _recorded_input_size(ckpt, config),
-                     read_prototypes(source.folder, source.config, num_classes))
+    return ModelSpec(name, ckpt, class_names, config, num_classes, feature_dim, _recorded_input_size(ckpt, config))

@@ -119,7 +119,6 @@ def _open_entry(entry: Path, spec: ModelSpec, decode_threads: int | None) -> Onn
         if np.abs(got - expected[name]).max() > FP32_RTOL * np.abs(expected[name]).max():
             raise ValueError(f"its {name} output no longer matches {REFERENCE_FILE}")
     model.checkpoint = spec.checkpoint.path
-    model.blend = spec.blend
     model.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in stored["data_config"].items()}
     return model
 

@@ -15,7 +15,6 @@ from artifacts.checkpoint import save_safetensors
 from artifacts.config_file import ONNX_FILE, REFERENCE_FILE, SAFETENSORS_FILE, write_config
 from artifacts.model_folder import ModelSpec, build_export_config
 from artifacts.outputs import prepare_output_dir
-from artifacts.style_prototypes import write_prototypes
 from data.class_mapping import CLASS_MAPPING_FILE, write_class_mapping
 from errors import import_optional
 from utils import UserError
@@ -67,8 +66,6 @@ def export_model(spec: ModelSpec, options: ExportOptions) -> Path:
                       checkpoint=SAFETENSORS_FILE)
         print(f"wrote {folder / SAFETENSORS_FILE}")
     write_config(folder, config)
-    if spec.blend is not None:
-        write_prototypes(folder, spec.blend)
     if options.int8 and onnx_folder is not None:
         onnx_folder.export_int8(folder, options.calibration_dir)
     return folder

@@ -14,7 +14,6 @@ from torch import nn
 from artifacts.config_file import CONFIG_FILE, ONNX_FILE, REFERENCE_FILE
 from artifacts.model_folder import ModelSpec, build_export_config
 from artifacts.outputs import prepare_output_dir
-from artifacts.style_prototypes import PROTOTYPES_FILE
 from data.class_mapping import CLASS_MAPPING_FILE
 from deploy.export_onnx import (
     FP32_RTOL,
@@ -73,7 +72,7 @@ def export_int8(folder: Path, calibration_dir: Path | None) -> None:
     images = calibration_batch(model, calibration_dir)
     int8_folder = prepare_output_dir(folder / "int8")
     quantize_int8(folder / ONNX_FILE, int8_folder / ONNX_FILE, images, INPUT_NAME)
-    for name in (CONFIG_FILE, CLASS_MAPPING_FILE, PROTOTYPES_FILE):
+    for name in (CONFIG_FILE, CLASS_MAPPING_FILE):
         if (folder / name).is_file():
             shutil.copyfile(folder / name, int8_folder / name)
     int8 = load_onnx_model(int8_folder)

@@ -113,15 +113,10 @@ class ArtistModel(BatchedModel):
         def compute(batch: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray | None]:
             texture = {"texture": True} if self.descriptor == "texture" else {}
             if mode == "cluster":
-                return self.run_model(batch, batch_size, return_features=True, **texture).float().cpu().numpy(), None
-            if self.blend is not None and mode == "classify":  # the blend's texture vectors come with the logits
-                texture = {"texture": True}
-            features, logits = self.run_model(batch, batch_size, return_both=True, **texture)
-            probs = self.probabilities(logits.float().cpu().numpy())
-            if self.blend is not None:
-                vectors = features if texture else self.run_model(batch, batch_size, return_features=True,
-                                                                  texture=True)
-                probs = self.blend.probabilities(probs, vectors.float().cpu().numpy())
+                features, logits = self.run_model(batch, batch_size, return_features=True, **texture), None
+            else:
+                features, logits = self.run_model(batch, batch_size, return_both=True, **texture)
+            probs = None if logits is None else self.probabilities(logits.float().cpu().numpy())
             return (None if mode == "classify" else features.float().cpu().numpy()), probs
 
         for batch_names, (features, probs) in run_batched(

@@ -100,7 +100,5 @@ def load_model_bundle(
     net = reparameterize_model(spec.build().eval(), inplace=True).to(device)
     transform, data_config = build_eval_transform(net, spec.input_size if input_size is None else input_size,
                                                  spec.config)
-    model = ArtistModel(net, transform, spec.class_names, device=device, amp=amp, model_name=spec.name,
-                        data_config=data_config, checkpoint=spec.checkpoint.path, config=spec.config, compile=compile)
-    model.blend = spec.blend
-    return model
+    return ArtistModel(net, transform, spec.class_names, device=device, amp=amp, model_name=spec.name,
+                       data_config=data_config, checkpoint=spec.checkpoint.path, config=spec.config, compile=compile)

@@ -20,7 +20,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from artifacts.config_file import ONNX_FILE, read_config
-from artifacts.style_prototypes import read_prototypes
 from data.class_mapping import CLASS_MAPPING_FILE, read_class_mapping
 from data.images import ImageLoadError, load_image, to_rgb
 from data.resize import IMAGENET_MEAN, IMAGENET_STD, eval_resize_crop
@@ -123,16 +122,13 @@ class OnnxModel(BatchedModel):
         outputs must be finite."""
         return self._check_finite(self._session_run(batch))
 
-    def _session_run(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
-        """``(logits, style vectors)`` of a uint8 batch, plus the texture vectors of the prototype blend when it
-        applies and the style vectors are pooled ones; safe to call from several threads at once."""
+    def _session_run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(logits, style vectors)`` of a uint8 batch; safe to call from several threads at once."""
         inputs = normalize_uint8(batch, self.data_config["mean"], self.data_config["std"])
-        names = ["logits", STYLE_OUTPUTS[self.descriptor]]
-        if self.blend is not None and self.descriptor != "texture":
-            names.append(STYLE_OUTPUTS["texture"])
-        return tuple(self.session.run(names, {self._input.name: inputs}))
+        logits, features = self.session.run(["logits", STYLE_OUTPUTS[self.descriptor]], {self._input.name: inputs})
+        return logits, features
 
-    def _check_finite(self, outputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    def _check_finite(self, outputs: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         if not self._outputs_checked:
             if not all(np.isfinite(output).all() for output in outputs):
                 raise UserError(f"{self.checkpoint} gives NaN or infinite outputs on the first batch; export the "
@@ -188,17 +184,15 @@ class OnnxModel(BatchedModel):
     def logits_batches(self, images: Sequence[ImageInput], names: Sequence[str], *, batch_size: int = 32,
                        num_workers: int = 0, skipped: list[SkippedImage] | None = None,
                        progress: bool = False) -> Iterator[tuple[list[str], np.ndarray]]:
-        for batch_names, (logits, *_) in self._lanes(images, names, batch_size, num_workers, skipped, progress, True):
+        for batch_names, (logits, _) in self._lanes(images, names, batch_size, num_workers, skipped, progress, True):
             yield batch_names, logits
 
     def _batches(self, images: Sequence[ImageInput], names: Sequence[str], mode: str, batch_size: int,
                  num_workers: int, skipped: list[SkippedImage] | None,
                  progress: bool) -> Iterator[tuple[list[str], np.ndarray | None, np.ndarray | None]]:
-        for batch_names, (logits, features, *texture) in self._lanes(images, names, batch_size, num_workers, skipped,
-                                                                     progress, True):
+        for batch_names, (logits, features) in self._lanes(images, names, batch_size, num_workers, skipped,
+                                                           progress, True):
             probs = None if mode == "cluster" else self.probabilities(logits)
-            if probs is not None and self.blend is not None:
-                probs = self.blend.probabilities(probs, texture[0] if texture else features)
             yield batch_names, (None if mode == "classify" else features.astype(np.float32)), probs
 
 
@@ -219,6 +213,4 @@ def load_onnx_model(folder: str | os.PathLike, class_csv: str | os.PathLike | No
     if class_names is None and require_class_names:
         raise UserError(f"classification needs the class names of {path}; pass --class-csv with its "
                         f"{CLASS_MAPPING_FILE}")
-    model = OnnxModel(path, class_names, config, input_size, threads, session_config, lanes)
-    model.blend = read_prototypes(folder, config, len(class_names) if class_names is not None else None)
-    return model
+    return OnnxModel(path, class_names, config, input_size, threads, session_config, lanes)

@@ -17,7 +17,6 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from analysis.prototypes import PrototypeBlend
 from artifacts.work_folder import file_identity
 from data.images import ImageLoadError, is_image_file
 from data.scan import walk_files
@@ -174,7 +173,6 @@ class BatchedModel:
     config: dict[str, Any]
     checkpoint: Any  # the weights file (or exported model) it was loaded from
     descriptor: str = "pooled"
-    blend: PrototypeBlend | None = None  # the model folder's style prototypes (artifacts.style_prototypes)
     lanes: int = 1  # batches it can run at once from different threads (onnxruntime: inference.threads.onnx_lanes)
 
     @property

@@ -22,11 +22,9 @@ import export
 import inference_artist
 import predict_artist_multilabel
 import serve
-from analysis.prototypes import PrototypeBlend, class_prototypes
 from artifacts.checkpoint import load_checkpoint
 from artifacts.config_file import ONNX_FILE, REFERENCE_FILE, SAFETENSORS_FILE
 from artifacts.model_folder import read_model_spec
-from artifacts.style_prototypes import PROTOTYPES_FILE, write_prototypes
 from data import write_class_mapping
 from deploy.export_onnx import read_reference
 from inference.onnx_model import OnnxModel
@@ -153,36 +151,6 @@ def test_exported_folder_classifies_like_pytorch(env, tmp_path):
     assert old_model.descriptors == ("pooled",) and old_model.feature_dim == 24
     with pytest.raises(UserError, match="computes only pooled style vectors"):
         old_model.use_descriptor("texture")
-
-
-def test_style_prototypes_blend_alike_in_onnx_and_pytorch_and_travel_with_an_export(env, tmp_path):
-    """A folder with style prototypes (training's end) is scored as the classifier blended with them: onnxruntime
-    (which then also fetches the texture output beside pooled vectors) as PyTorch does, in both modes; an export
-    carries them."""
-    _, _, source, exported, images = env
-    folders = {name: tmp_path / name for name in ("source", "exported")}
-    shutil.copytree(source, folders["source"])
-    shutil.copytree(exported, folders["exported"], ignore=shutil.ignore_patterns("int8"))
-    blend = PrototypeBlend(class_prototypes(np.random.default_rng(1).normal(size=(12, 448)), np.arange(12) % 6, 6))
-    for folder in folders.values():
-        write_prototypes(folder, blend)
-    onnx_model, torch_model = load_model_bundle(folders["exported"]), load_model_bundle(folders["source"],
-                                                                                        device="cpu")
-    assert isinstance(onnx_model, OnnxModel) and onnx_model.blend is not None and torch_model.blend is not None
-    plain = load_model_bundle(source, device="cpu")
-    plain.use_descriptor("texture")
-    bare = plain.run_directory(images, "both", top_k=6)
-    want = blend.probabilities(np.array([[c["probability"] for c in sorted(row, key=lambda c: c["class_id"])]
-                                         for row in bare.classifications]), bare.features)
-    for model in (onnx_model, torch_model):
-        for mode in ("classify", "both"):
-            got = model.run_directory(images, mode, top_k=6).classifications
-            probs = np.array([[c["probability"] for c in sorted(row, key=lambda c: c["class_id"])] for row in got])
-            np.testing.assert_allclose(probs, want, atol=2e-4)
-    export.main(export.get_args_parser().parse_args(
-        ["--checkpoint", str(folders["source"]), "--output-dir", str(tmp_path / "again"), "--format", "safetensors"]))
-    np.testing.assert_array_equal(np.load(tmp_path / "again" / PROTOTYPES_FILE), blend.prototypes)
-    assert json.loads((tmp_path / "again" / "config.json").read_text())["prototype_blend"]["weight"] == 0.5
 
 
 def test_onnx_path_runs_without_torch(env, tmp_path):

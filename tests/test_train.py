@@ -18,7 +18,6 @@ import timm
 import torch
 from PIL import Image
 
-import predictor
 import train_artist_style
 from artifacts.checkpoint import load_checkpoint, load_checkpoint_file, read_checkpoint
 from training.config import TrainConfig
@@ -140,8 +139,7 @@ def test_two_epochs_write_every_output_and_learn(trained):
     output_dir, result = trained
     names = {p.name for p in output_dir.iterdir() if not p.name.startswith("report_")}  # report PNGs: test_recipe
     assert names == {"checkpoint.pth", "model_best.pth", "checkpoint_epoch1.pth", "checkpoint_epoch2.pth",
-                     "class_mapping.csv", "train_log.txt", "tensorboard", "args.json", "config.json", "report.html",
-                     "style_prototypes.npy"}
+                     "class_mapping.csv", "train_log.txt", "tensorboard", "args.json", "config.json", "report.html"}
     assert any(p.name.startswith("events.out.tfevents") for p in (output_dir / "tensorboard").iterdir())
     assert "learning rate 1 x effective batch 8" in result.stdout and "= 0.01562" in result.stdout
     assert "img/s" in result.stdout and "eta" in result.stdout
@@ -187,36 +185,6 @@ def test_eval_reproduces_the_logged_accuracy(trained):
     results = run_main("--data-path", data_path, "--eval", "--resume", str(output_dir), *PLAIN)
     best = load_checkpoint_file(output_dir / "model_best.pth")
     assert results["model"]["acc1"] == best["best_metric"]
-
-
-def _probabilities(model, images: list[str]) -> np.ndarray:
-    """Class probabilities (N, classes) in class-id order from a loaded model's ``predict``."""
-    results = model.predict(images, top_k=len(model.class_names))
-    return np.array([[c["probability"] for c in sorted(r["classification"], key=lambda c: c["class_id"])]
-                     for r in results])
-
-
-def test_the_report_scores_as_inference_does_with_the_style_prototypes(trained, tmp_path):
-    """The run wrote its best weights' style prototypes; its report_per_class.csv is what inference on the folder
-    gives (the ONNX engine blends alike: test_deploy); without the config entry inference is the classifier alone."""
-    output_dir, result = trained
-    config = json.loads((output_dir / "config.json").read_text())
-    assert config["prototype_blend"]["weight"] == 0.5 and np.load(output_dir / "style_prototypes.npy").shape[0] == 4
-    assert "style prototypes of 4 artists" in result.stdout
-    data = Path(json.loads((output_dir / "args.json").read_text())["data_path"])
-    images = sorted((data / "val").glob("*/*.png"))
-    blended = _probabilities(predictor.load_model_bundle(output_dir, engine="torch"), list(map(str, images)))
-    names = list(COLOURS)
-    hits = np.array([names[i] == p.parent.name for i, p in zip(blended.argmax(1), images, strict=True)])
-    rows = [row.split(",") for row in (output_dir / "report_per_class.csv").read_text().split()[1:]]
-    assert {row[0]: float(row[3]) for row in rows} == pytest.approx(
-        {name: hits[[p.parent.name == name for p in images]].mean() for name in names})
-    bare = tmp_path / "bare"
-    shutil.copytree(output_dir, bare, ignore=shutil.ignore_patterns("tensorboard", "checkpoint*"))
-    (bare / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "prototype_blend"}))
-    alone = predictor.load_model_bundle(bare, engine="torch")
-    assert alone.blend is None
-    assert not np.allclose(_probabilities(alone, list(map(str, images))), blended, atol=1e-3)
 
 
 def test_channels_last_trains_like_the_default_layout(small_data, tmp_path):

@@ -30,9 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from analysis.prototypes import PrototypeBlend, class_prototypes
 from artifacts.checkpoint import BEST_FILE, load_checkpoint
-from artifacts.style_prototypes import write_prototypes
 from data.images import ImageLoadError, load_image
 from training.metrics import LABEL_SCORE_BYTES, average_precision, require_memory
 from utils import UserError
@@ -90,43 +88,16 @@ class LabelScores:
 
 @torch.no_grad()
 def predict(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int,
-            multi_label: bool = False, blend: PrototypeBlend | None = None) -> Predictions | LabelScores | None:
+            multi_label: bool = False) -> Predictions | LabelScores | None:
     """The outputs of ``model`` on every image of ``dataset``, in order: :class:`Predictions` from the softmax, or
-    (``multi_label``) :class:`LabelScores` from the sigmoid, whose size is checked before it is allocated; single-label
-    scores are blended with ``blend``'s style prototypes when given."""
+    (``multi_label``) :class:`LabelScores` from the sigmoid, whose size is checked before it is allocated."""
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    batches = ((model(images.to(device)).float(), target)
+               for images, target in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0))
     if multi_label:
-        return _label_scores(((model(images.to(device)).float(), target) for images, target in loader), len(dataset))
-    parts = [Predictions.from_scores(_class_scores(model, images.to(device), blend), target)
-             for images, target in loader]
+        return _label_scores(batches, len(dataset))
+    parts = [Predictions.from_scores(output.softmax(dim=1), target.to(device)) for output, target in batches]
     return Predictions.concat(parts, [str(sample[0]) for sample in getattr(dataset, "samples", [])])
-
-
-def _class_scores(model: nn.Module, images: torch.Tensor, blend: PrototypeBlend | None) -> torch.Tensor:
-    """The softmax of ``model``'s logits, blended with its style prototypes when ``blend`` is given (inference's
-    scores, :class:`analysis.prototypes.PrototypeBlend`)."""
-    if blend is None:
-        return model(images).float().softmax(dim=1).cpu()
-    texture, logits = model(images, return_both=True, texture=True)
-    return torch.from_numpy(blend.probabilities(logits.float().softmax(dim=1).cpu().numpy(),
-                                                texture.float().cpu().numpy()))
-
-
-@torch.no_grad()
-def style_prototypes(model: nn.Module, dataset: Dataset, device: torch.device,
-                     batch_size: int) -> PrototypeBlend | None:
-    """Each class's texture prototype (:func:`analysis.prototypes.class_prototypes`) from ``dataset``: the training
-    images at the evaluation transform; None when a class has no image there."""
-    model.eval()
-    vectors, labels = [], []
-    for images, target in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-        vectors.append(model.forward_texture(images.to(device)).float().cpu().numpy())
-        labels.append(target.numpy())
-    labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-    if np.bincount(labels, minlength=model.num_classes).min() == 0:
-        return None
-    return PrototypeBlend(class_prototypes(np.concatenate(vectors), labels, model.num_classes))
 
 
 def _label_scores(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], images: int) -> LabelScores | None:
@@ -371,26 +342,16 @@ def write_report(folder: str | os.PathLike, records: Sequence[dict[str, Any]], c
 
 def write_run_report(folder: Path, model: nn.Module, records: Sequence[dict[str, Any]], class_names: Sequence[str],
                      val_dataset: Dataset, device: torch.device, *, best_key: str, summary: str, batch_size: int,
-                     multi_label: bool = False, train_counts: Sequence[int] | None = None,
-                     train_dataset: Dataset | None = None) -> Path | None:
+                     multi_label: bool = False, train_counts: Sequence[int] | None = None) -> Path | None:
     """The end-of-run report: the best weights (``model_best.pth``) predict ``val_dataset``, then
-    :func:`write_report` (single-label: :func:`tail_summary` is printed). A single-label model with texture style
-    vectors first gets its style prototypes from ``train_dataset`` (its training images at the evaluation
-    transform), written into ``folder`` (:mod:`artifacts.style_prototypes`): the report then scores as inference
-    will, the classifier blended with them. A failure is a warning: the run's checkpoints are already saved."""
+    :func:`write_report` (single-label: :func:`tail_summary` is printed). A failure is a warning: the run's
+    checkpoints are already saved."""
     try:
         preds = None
         if (folder / BEST_FILE).is_file():
             best = copy.deepcopy(model)
             load_checkpoint(folder / BEST_FILE, best, log=lambda _: None)
-            blend = None
-            if train_dataset is not None and not multi_label and hasattr(best, "forward_texture"):
-                blend = style_prototypes(best, train_dataset, device, batch_size)
-            if blend is not None:
-                write_prototypes(folder, blend)
-                print(f"style prototypes of {len(blend.prototypes)} artists: the classifier is blended with them "
-                      f"(weight {blend.weight}, temperature {blend.temperature}; docs/training.md)", flush=True)
-            preds = predict(best, val_dataset, device, batch_size, multi_label, blend)
+            preds = predict(best, val_dataset, device, batch_size, multi_label)
         path = write_report(folder, records, class_names, preds, best_key, summary, train_counts)
         if isinstance(preds, Predictions):
             print(tail_summary(preds, class_names, train_counts), flush=True)

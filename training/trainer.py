@@ -5,7 +5,6 @@ A training script builds its datasets, model and :class:`Task` (loss, validation
 training, logging) happens here.
 """
 
-import copy
 import functools
 import math
 import time
@@ -213,17 +212,7 @@ class Trainer:
         if path is not None:
             write_run_report(path, self.model, records, self.class_names, self.loaders.val.dataset, self.dist.device,
                              best_key=self.task.best_key, summary=summary, batch_size=self.loaders.val.batch_size,
-                             multi_label=self.cfg.multilabel is not None, train_counts=self._train_counts(),
-                             train_dataset=self._train_at_evaluation())
-
-    def _train_at_evaluation(self) -> Dataset | None:
-        """The training images at the validation transform (for the style prototypes); None without them."""
-        train = self.loaders.train.dataset if self.loaders.train is not None else None
-        if train is None or not hasattr(train, "transform"):
-            return None
-        train = copy.copy(train)
-        train.transform = self.loaders.val.dataset.transform
-        return train
+                             multi_label=self.cfg.multilabel is not None, train_counts=self._train_counts())
 
     def _train_counts(self) -> list[int] | None:
         """Training images per class (single-label datasets with ``targets``), for the report's long-tail view."""
