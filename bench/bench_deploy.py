@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 BATCH = 32
 SERVICE_FILES = 4  # images per request in the service's second row (8 clients x 4 = one batch of 32)
+SERVICE_ROUNDS = 3  # the service and the predictor alone measured in turn, medians
 # Engine variants timed on the model alone: (label, engine, extra environment, CPU flags one of which it needs).
 VARIANTS = (("PyTorch eager fused fp32", "torch", {}, ()),
             ("PyTorch eager fused fp32, OMP_WAIT_POLICY=PASSIVE", "torch", {"OMP_WAIT_POLICY": "PASSIVE"}, ()),
@@ -190,50 +192,60 @@ def end_to_end_table(folder: Path, tmp: Path, count: int, top: float) -> list[st
     small.mkdir()
     for name in sorted(os.listdir(images))[:32]:
         os.link(images / name, small / name)
-    start = time.perf_counter()
-    inference_seconds(folder, small, "auto", tmp / "warm", False)  # exports into the cache once
-    rows = [f"First `--engine auto` run (exports the model into the cache): {time.perf_counter() - start:.1f} s.", "",
-            f"| inference_artist.py, {count} JPEGs | whole run | without start-up | busy: whole run | "
-            "busy: without start-up | share | idle / ceiling |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    inference_seconds(folder, small, "auto", tmp / "warm", False)  # the file cache warm, the engine cache filled
+    rows = [f"| inference_artist.py, {count} JPEGs | whole run | without start-up | busy: whole run | "
+            "busy: without start-up | share | idle / ceiling | idle: a run of 32 JPEGs, s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for engine in ("torch", "auto"):
-        speeds = []
+        speeds, small_run = [], None
         for busy in (False, True):
             full = inference_seconds(folder, images, engine, tmp / f"out_{engine}", busy)
             base = inference_seconds(folder, small, engine, tmp / f"out_{engine}_32", busy)
+            small_run = base if small_run is None else small_run
             speeds += [count / full, (count - 32) / (full - base) if full > base else float("nan")]  # nan: noise
         rows.append(f"| --engine {engine} | {speeds[0]:.1f} | {speeds[1]:.1f} | {speeds[2]:.1f} | {speeds[3]:.1f} | "
-                    f"{speeds[3] / speeds[1]:.2f} | {speeds[1] / top:.2f} |")
+                    f"{speeds[3] / speeds[1]:.2f} | {speeds[1] / top:.2f} | {small_run:.1f} |")
     return rows
+
+
+def _alone(model: Any, paths: list[Path]) -> float:
+    """Images/s of ``model`` over ``paths`` in batches of 32 on 2 decode threads (the service's batch size)."""
+    start = time.perf_counter()
+    model.run_paths(paths, batch_size=BATCH, num_workers=2)
+    return len(paths) / (time.perf_counter() - start)
 
 
 def service_rows(folder: Path, images: Path, quick: bool) -> list[str]:
     """serve.py (the default engine) under 8 clients, with one image and with 4 images per request, vs the same
-    predictor alone, batches of 32."""
+    predictor alone, batches of 32: :data:`SERVICE_ROUNDS` rounds of the three in turn (a change of the machine's
+    speed hits each alike), medians."""
     from bench_serve import load, start_server  # a sibling script (bench/ is on the path when this one runs)
 
     jpegs = [path.read_bytes() for path in sorted(images.iterdir())[:64]]
     settings = argparse.Namespace(clients=8, requests=64 if quick else 256, max_batch=BATCH, max_wait_ms=10.0,
                                   torch_threads=None, time_limit_s=300.0, engine=default_engine())
+    model = load_model_bundle(folder, engine=settings.engine, decode_threads=2)
+    paths = [images / name for name in sorted(os.listdir(images))[:settings.requests]]
+    _alone(model, paths[:BATCH])  # warm-up
+    speeds: dict[Any, list[float]] = {1: [], SERVICE_FILES: [], "alone": []}
+    failed = dict.fromkeys((1, SERVICE_FILES), 0)
     process, url = start_server(folder, settings)
-    served = {}
     try:
-        for per in (1, SERVICE_FILES):  # the same images in all
-            run = argparse.Namespace(**{**vars(settings), "requests": settings.requests // per,
-                                        "images_per_request": per})
-            elapsed, latencies, failed = load(url, jpegs, run)
-            served[per] = (len(latencies) * per / elapsed, failed)
+        for _ in range(SERVICE_ROUNDS):
+            for per in (1, SERVICE_FILES):  # the same images in all
+                run = argparse.Namespace(**{**vars(settings), "requests": settings.requests // per,
+                                            "images_per_request": per})
+                elapsed, latencies, failures = load(url, jpegs, run)
+                speeds[per].append(len(latencies) * per / elapsed)
+                failed[per] += failures
+            speeds["alone"].append(_alone(model, paths))
     finally:
         process.terminate()
         process.wait(timeout=30)
-    model = load_model_bundle(folder, engine=settings.engine, decode_threads=2)
-    paths = [images / name for name in sorted(os.listdir(images))[:settings.requests]]
-    model.run_paths(paths[:BATCH], batch_size=BATCH, num_workers=2)  # warm-up
-    start = time.perf_counter()
-    model.run_paths(paths, batch_size=BATCH, num_workers=2)
-    alone = len(paths) / (time.perf_counter() - start)
+    alone = float(np.median(speeds["alone"]))
     rows = [f"| serve.py ({type(model).__name__}), 8 clients, {'one image' if per == 1 else f'{per} images'} per "
-            f"request | {speed:.1f} | {speed / alone:.2f} | {failed} failed |"
-            for per, (speed, failed) in served.items()]
+            f"request | {np.median(speeds[per]):.1f} | {np.median(speeds[per]) / alone:.2f} | {failed[per]} failed |"
+            for per in (1, SERVICE_FILES)]
     return rows + [f"| the same predictor alone, batches of {BATCH}, 2 decode threads | {alone:.1f} | 1.00 | |"]
 
 

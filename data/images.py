@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO, cast
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -99,10 +99,15 @@ def _decode(path_or_file: str | os.PathLike | BinaryIO, bounded: bool) -> Image.
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """The conversions of :func:`load_image` for an image already in memory; ``image`` itself is not modified."""
+    """The conversions of :func:`load_image` for an image already in memory; ``image`` itself is not modified. An
+    upright RGB image (what :func:`load_image` gives, e.g. a service's decoded upload) is returned as it is, not
+    copied."""
     try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        if image.mode == "RGB" and "transparency" not in image.info and orientation == 1:
+            return image
         upright = ImageOps.exif_transpose(image)
-    except Exception:
+    except Exception:  # an unreadable EXIF block: the image as stored
         upright = image
     return _to_rgb(upright)
 

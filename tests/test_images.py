@@ -139,3 +139,5 @@ def test_to_rgb_converts_in_memory_images_without_touching_them(tmp_path):
     palette = Image.open(gen.palette_transparent_png(tmp_path / "p.png"))
     assert pixel(to_rgb(palette), 2, 2) == gen.WHITE and palette.mode == "P"
     palette.close()
+    decoded = load_image(gen.exif_rotated_jpeg(tmp_path / "r2.jpg"))  # upright RGB: used as it is, not copied
+    assert to_rgb(decoded) is decoded and decoded.size == (20, 40)
