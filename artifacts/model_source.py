@@ -3,6 +3,7 @@
 (:mod:`deploy.engine`); reading the weights is :mod:`artifacts.checkpoint`'s business, checking that the pieces agree
 :mod:`artifacts.model_folder`'s."""
 
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,12 @@ class ModelSource:
     class_csv: Path | None = None
     config: dict[str, Any] = field(default_factory=dict)
     folder: Path | None = None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, hex (what identifies a checkpoint in engine cache keys and galleries)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def find_checkpoint(path: str | os.PathLike, names: Sequence[str] = MODEL_FOLDER_FILES) -> Path:

@@ -35,7 +35,7 @@ import numpy as np
 
 from artifacts.config_file import ONNX_FILE, REFERENCE_FILE, read_config
 from artifacts.hub import resolve_hub_path
-from artifacts.model_source import ModelSource, resolve_model_source
+from artifacts.model_source import ModelSource, file_sha256, resolve_model_source
 from data.class_mapping import read_class_mapping
 from deploy.reference import FP32_RTOL, INPUT_NAME, read_reference
 from errors import UserError
@@ -69,18 +69,12 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def _sha256(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def cache_key(source: ModelSource, options: dict[str, Any]) -> dict[str, Any]:
     """What an exported engine depends on, read from the files without PyTorch: the weights and class mapping
     (SHA-256), ``config.json`` (preprocessing, ``multi_label``), the :data:`SHAPING_OPTIONS` given and the exporter
     (this module's :data:`EXPORT_VERSION`, torch, onnx)."""
-    return {"checkpoint_sha256": _sha256(source.checkpoint), "class_mapping_sha256": _sha256(source.class_csv),
+    class_csv = file_sha256(source.class_csv) if source.class_csv else None
+    return {"checkpoint_sha256": file_sha256(source.checkpoint), "class_mapping_sha256": class_csv,
             "config": json.loads(json.dumps(source.config, sort_keys=True, default=str)),
             **{name: options.get(name) for name in SHAPING_OPTIONS},
             "export_version": EXPORT_VERSION, "torch": _package_version("torch"), "onnx": _package_version("onnx")}
@@ -140,7 +134,7 @@ def _open_entry(entry: Path, source: ModelSource, decode_threads: int | None) ->
     return model
 
 
-def cached_entry(source: ModelSource, key: dict[str, Any], decode_threads: int | None) -> tuple[OnnxModel | None,
+def _cached_entry(source: ModelSource, key: dict[str, Any], decode_threads: int | None) -> tuple[OnnxModel | None,
                                                                                                   str]:
     """The engine cached under ``key`` (found and run without PyTorch), or None and the line to print before
     exporting it (the first export, or a notice that the entry is unusable)."""
@@ -208,8 +202,10 @@ def load_model_bundle(checkpoint: str | os.PathLike, model_name: str | None = No
         return _pytorch_bundle(checkpoint, model_name, class_csv, decode_threads, options)
     source = resolve_model_source(location, class_csv)
     key = cache_key(source, {**options, "model_name": model_name})
-    model, notice = cached_entry(source, key, decode_threads)
-    if model is not None and (source.class_csv or not options.get("require_class_names")):
+    model, notice = None, ""  # without class names where they are required, read_model_spec says what is missing
+    if source.class_csv is not None or not options.get("require_class_names"):
+        model, notice = _cached_entry(source, key, decode_threads)
+    if model is not None:
         return model
     from artifacts.model_folder import read_model_spec  # PyTorch reads and checks the weights: only to export
 

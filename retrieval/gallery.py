@@ -19,7 +19,6 @@ unit vectors).
 """
 
 import difflib
-import hashlib
 import json
 import os
 import re
@@ -34,6 +33,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from artifacts.model_source import file_sha256
 from retrieval.index import (
     EXACT_LIMIT,
     INDEX_MEMORY_GIB,
@@ -63,15 +63,6 @@ SCORE_BLOCK_BYTES = 64 * 2**20  # query x artist scores computed at once
 CHECK_ROWS = 256  # rows per shard checked for finite unit vectors on load
 CHECK_ARTISTS = 8  # artists whose prototypes are recomputed on load
 PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def model_identity(artist_model: Any) -> dict[str, Any]:

@@ -71,10 +71,7 @@ def train_one_epoch(
     loss_sum, images, first_loss = 0.0, 0, math.nan
     optimizer.zero_grad(set_to_none=True)
     for step, (samples, targets) in enumerate(data_loader):
-        samples = _to_device(samples, device, memory_format)
-        targets = targets.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
+        samples, targets = _prepare_batch(samples, targets, device, memory_format, mixup_fn)
         group_size, update = _accumulation_group(step, num_steps, accumulation_steps)
         with nullcontext() if update or no_sync is None else no_sync():
             loss = _forward_loss(model, criterion, samples, targets, device, amp_dtype)
@@ -93,6 +90,15 @@ def train_one_epoch(
         progress.update(batch, lr=optimizer.param_groups[0]["lr"], loss=loss_value)
     progress.close()
     return {"loss": loss_sum / max(images, 1), "lr": optimizer.param_groups[0]["lr"], "first_loss": first_loss}
+
+
+def _prepare_batch(samples: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor, device: torch.device,
+                   memory_format: torch.memory_format, mixup_fn: Callable | None
+                   ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
+    """A loader batch on ``device`` (inputs in ``memory_format``), mixed by ``mixup_fn`` when given."""
+    samples = _to_device(samples, device, memory_format)
+    targets = targets.to(device, non_blocking=True)
+    return mixup_fn(samples, targets) if mixup_fn is not None else (samples, targets)
 
 
 def _forward_loss(model: nn.Module, criterion: nn.Module, samples: torch.Tensor | tuple[torch.Tensor, ...],
